@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs (CPU torch first, so no CUDA build is pulled), lints, runs pytest.
+# Usage: bash tests/run.sh [pytest args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install -q --disable-pip-version-check "torch==2.13.0" 2>&1 | grep -v -E "^(WARNING|  Location)" || true
+python -m pip install -q --disable-pip-version-check -e ".[dev]" 2>&1 | grep -v -E "^(WARNING|  Location)" || true
+python -m ruff check .
+set +e
+python -m pytest "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+  echo "pytest collected no tests: failing" >&2
+  exit 1
+fi
+exit "$rc"
