@@ -1,0 +1,86 @@
+"""The config tree: presets, overrides, validation messages, round trips."""
+
+import json
+
+import pytest
+
+from dsl import config as C
+
+
+def test_defaults_follow_app_c1():
+    cfg = C.RunConfig()
+    assert (cfg.channel.p_roar, cfg.channel.gamma_max) == (0.1, 50.0)
+    assert (cfg.channel.lognormal_mu, cfg.channel.lognormal_sigma) == (1.65, 0.9)
+    assert cfg.channel.lognormal_clip is False
+    assert cfg.channel.embed_dim == 64
+    assert cfg.train.warmup_steps == 0 and cfg.train.precision == "fp32"
+
+
+def test_preset_then_overrides_in_order():
+    cfg = C.load(C.RunConfig, ["train.lr=2e-3", "preset=embedded", "model.dropout=0.05"])
+    # the preset is applied first whatever its position, then the overrides
+    assert cfg.train.lr == 2e-3
+    assert cfg.model.hidden == 64 and cfg.model.length == 64
+    assert cfg.model.dropout == 0.05
+
+
+def test_model_preset_sets_small_shape():
+    cfg = C.load(C.RunConfig, ["model=small"])
+    assert (cfg.model.hidden, cfg.model.blocks, cfg.model.heads, cfg.model.cond_dim) == (768, 12, 12, 128)
+
+
+def test_aliases_and_types():
+    cfg = C.load(C.RunConfig, ["steps=10", "objective=mdlm", "train.ema=0"],
+                 aliases={"steps": "train.steps"})
+    assert cfg.train.steps == 10 and isinstance(cfg.train.steps, int)
+    assert cfg.objective == "mdlm" and cfg.train.ema == 0.0
+    cfg = C.load(C.RunConfig, ["train.steps=1e3", "channel.lognormal_clip=yes"])
+    assert cfg.train.steps == 1000 and cfg.channel.lognormal_clip is True
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["train.lr"], "malformed override 'train.lr'"),
+    (["train.lrr=1"], "did you mean train.lr"),
+    (["preset=nope"], "unknown preset 'nope'; available: embedded"),
+    (["objective=gan"], "objective='gan' is not one of: dsl, mdlm, ar"),
+    (["train.ema=1.5"], "train.ema=1.5 is out of range"),
+    (["train.steps=abc"], "train.steps='abc' is not a valid int"),
+    (["model.heads=5"], "must be divisible by model.heads=5"),
+    (["model=huge"], "a section takes a preset name"),
+    (["objective=ar"], "objective=ar needs model.arch=ar"),
+    (["channel.lognormal_clip=maybe"], "is not a boolean"),
+    (["train.lr=nan"], "must be a finite number"),
+])
+def test_bad_input_is_one_clear_line(args, fragment):
+    with pytest.raises(C.ConfigError) as err:
+        C.load(C.RunConfig, args)
+    msg = str(err.value)
+    assert fragment in msg
+    assert "\n" not in msg
+
+
+def test_sampling_window_validation():
+    with pytest.raises(C.ConfigError, match="t_off=0.6 must be < sampling.t_on=0.55"):
+        s = C.SamplingConfig()
+        C.apply_overrides(s, ["t_off=0.6"])
+
+
+def test_dict_round_trip_and_strictness():
+    cfg = C.load(C.RunConfig, ["preset=embedded", "objective=mdlm"])
+    data = json.loads(C.dumps(cfg))
+    back = C.from_dict(C.RunConfig, data)
+    assert back == cfg
+    data["train"]["bogus"] = 1
+    with pytest.raises(C.ConfigError, match="unknown config key 'train.bogus'"):
+        C.from_dict(C.RunConfig, data)
+
+
+def test_flatten_is_flat_and_complete():
+    flat = C.flatten(C.RunConfig())
+    assert flat["train.lr"] == 3e-4 and flat["channel.gamma_max"] == 50.0
+    assert all(not isinstance(v, dict) for v in flat.values())
+
+
+def test_describe_lists_keys():
+    text = C.describe(C.RunConfig)
+    assert "channel.p_roar" in text and "train.batch_size" in text
