@@ -1,0 +1,466 @@
+"""Checkpoints: safetensors + JSON under ``step-<N>/``, with ``manifest.json`` written last.
+
+Layout of one checkpoint (a local directory or an object-store prefix)::
+
+    step-<N>/model.safetensors    model parameters and buffers
+    step-<N>/ema.safetensors      EMA shadow weights (absent when train.ema=0)
+    step-<N>/optim.safetensors    optimizer tensors, flattened to "state.<param index>.<key>"
+    step-<N>/state.json           step, optimizer non-tensor state, RNG states (base64), data position, metrics
+    step-<N>/tokenizer/...        the run's tokenizer files
+    step-<N>/manifest.json        {format, step, config, metrics, files: {name: {sha256, bytes}}}  (LAST)
+
+A reader trusts a checkpoint only when its manifest exists and every listed file exists with the
+listed size and sha256; loading uses safetensors and JSON only, never pickle. Locally the whole
+directory is written under a temporary name and renamed into place, so a failed save leaves nothing
+half-written under ``step-<N>`` and never touches an existing checkpoint.
+
+Storage is pluggable: :class:`LocalStorage` here; ``s3://`` is registered by
+``dsl.service.storage_s3`` (imported lazily by :func:`open_storage`, so ``dsl`` never imports boto3).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from dsl.errors import UserError
+
+FORMAT = "dsl-checkpoint/1"
+MANIFEST = "manifest.json"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+# ----------------------------------------------------------------------------------------------
+# Storage.
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """Flat key/value store of bytes; keys are ``/``-separated paths relative to the storage root."""
+
+    uri: str
+
+    def put_bytes(self, key: str, data: bytes) -> None: ...
+
+    def get_bytes(self, key: str) -> bytes: ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def list(self, prefix: str = "") -> list[str]: ...
+
+    def delete(self, key: str) -> None: ...
+
+
+class LocalStorage:
+    """A directory; every ``put_bytes`` is a write to a temporary name and an atomic rename."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root).expanduser()
+        self.uri = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        parts = [p for p in key.split("/") if p]
+        if any(p == ".." for p in parts):
+            raise UserError(f"storage key {key!r} leaves {self.root}")
+        return self.root.joinpath(*parts)
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    def get_bytes(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise UserError(f"{path}: no such file") from None
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).exists()
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self._path(prefix) if prefix else self.root
+        if not base.exists():
+            return []
+        if base.is_file():
+            return [prefix]
+        return sorted(str(p.relative_to(self.root)).replace(os.sep, "/") for p in base.rglob("*") if p.is_file())
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+    def put_dir_atomic(self, prefix: str, files: dict[str, bytes]) -> None:
+        """Write ``files`` under ``prefix`` as one directory rename (fails if ``prefix`` exists)."""
+        final = self._path(prefix)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+        try:
+            for name, data in files.items():
+                path = tmp.joinpath(*name.split("/"))
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(path, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            os.rename(tmp, final)  # atomic; raises if a non-empty ``final`` appeared meanwhile
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+_FACTORIES: dict[str, Callable[[str], Storage]] = {}
+_LAZY_MODULES = {"s3": "dsl.service.storage_s3"}
+
+
+def register_storage(scheme: str, factory: Callable[[str], Storage]) -> None:
+    """Make ``open_storage("<scheme>://...")`` call ``factory(uri)``."""
+    _FACTORIES[scheme] = factory
+
+
+def open_storage(uri: str | os.PathLike | Storage) -> Storage:
+    """The storage rooted at ``uri``: a local path (or ``file://``), or a registered scheme such as s3."""
+    if isinstance(uri, Storage):
+        return uri
+    uri = str(uri)
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        return LocalStorage(uri)
+    if scheme == "file":
+        return LocalStorage(rest)
+    if scheme not in _FACTORIES and scheme in _LAZY_MODULES:
+        import importlib
+
+        importlib.import_module(_LAZY_MODULES[scheme])  # registers itself
+    if scheme not in _FACTORIES:
+        raise UserError(f"{uri}: unsupported storage scheme {scheme!r} (accepted: a local path, file://, "
+                        f"{', '.join(s + '://' for s in sorted(set(_FACTORIES) | set(_LAZY_MODULES)))})")
+    return _FACTORIES[scheme](uri)
+
+
+def join_uri(root: str, key: str) -> str:
+    return root.rstrip("/") + "/" + key.strip("/") if root else key
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoding.
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def tensors_to_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    from safetensors.torch import save
+
+    # safetensors refuses shared or non-contiguous storage; a contiguous copy on CPU is always safe
+    return save({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()})
+
+
+def tensors_from_bytes(data: bytes, where: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    try:
+        return load(data)
+    except Exception as exc:  # safetensors raises its own error type for malformed headers
+        raise UserError(f"{where}: not a valid safetensors file ({type(exc).__name__})") from None
+
+
+def flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split ``optimizer.state_dict()`` into named tensors and a JSON-able remainder."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, per_param in state["state"].items():
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{idx}.{key}"] = value
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        _, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = value
+    for idx, values in rest.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(values)
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def encode_rng(state: torch.Tensor) -> str:
+    return base64.b64encode(state.cpu().numpy().tobytes()).decode("ascii")
+
+
+def decode_rng(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
+
+
+# ----------------------------------------------------------------------------------------------
+# Save / load.
+
+
+@dataclass
+class LoadedCheckpoint:
+    uri: str
+    step: int
+    config: dict
+    metrics: dict
+    model_state: dict[str, torch.Tensor]
+    ema_state: dict[str, torch.Tensor] | None
+    optim_state: dict | None
+    state: dict
+    tokenizer_files: dict[str, bytes] = field(default_factory=dict)
+
+    def tokenizer(self) -> Any:
+        """The run's tokenizer, rebuilt from the files saved with the checkpoint (or None)."""
+        if not self.tokenizer_files:
+            return None
+        from dsl.data import load_tokenizer
+
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, data in self.tokenizer_files.items():
+                path = Path(tmp).joinpath(*name.split("/"))
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data)
+            return load_tokenizer(tmp)
+
+
+def step_dir(step: int) -> str:
+    return f"step-{int(step)}"
+
+
+def save_checkpoint(storage: Storage | str, step: int, *, config: dict, model_state: dict[str, torch.Tensor],
+                    ema_state: dict[str, torch.Tensor] | None = None, optim_state: dict | None = None,
+                    state: dict | None = None, metrics: dict | None = None,
+                    tokenizer: Any = None) -> str:
+    """Write ``step-<step>/`` (manifest last) and return its URI; refuses to replace a complete one."""
+    storage = open_storage(storage)
+    prefix = step_dir(step)
+    if storage.exists(f"{prefix}/{MANIFEST}"):
+        raise UserError(f"{join_uri(storage.uri, prefix)}: a checkpoint for step {step} already exists; "
+                        "refusing to overwrite it")
+    files: dict[str, bytes] = {"model.safetensors": tensors_to_bytes(model_state)}
+    if ema_state is not None:
+        files["ema.safetensors"] = tensors_to_bytes(ema_state)
+    state = dict(state or {})
+    if optim_state is not None:
+        tensors, rest = flatten_optimizer(optim_state)
+        files["optim.safetensors"] = tensors_to_bytes(tensors)
+        state["optimizer"] = rest
+    state["step"] = int(step)
+    files["state.json"] = json.dumps(state, sort_keys=True).encode()
+    if tokenizer is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer.save(tmp)
+            for path in sorted(Path(tmp).rglob("*")):
+                if path.is_file():
+                    files["tokenizer/" + str(path.relative_to(tmp)).replace(os.sep, "/")] = path.read_bytes()
+    manifest = {"format": FORMAT, "step": int(step), "config": config, "metrics": metrics or {},
+                "files": {name: {"sha256": _sha256(data), "bytes": len(data)} for name, data in files.items()}}
+    files[MANIFEST] = json.dumps(manifest, indent=2, sort_keys=True).encode()
+
+    stale = storage.list(prefix + "/")
+    if stale:  # an earlier save died before its manifest: garbage, never trusted by readers
+        storage.delete(prefix)
+        for key in storage.list(prefix + "/"):
+            storage.delete(key)
+    if isinstance(storage, LocalStorage):
+        storage.put_dir_atomic(prefix, files)
+    else:
+        for name, data in files.items():  # dict order: the manifest is the last object written
+            storage.put_bytes(f"{prefix}/{name}", data)
+    return join_uri(storage.uri, prefix)
+
+
+def _split_uri(uri: str | os.PathLike | Storage, prefix: str) -> tuple[Storage, str]:
+    if isinstance(uri, Storage):
+        return uri, prefix.strip("/")
+    return open_storage(uri), prefix.strip("/")
+
+
+def read_manifest(storage: Storage, prefix: str) -> dict:
+    key = f"{prefix}/{MANIFEST}" if prefix else MANIFEST
+    where = join_uri(storage.uri, key)
+    if not storage.exists(key):
+        raise UserError(f"{where}: missing (incomplete checkpoint, or not a checkpoint)")
+    try:
+        manifest = json.loads(storage.get_bytes(key))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{where}: not valid JSON") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise UserError(f"{where}: format {manifest.get('format') if isinstance(manifest, dict) else None!r} "
+                        f"is not {FORMAT!r}")
+    return manifest
+
+
+def _verified_files(storage: Storage, prefix: str, manifest: dict) -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    for name, meta in manifest["files"].items():
+        key = f"{prefix}/{name}" if prefix else name
+        where = join_uri(storage.uri, key)
+        if not storage.exists(key):
+            raise UserError(f"{where}: listed in the manifest but missing")
+        data = storage.get_bytes(key)
+        if len(data) != meta["bytes"]:
+            raise UserError(f"{where}: {len(data)} bytes, manifest says {meta['bytes']} (truncated or replaced)")
+        if _sha256(data) != meta["sha256"]:
+            raise UserError(f"{where}: sha256 mismatch with the manifest (corrupt file)")
+        out[name] = data
+    return out
+
+
+def verify_checkpoint(uri: str | os.PathLike | Storage, prefix: str = "") -> dict:
+    """The manifest of a complete, intact checkpoint; one UserError naming the bad file otherwise."""
+    storage, prefix = _split_uri(uri, prefix)
+    manifest = read_manifest(storage, prefix)
+    _verified_files(storage, prefix, manifest)
+    return manifest
+
+
+def load_checkpoint(uri: str | os.PathLike | Storage, prefix: str = "") -> LoadedCheckpoint:
+    """Verify and load the checkpoint at ``uri`` (its ``step-<N>`` directory/prefix). Never unpickles."""
+    storage, prefix = _split_uri(uri, prefix)
+    manifest = read_manifest(storage, prefix)
+    files = _verified_files(storage, prefix, manifest)
+    where = join_uri(storage.uri, prefix)
+    if "model.safetensors" not in files or "state.json" not in files:
+        raise UserError(f"{where}: manifest lists no model.safetensors/state.json")
+    state = json.loads(files["state.json"])
+    optim = None
+    if "optim.safetensors" in files:
+        optim = unflatten_optimizer(tensors_from_bytes(files["optim.safetensors"], where + "/optim.safetensors"),
+                                    state.get("optimizer", {"param_groups": []}))
+    ema = (tensors_from_bytes(files["ema.safetensors"], where + "/ema.safetensors")
+           if "ema.safetensors" in files else None)
+    return LoadedCheckpoint(
+        uri=where, step=int(manifest["step"]), config=manifest["config"], metrics=manifest.get("metrics", {}),
+        model_state=tensors_from_bytes(files["model.safetensors"], where + "/model.safetensors"),
+        ema_state=ema, optim_state=optim, state=state,
+        tokenizer_files={k[len("tokenizer/"):]: v for k, v in files.items() if k.startswith("tokenizer/")})
+
+
+def list_checkpoints(root: str | os.PathLike | Storage) -> list[int]:
+    """Steps that have a ``step-<N>/`` entry under ``root`` (complete or not), ascending."""
+    storage = open_storage(root)
+    steps = set()
+    for key in storage.list(""):
+        m = STEP_DIR.match(key.split("/", 1)[0])
+        if m:
+            steps.add(int(m.group(1)))
+    return sorted(steps)
+
+
+def latest_complete(root: str | os.PathLike | Storage) -> str | None:
+    """URI of the newest checkpoint under ``root`` that verifies; incomplete/corrupt ones are skipped."""
+    storage = open_storage(root)
+    for step in reversed(list_checkpoints(storage)):
+        try:
+            verify_checkpoint(storage, step_dir(step))
+        except UserError:
+            continue
+        return join_uri(storage.uri, step_dir(step))
+    return None
+
+
+def apply_retention(root: str | os.PathLike | Storage, keep_last: int, metric: str = "valid_nll") -> list[int]:
+    """Keep the newest ``keep_last`` complete checkpoints and the best by ``metric``; return deleted steps.
+
+    Incomplete checkpoints older than the newest complete one are debris of failed saves and go too.
+    """
+    storage = open_storage(root)
+    complete: list[tuple[int, dict]] = []
+    steps = list_checkpoints(storage)
+    for step in steps:
+        try:
+            complete.append((step, read_manifest(storage, step_dir(step))))
+        except UserError:
+            continue
+    if not complete:
+        return []
+    keep = {s for s, _ in complete[-keep_last:]}
+    scored = [(m["metrics"][metric], s) for s, m in complete if isinstance(m.get("metrics", {}).get(metric),
+                                                                              (int, float))]
+    if scored:
+        keep.add(min(scored)[1])
+    newest = complete[-1][0]
+    done = {s for s, _ in complete}
+    deleted = [s for s in steps if s not in keep and (s in done or s < newest)]
+    for step in deleted:
+        prefix = step_dir(step)
+        if isinstance(storage, LocalStorage):
+            storage.delete(prefix)
+        else:  # the manifest goes first, so a half-deleted checkpoint is never trusted
+            keys = storage.list(prefix + "/")
+            for key in sorted(keys, key=lambda k: not k.endswith(MANIFEST)):
+                storage.delete(key)
+    return deleted
+
+
+def load_run(uri: str, *, use_ema: bool = True, device: str | torch.device = "cpu") -> tuple[Any, Any, Any, Any]:
+    """``(RunConfig, model in eval mode, tokenizer, LoadedCheckpoint)`` from a checkpoint or a run root.
+
+    ``uri`` may be one ``step-<N>`` checkpoint or a run directory/prefix (its latest complete one is used).
+    The model gets the EMA weights unless ``use_ema=False`` (or the run kept no EMA).
+    """
+    from dsl.config import RunConfig, from_dict
+    from dsl.models import build_model
+
+    storage = open_storage(uri)
+    if storage.exists(MANIFEST):
+        ckpt = load_checkpoint(storage)
+    else:
+        latest = latest_complete(storage)
+        if latest is None:
+            raise UserError(f"{uri}: no complete checkpoint here (expected {MANIFEST} or step-<N>/{MANIFEST})")
+        ckpt = load_checkpoint(latest)
+    cfg = from_dict(RunConfig, ckpt.config, where=f"{ckpt.uri}/{MANIFEST}")
+    model = build_model(cfg, cfg.model.vocab_size or None)
+    weights = ckpt.ema_state if (use_ema and ckpt.ema_state is not None) else ckpt.model_state
+    load_weights(model, weights, f"{ckpt.uri}/{'ema' if weights is ckpt.ema_state else 'model'}.safetensors")
+    model.to(device).eval()
+    return cfg, model, ckpt.tokenizer(), ckpt
+
+
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:
+    """Strict ``load_state_dict`` with one UserError listing missing, unexpected and mis-shaped keys."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    shapes = sorted(f"{k} {tuple(weights[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+                    if k in weights and weights[k].shape != v.shape)
+    if missing or unexpected or shapes:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+            if keys:
+                parts.append(f"{label}: {', '.join(keys[:5])}{' …' if len(keys) > 5 else ''}")
+        raise UserError(f"{where}: does not fit the model ({'; '.join(parts)})")
+    model.load_state_dict(weights, strict=True)
+
+
+__all__ = ["FORMAT", "Storage", "LocalStorage", "register_storage", "open_storage", "LoadedCheckpoint",
+           "save_checkpoint", "load_checkpoint", "verify_checkpoint", "read_manifest", "list_checkpoints",
+           "latest_complete", "apply_retention", "load_run", "load_weights", "step_dir", "join_uri",
+           "tensors_to_bytes", "tensors_from_bytes", "encode_rng", "decode_rng"]

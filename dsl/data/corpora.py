@@ -1,0 +1,176 @@
+"""Text corpora as lazily iterated documents, split deterministically into train and valid.
+
+A corpus is named by ``data.source``:
+
+- a local file or folder: ``.txt`` (documents separated by ``<|endoftext|>`` when the file has it,
+  otherwise by blank lines — ``data.txt_split`` picks another reading), ``.jsonl`` (one JSON object per
+  line, text in ``data.text_field``), ``.parquet`` (column ``data.text_field``); a folder means all such
+  files below it in sorted path order. Document i goes to valid when a stable hash of i falls below
+  ``data.valid_fraction`` — independent of the corpus size, so a streamed and a loaded corpus agree.
+- ``hf:<name>[:<config>]``: the Hugging Face dataset with MDLM's splits (reference §4.5, §5.4):
+  openwebtext (train = ``train[:-100000]``, valid = ``train[-100000:]``), wikitext-103
+  (``wikitext-103-raw-v1``, train/validation), lm1b (train/test), text8 (characters [0, 90M) train,
+  [90M, 95M) valid; MDLM cuts the string into L-character documents before wrapping).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from dsl.errors import UserError
+from dsl.seeding import derive_seed
+
+SUFFIXES = (".txt", ".jsonl", ".parquet")
+EOT = "<|endoftext|>"
+HF_NAMES = ("openwebtext", "text8", "wikitext-103", "lm1b")
+
+
+def is_valid_doc(index: int, valid_fraction: float) -> bool:
+    """Deterministic split by document index (a stable hash, so it needs no corpus size)."""
+    return derive_seed(0, "valid-split", index) / float(1 << 63) < valid_fraction
+
+
+def _split_txt(text: str, how: str) -> list[str]:
+    if how == "auto":
+        how = "eot" if EOT in text else "paragraph"
+    if how == "eot":
+        parts = text.split(EOT)
+    elif how == "paragraph":
+        parts = text.split("\n\n")
+    elif how == "line":
+        parts = text.split("\n")
+    else:  # "file"
+        parts = [text]
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _file_documents(path: Path, data_cfg: Any) -> Iterator[str]:
+    if path.suffix == ".txt":
+        yield from _split_txt(path.read_text(encoding="utf-8", errors="replace"), data_cfg.txt_split)
+    elif path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    text = row[data_cfg.text_field]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise UserError(f"{path}:{lineno}: expected a JSON object with a string field "
+                                    f"{data_cfg.text_field!r} (data.text_field)") from None
+                if isinstance(text, str) and text.strip():
+                    yield text
+    else:
+        from datasets import load_dataset
+
+        rows = load_dataset("parquet", data_files=str(path), split="train", streaming=True)
+        for row in rows:
+            if data_cfg.text_field not in row:
+                raise UserError(f"{path}: no column {data_cfg.text_field!r} (data.text_field); "
+                                f"columns: {', '.join(row)}")
+            text = row[data_cfg.text_field]
+            if isinstance(text, str) and text.strip():
+                yield text
+
+
+class LocalCorpus:
+    """Documents of local files; ``documents(split, start)`` yields the split's documents from ``start``."""
+
+    def __init__(self, spec: str, data_cfg: Any) -> None:
+        self.spec, self.cfg = spec, data_cfg
+        root = Path(spec).expanduser()
+        if not root.exists():
+            raise UserError(f"data.source={spec}: no such file or directory (expected a .txt/.jsonl/.parquet "
+                            "file or a folder of them, hmm, cyclic or hf:<dataset>)")
+        if root.is_dir():
+            self.files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
+            if not self.files:
+                raise UserError(f"data.source={spec}: folder holds no {'/'.join(SUFFIXES)} files")
+        elif root.suffix in SUFFIXES:
+            self.files = [root]
+        else:
+            raise UserError(f"data.source={spec}: unsupported file type {root.suffix!r} "
+                            f"(accepted: {', '.join(SUFFIXES)})")
+
+    def identity(self) -> str:
+        stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in self.files]
+        return json.dumps({"local": stats, "txt_split": self.cfg.txt_split, "field": self.cfg.text_field,
+                           "valid": self.cfg.valid_fraction})
+
+    def documents(self, split: str, start: int = 0) -> Iterator[str]:
+        want_valid = split != "train"
+        j = 0
+        i = 0
+        for path in self.files:
+            for text in _file_documents(path, self.cfg):
+                if is_valid_doc(i, self.cfg.valid_fraction) == want_valid:
+                    if j >= start:
+                        yield text
+                    j += 1
+                i += 1
+
+
+class HFCorpus:
+    """A Hugging Face dataset by name with MDLM's splits; streamed when ``data.streaming`` is set."""
+
+    def __init__(self, spec: str, data_cfg: Any, length: int) -> None:
+        body = spec[3:]
+        self.name, _, self.config = body.partition(":")
+        if self.name not in HF_NAMES:
+            raise UserError(f"data.source={spec}: unknown Hugging Face corpus (known: "
+                            f"{', '.join('hf:' + n for n in HF_NAMES)}; or give a local file/folder)")
+        self.spec, self.cfg, self.length = spec, data_cfg, length
+
+    def identity(self) -> str:
+        return json.dumps({"hf": self.spec, "length": self.length if self.name == "text8" else None})
+
+    def _load(self, path: str, config: str | None, split: str) -> Any:
+        from datasets import load_dataset
+
+        try:
+            return load_dataset(path, config, split=split, streaming=self.cfg.streaming,
+                                cache_dir=self.cfg.cache_dir or None)
+        except Exception as exc:  # datasets raises many types for "offline" / "not found"
+            raise UserError(f"data.source={self.spec}: cannot load Hugging Face dataset {path!r} split "
+                            f"{split!r} ({type(exc).__name__}; offline? use a local file or folder)") from None
+
+    def documents(self, split: str, start: int = 0) -> Iterator[str]:
+        valid = split != "train"
+        if self.name == "text8":
+            yield from self._text8(valid, start)
+            return
+        if self.name == "openwebtext":  # reference §4.5: the last 100k documents are validation
+            rows = self._load("openwebtext", None, "train[-100000:]" if valid else "train[:-100000]")
+        elif self.name == "wikitext-103":
+            rows = self._load("wikitext", self.config or "wikitext-103-raw-v1", "validation" if valid else "train")
+        else:  # lm1b validates on its test split (reference §4.5)
+            rows = self._load("lm1b", None, "test" if valid else "train")
+        if start:
+            rows = rows.skip(start)
+        for row in rows:
+            text = row[self.cfg.text_field]
+            if text and text.strip():
+                yield text
+
+    def _text8(self, valid: bool, start: int) -> Iterator[str]:
+        # reference §5.4: train chars [0, 90M), valid [90M, 95M); documents are L-character chunks
+        # (the last partial chunk dropped) that then go through the ordinary wrapping
+        rows = self._load("afmck/text8", self.config or None, "train")
+        text = "".join(r[self.cfg.text_field] for r in rows)
+        lo, hi = (90_000_000, 95_000_000) if valid else (0, 90_000_000)
+        text = text[lo:hi]
+        n = len(text) // self.length
+        for k in range(start, n):
+            yield text[k * self.length:(k + 1) * self.length]
+
+
+def open_corpus(spec: str, data_cfg: Any, length: int) -> LocalCorpus | HFCorpus:
+    if spec.startswith("hf:"):
+        return HFCorpus(spec, data_cfg, length)
+    return LocalCorpus(spec, data_cfg)
+
+
+__all__ = ["LocalCorpus", "HFCorpus", "open_corpus", "is_valid_doc", "HF_NAMES"]
