@@ -124,6 +124,11 @@ class DataConfig:
     text_field: str = text("text", "jsonl/parquet/HF column holding the text")
     bpe_vocab: int = num(4096, 259, help="vocabulary of a byte-level BPE trained on the corpus")
     cache_dir: str = text("", "where tokenised corpora and trained tokenizers are cached ('' = none)")
+    length: int = num(0, 0, help="sequence length L of the data; 0 = model.length (must be <= model.length)")
+    txt_split: Literal["auto", "eot", "paragraph", "line", "file"] = choice(
+        "auto", "documents of a .txt: auto = <|endoftext|> separators if present, else blank lines")
+    shuffle_window: int = num(4096, 0, help="training blocks are shuffled within windows of this many "
+                                            "(same order streamed or loaded); 0 = corpus order")
     hmm_states: int = num(24, 2, help="hidden states of the synthetic HMM language")
     hmm_words: int = num(120, 4, help="word vocabulary of the synthetic HMM language")
     hmm_seed: int = num(0, 0, help="seed that fixes the HMM's parameters (not its samples)")
