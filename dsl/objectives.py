@@ -1,0 +1,221 @@
+"""Training objectives and the SNR path-integral likelihood.
+
+Every loss returns ``(loss_sum, n_tokens, stats)``: the sum of per-token nats over the padding mask,
+the number of tokens it covers, and a few float diagnostics. The trainer divides the summed loss by
+the token count of the *global* batch, so splitting a batch over micro-batches or workers changes
+nothing. Randomness comes from one generator per row (``gens[b]``), keyed by the global sample index.
+
+* ``dsl_loss``: Alg 1 (token cross-entropy under mixed-SNR corruption).
+* ``mdlm_loss``: MDLM's SUBS continuous-time NELBO with the log-linear schedule (reference §2).
+* ``ar_loss``: next-token cross-entropy.
+* ``path_integral_nll``: -log P(x) = ½ ∫₀^∞ Σ_i E‖x_i - x̂_i(z_t)‖² dt (eq. 3 on the contour γ_i = t).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+from dsl.channel import corrupt_rows, sample_snr_rows
+from dsl.config import ChannelConfig, MDLMLossConfig
+
+# MDLM's SUBS "-inf" (diffusion.py: neg_infinity = -1000000.0), added to the mask logit
+_SUBS_NEG_INF = -1.0e6
+
+LossOutput = tuple[torch.Tensor, torch.Tensor, dict[str, float]]
+
+
+def _token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-log softmax(logits)[target] per position, in fp32 whatever the model's precision: (B, L)."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    return -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def _masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # where(), not a product: a scored-out position may hold inf (e.g. a pad id at a -inf logit)
+    return torch.where(mask.bool(), values, torch.zeros_like(values)).sum()
+
+
+def dsl_loss(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, cfg: ChannelConfig,
+             gens: Sequence[torch.Generator]) -> LossOutput:
+    """Alg 1: x = W_token[s], per-token γ from the mixed sampler, z = γx + √γε, CE(s, p_θ(·|z)).
+
+    ``model`` exposes ``embed(ids) -> (B, L, d)`` and ``forward(z) -> logits (B, L, V)``; row b's SNRs
+    and noise come from ``gens[b]`` (SNRs first, then noise).
+    """
+    _check_batch(ids, mask, gens)
+    x = model.embed(ids)  # (B, L, d), Alg 1 line 1
+    gamma, is_roar = sample_snr_rows(gens, ids.shape[1], cfg)  # (B, L), lines 2-15
+    z = corrupt_rows(x, gamma, gens)  # line 17
+    logits = model(z)  # (B, L, V), line 18
+    nll = _token_nll(logits, ids)  # line 19: CE(s_i, p_θ(·|z)_i)
+    loss_sum = _masked_sum(nll, mask)
+    n_tokens = mask.sum()
+    with torch.no_grad():
+        scored = mask.bool().cpu()
+        roar = is_roar & scored
+        stats = {
+            "loss": float(loss_sum) / max(1, int(n_tokens)),
+            "roar_fraction": float(roar.sum()) / max(1, int(scored.sum())),
+            "ce_roar": _mean_over(nll.detach().cpu(), roar),
+            "ce_continuous": _mean_over(nll.detach().cpu(), ~is_roar & scored),
+        }
+    return loss_sum, n_tokens, stats
+
+
+def mdlm_times(gens: Sequence[torch.Generator], rows: Sequence[int] | torch.Tensor, global_batch: int,
+               cfg: MDLMLossConfig) -> torch.Tensor:
+    """Diffusion times t (B,) float64: u_b from ``gens[b]``, stratified over the global batch.
+
+    Reference §2.5: t'_b = (u_b + row_b) / global_batch mod 1 (MDLM's "antithetic" sampling is this
+    stratification); t = (1 - sampling_eps) t' + sampling_eps. ``rows`` are the global indices of the
+    rows within the optimizer step's batch, so the strata cover [0, 1) once per global batch.
+    """
+    u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in gens])
+    if cfg.stratified:
+        rows_t = torch.as_tensor(rows, dtype=torch.float64)
+        u = torch.remainder((u + rows_t) / global_batch, 1.0)
+    return (1.0 - cfg.sampling_eps) * u + cfg.sampling_eps
+
+
+def mdlm_loss(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, cfg: MDLMLossConfig,
+              gens: Sequence[torch.Generator], rows: Sequence[int] | torch.Tensor, global_batch: int,
+              *, mask_id: int | None = None) -> LossOutput:
+    """MDLM SUBS continuous-time NELBO with the log-linear schedule (reference §2.1-2.5).
+
+    Row b draws t_b (``mdlm_times``) and then its L masking uniforms from ``gens[b]``. ``model(ids)``
+    returns logits (B, L, V). ``mask_id`` defaults to ``model.mask_id`` (or the model config's).
+    """
+    _check_batch(ids, mask, gens)
+    if len(rows) != ids.shape[0]:
+        raise ValueError(f"mdlm_loss got {len(rows)} row indices for a batch of {ids.shape[0]} rows")
+    mask_id = _resolve_mask_id(model) if mask_id is None else mask_id
+    t = mdlm_times(gens, rows, global_batch, cfg)  # (B,)
+    move = torch.stack([torch.rand(ids.shape[1], generator=g, dtype=torch.float64) for g in gens])
+    # §2.1: α_t = 1 - (1-ε)t, so each token is masked with probability 1 - α_t = (1-ε)t (§2.2)
+    is_masked = (move < ((1.0 - cfg.eps) * t)[:, None]).to(ids.device)  # (B, L)
+    noisy = torch.where(is_masked, torch.full_like(ids, mask_id), ids)
+    logits = model(noisy).float()  # (B, L, V)
+    # §2.3 SUBS: -1e6 on the mask logit, then log-normalise; carry-over makes every unmasked
+    # position one-hot on its own token, i.e. log p = 0 and no loss there
+    subs = torch.zeros(logits.shape[-1], dtype=logits.dtype, device=logits.device)
+    subs[mask_id] = _SUBS_NEG_INF
+    nll = _token_nll(logits + subs, ids)
+    # §2.4: weight σ'(t)/(e^σ(t) - 1) = 1/t exactly for the log-linear schedule
+    weight = (1.0 / t).to(device=ids.device, dtype=nll.dtype)[:, None]
+    per_token = torch.where(is_masked, weight * nll, torch.zeros_like(nll))
+    loss_sum = _masked_sum(per_token, mask)
+    # §2.4: the denominator counts every token under the padding mask, masked or not
+    n_tokens = mask.sum()
+    with torch.no_grad():
+        stats = {
+            "loss": float(loss_sum) / max(1, int(n_tokens)),
+            "t_mean": float(t.mean()),
+            "masked_fraction": float((is_masked & mask.bool()).sum()) / max(1, int(mask.sum())),
+        }
+    return loss_sum, n_tokens, stats
+
+
+def ar_loss(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> LossOutput:
+    """Next-token cross-entropy: logits at i predict ids at i+1; the first token is not scored."""
+    if ids.shape != mask.shape:
+        raise ValueError(f"ids {tuple(ids.shape)} and mask {tuple(mask.shape)} must have the same shape")
+    logits = model(ids)  # (B, L, V)
+    nll = _token_nll(logits[:, :-1], ids[:, 1:])  # (B, L-1)
+    target_mask = mask[:, 1:]
+    loss_sum = _masked_sum(nll, target_mask)
+    n_tokens = target_mask.sum()
+    return loss_sum, n_tokens, {"loss": float(loss_sum) / max(1, int(n_tokens))}
+
+
+# ----------------------------------------------------------------------------------------------
+# Likelihood via the SNR path integral.
+
+
+@torch.no_grad()
+def path_integral_nll(denoise_mean: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, n_mc: int,
+                      gen: torch.Generator, *, log_t_loc: float = 1.0, log_t_scale: float = 1.0,
+                      draws_per_call: int = 8, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Monte Carlo -log P(x) of each sequence from a denoiser: (nll (B,), stderr (B,)) in nats.
+
+    eq. 3 on the linear contour γ_i = t (the C* of eq. 4 taken to t* → ∞, where the eq. 10 term
+    -E log P(x | z_t*) vanishes): -log P(x) = ½ ∫₀^∞ f(t) dt with f(t) = Σ_i E_{z|x} ‖x_i - x̂_i(z_t)‖²
+    and z_t = t x + √t ε. ``denoise_mean(z (N, L, d)) -> x̂ (N, L, d)`` is any denoiser (a model's
+    ``posterior_mean`` or an exact oracle's); ``x`` (B, L, d) are the clean embeddings.
+
+    Proposal (our choice): log t ~ Logistic(log_t_loc, log_t_scale), i.e. t = e^loc (u/(1-u))^scale
+    with u ~ U(0, 1). Each draw contributes ½ f̂(t) t / q(log t) with q(log t) = u(1-u)/scale and f̂ a
+    one-z estimate of f. Since f(t) → f(0) as t → 0 and decays exponentially as t → ∞, these weights
+    are bounded for scale >= 1 (a Gaussian on log t would have unbounded weights at small t), so the
+    estimator is unbiased with finite variance; stderr is the sample std over ``n_mc`` draws / √n_mc.
+    """
+    if n_mc < 2:
+        raise ValueError(f"n_mc={n_mc} must be >= 2 to estimate a standard error")
+    if log_t_scale < 1.0:
+        raise ValueError(f"log_t_scale={log_t_scale} must be >= 1 (bounded importance weights at t → 0)")
+    b = x.shape[0]
+    x64 = x.to(torch.float64)
+    draws: list[torch.Tensor] = []
+    bar = _progress(n_mc, progress, "path integral")
+    done = 0
+    while done < n_mc:
+        c = min(draws_per_call, n_mc - done)
+        u = torch.rand(c, b, generator=gen, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)  # (c, B)
+        t = math.exp(log_t_loc) * (u / (1 - u)) ** log_t_scale
+        eps = torch.randn((c,) + tuple(x.shape), generator=gen, dtype=torch.float64)
+        t_dev = t.to(x.device)[..., None, None]
+        z = t_dev * x64 + t_dev.sqrt() * eps.to(x.device)  # (c, B, L, d): eq. 3's z_t = t x + √t ε
+        x_hat = denoise_mean(z.reshape((c * b,) + tuple(x.shape[1:])).to(x.dtype))
+        err = (x64 - x_hat.reshape(z.shape).to(torch.float64)).pow(2).sum(dim=(-1, -2)).cpu()  # (c, B)
+        density = u * (1 - u) / log_t_scale  # logistic density of log t
+        draws.append(0.5 * err * t / density)  # eq. 3: ½ Σ_i ‖x_i - x̂_i‖² dt / q
+        done += c
+        bar.update(c)
+    bar.close()
+    values = torch.cat(draws)  # (n_mc, B)
+    return values.mean(0), values.std(0) / math.sqrt(n_mc)
+
+
+def nll_to_bits(nll_nats: float | torch.Tensor, n_tokens: int | float,
+                n_chars: int | float | None = None) -> float | torch.Tensor:
+    """Bits per token, or per character when ``n_chars`` is given: nll / (ln 2 · count)."""
+    count = n_tokens if n_chars is None else n_chars
+    if count <= 0:
+        raise ValueError(f"cannot convert an NLL over {count} tokens/characters to bits")
+    return nll_nats / (math.log(2.0) * count)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_batch(ids: torch.Tensor, mask: torch.Tensor, gens: Sequence[torch.Generator]) -> None:
+    if ids.shape != mask.shape:
+        raise ValueError(f"ids {tuple(ids.shape)} and mask {tuple(mask.shape)} must have the same shape")
+    if len(gens) != ids.shape[0]:
+        raise ValueError(f"got {len(gens)} generators for a batch of {ids.shape[0]} rows (one per row)")
+
+
+def _mean_over(values: torch.Tensor, select: torch.Tensor) -> float:
+    n = int(select.sum())
+    return float(values[select].sum()) / n if n else float("nan")
+
+
+def _resolve_mask_id(model: torch.nn.Module) -> int:
+    mask_id = getattr(model, "mask_id", None)
+    if mask_id is None:
+        cfg = getattr(model, "cfg", None)
+        if cfg is None or not hasattr(cfg, "mask_id"):
+            raise ValueError("mdlm_loss needs mask_id=... or a model with .mask_id or .cfg.mask_id")
+        mask_id = cfg.mask_id if cfg.mask_id >= 0 else cfg.vocab_size - 1
+    return int(mask_id)
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
+
+
+__all__ = ["dsl_loss", "mdlm_loss", "mdlm_times", "ar_loss", "path_integral_nll", "nll_to_bits"]
