@@ -182,6 +182,11 @@ class SamplingConfig:
     sde_gamma_end: float = num(50.0, 0.0, lo_open=True, help="SNR at which the SDE stops")
     batch_size: int = num(16, 1)
     seed: int = num(0, 0)
+    rewrite_count: Literal["remask", "change"] = choice(
+        "remask", "R_i reading (eq. 25): remask = times token i is masked and resampled (Sec 5.2; "
+                  "reproduces Table 5), change = every change of x_i incl. reveals, mask as a symbol")
+    diag_top_p: float = num(0.9, 0.0, 1.0, lo_open=True, hi_open=True,
+                            help="p of the nucleus-size diagnostic k_t (Sec 7.4, Table 6: 0.9)")
 
     def validate(self) -> None:
         if self.t_off >= self.t_on:

@@ -1,1 +1,102 @@
+"""Samplers: MDLM / ReMDM masked samplers, the DSL step-budget protocol and the continuous SDE sampler.
 
+Public surface::
+
+    batch = generate(denoiser, cfg, n, length, seed)       # SampleBatch
+    denoiser = load_denoiser("oracle:hmm" | "oracle:cyclic" | <checkpoint dir> | "s3://...", cfg)
+    schedule = load_eta_cap(spec); schedule(steps) -> η_cap; schedule.source
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from dsl.config import SamplingConfig, to_dict
+from dsl.sampling.denoiser import Denoiser, DSLDenoiser, MDLMDenoiser, OracleDenoiser, load_denoiser
+from dsl.sampling.diagnostics import StepRecorder, diagnostics_to_records
+from dsl.sampling.masked import resolve_rule, run_masked
+from dsl.sampling.schedules import EtaCapSchedule, load_eta_cap
+from dsl.sampling.sde import run_sde
+from dsl.seeding import derive_seed
+
+
+@dataclass
+class SampleBatch:
+    """Samples with everything needed to reproduce and judge them."""
+
+    ids: torch.Tensor                   # (n, L) long
+    seeds: torch.Tensor                 # (n,) the per-sample seeds (sample i: derive_seed(seed, "sample", i))
+    nfe: torch.Tensor                   # (n,) int: real denoiser forward passes
+    rewrites: torch.Tensor              # (n, L) int: R_i (eq. 25, reading = settings["rewrite_count"])
+    mean_rewrites: torch.Tensor         # (n,) float: (1/L) Σ_i R_i (Table 5's "rewrites per token")
+    diagnostics: dict[str, np.ndarray]  # per-step arrays, one entry per step, means over the n samples
+    eta_cap: float | None
+    eta_cap_source: str
+    settings: dict
+    trajectory: torch.Tensor | None = field(default=None, repr=False)  # (T, n, L) if requested
+
+    def diagnostics_records(self) -> list[dict]:
+        return diagnostics_to_records(self.diagnostics)
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of global sample ``index`` of a run seeded ``seed`` (independent of batching)."""
+    return derive_seed(seed, "sample", index)
+
+
+def generate(denoiser: Denoiser, cfg: SamplingConfig, n: int, length: int, seed: int, progress: bool = False,
+             *, first_index: int = 0, keep_trajectory: bool = False) -> SampleBatch:
+    """Draw ``n`` sequences of ``length`` tokens with ``cfg.sampler``.
+
+    Sample i uses its own generator seeded ``sample_seed(seed, first_index + i)``, so a sample is the same
+    whatever the batch size, the batch it lands in or the worker that draws it (``first_index`` lets
+    workers split one run). ``keep_trajectory`` also returns the draft after every step.
+    """
+    if n < 1 or length < 1:
+        raise ValueError(f"n={n} and length={length} must be >= 1")
+    eta_cap, eta_source = None, "none"
+    if cfg.sampler == "dsl-budget":
+        schedule: EtaCapSchedule = load_eta_cap(cfg.eta_cap_table)
+        eta_cap, eta_source = schedule(cfg.steps), schedule.source
+    if cfg.sampler == "sde":
+        resolved = {"rule": "sde", "sde_path": cfg.sde_path, "sde_gamma_end": cfg.sde_gamma_end}
+        rule = None
+    else:
+        rule, resolved = resolve_rule(cfg, length, eta_cap)
+        if cfg.sampler == "remdm-official":
+            eta_source = "official:" + resolved["rule"]
+    seeds = [sample_seed(seed, first_index + i) for i in range(n)]
+    recorder = StepRecorder(cfg.steps, length)
+    parts = []
+    for start in range(0, n, cfg.batch_size):
+        gens = []
+        for s in seeds[start:start + cfg.batch_size]:
+            g = torch.Generator()
+            g.manual_seed(s)
+            gens.append(g)
+        if rule is None:
+            parts.append(run_sde(denoiser, cfg, gens, length, recorder, keep_trajectory, progress=progress))
+        else:
+            parts.append(run_masked(denoiser, rule, cfg, gens, length, recorder, keep_trajectory, progress))
+    rewrites = torch.cat([p.rewrites for p in parts])
+    settings = {**to_dict(cfg), "resolved": resolved, "length": length, "seed": seed,
+                "first_index": first_index, "eta_cap": eta_cap, "eta_cap_source": eta_source}
+    return SampleBatch(
+        ids=torch.cat([p.ids for p in parts]),
+        seeds=torch.tensor(seeds, dtype=torch.long),
+        nfe=torch.cat([p.nfe for p in parts]),
+        rewrites=rewrites,
+        mean_rewrites=rewrites.double().mean(-1),
+        diagnostics=recorder.finalize(),
+        eta_cap=eta_cap,
+        eta_cap_source=eta_source,
+        settings=settings,
+        trajectory=torch.cat([p.trajectory for p in parts], dim=1) if keep_trajectory else None,
+    )
+
+
+__all__ = ["SampleBatch", "generate", "sample_seed", "load_denoiser", "load_eta_cap", "EtaCapSchedule",
+           "Denoiser", "MDLMDenoiser", "DSLDenoiser", "OracleDenoiser"]

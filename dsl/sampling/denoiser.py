@@ -1,0 +1,217 @@
+"""The denoiser interface the samplers call: a discrete draft (B, L) → a categorical over V per position.
+
+Every implementation returns, through :meth:`Denoiser.__call__`, probabilities (B, L, V) float64 with
+zero mass on the mask and **one-hot on visible tokens** (MDLM's SUBS carry-over, reference §2.3).
+ReMDM's transition multiplies p_x0 at visible positions (reference §3.2, pitfall 6): without carry-over a
+self-correcting DSL model would silently *resample* visible tokens instead of keeping them. The wrapper
+enforces it for every implementation, so subclasses only say what they predict at masked positions.
+
+Denoisers that can also be driven by a continuous z (the DSL model and the exact oracles) expose
+``embeddings`` (V, d) and ``posterior(z) -> (B, L, V)`` for the SDE sampler (eq. 2).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from dsl.config import ConfigError, DataConfig, SamplingConfig
+from dsl.errors import UserError
+
+
+class Denoiser:
+    """Base class: subclasses implement ``_scores`` (and, if continuous, ``posterior``)."""
+
+    vocab_size: int
+    mask_id: int
+    time_invariant: bool = True
+    continuous: bool = False
+    max_length: int | None = None  # the longest draft it accepts (a model's L, a source's fixed length)
+
+    def _scores(self, draft: torch.Tensor) -> tuple[torch.Tensor, str]:
+        """Raw prediction (B, L, V) and its kind, "logits" or "probs"; rows at visible positions are ignored."""
+        raise NotImplementedError
+
+    def __call__(self, draft: torch.Tensor) -> torch.Tensor:
+        """p(x_i | draft) (B, L, V) float64: zero mass on the mask, one-hot on visible tokens."""
+        masked = draft == self.mask_id
+        out = torch.zeros(*draft.shape, self.vocab_size, dtype=torch.float64)
+        out[~masked] = torch.nn.functional.one_hot(draft[~masked], self.vocab_size).double()
+        if masked.any():
+            scores, kind = self._scores(draft)
+            out[masked] = self._normalise_rows(scores[masked], kind)
+        return out
+
+    def _normalise_rows(self, rows: torch.Tensor, kind: str) -> torch.Tensor:
+        """(N, V) scores at masked positions → float64 probabilities with p(mask) = 0 (SUBS, §2.3)."""
+        rows = rows.to(torch.float64)
+        if kind == "logits":
+            rows = rows.index_fill(-1, torch.tensor([self.mask_id]), -math.inf)
+            return torch.softmax(rows, dim=-1)
+        rows = rows.clamp(min=0).index_fill(-1, torch.tensor([self.mask_id]), 0.0)
+        total = rows.sum(-1, keepdim=True)
+        if not bool((total > 0).all()):
+            raise UserError(f"{type(self).__name__} predicted zero mass on every non-mask token")
+        return rows / total
+
+    def visible_confidence(self, draft: torch.Tensor) -> torch.Tensor:
+        """p(x_i = draft_i | draft) (B, L) from the raw prediction, before carry-over is enforced.
+
+        Confidence-driven remasking (Fig 3) needs it at visible positions; masked positions get 1.
+        """
+        scores, kind = self._scores(draft)
+        probs = self._normalise_rows(scores.reshape(-1, self.vocab_size), kind).reshape(scores.shape)
+        conf = probs.gather(-1, draft.clamp(max=self.vocab_size - 1).unsqueeze(-1)).squeeze(-1)
+        return torch.where(draft == self.mask_id, torch.ones_like(conf), conf)
+
+    def decode(self, ids: torch.Tensor | list[int]) -> str:
+        return " ".join(str(int(t)) for t in torch.as_tensor(ids).tolist())
+
+    # -- continuous interface (eq. 2) ---------------------------------------------------------
+    @property
+    def embeddings(self) -> torch.Tensor:
+        raise ConfigError(f"sampling.sampler=sde needs a DSL model or an exact oracle, not {type(self).__name__}")
+
+    def posterior(self, z: torch.Tensor) -> torch.Tensor:
+        raise ConfigError(f"sampling.sampler=sde needs a DSL model or an exact oracle, not {type(self).__name__}")
+
+
+class MDLMDenoiser(Denoiser):
+    """A trained MDLM DiT: ``model(ids) -> logits (B, L, V)``; σ is held at 0, so it is time-invariant."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: object | None = None):
+        self.model = model.eval()
+        self.vocab_size = int(model.cfg.vocab_size)
+        mask_id = int(model.cfg.mask_id)
+        self.mask_id = mask_id if mask_id >= 0 else self.vocab_size - 1
+        self.max_length = int(model.cfg.length)
+        self.tokenizer = tokenizer
+
+    @torch.no_grad()
+    def _scores(self, draft: torch.Tensor) -> tuple[torch.Tensor, str]:
+        return self.model(draft), "logits"
+
+    def decode(self, ids: torch.Tensor | list[int]) -> str:
+        return _decode_with(self.tokenizer, ids) if self.tokenizer is not None else super().decode(ids)
+
+
+class DSLDenoiser(Denoiser):
+    """A trained DSL model. A discrete draft enters as z: masked → 0, visible → γ_vis·x (the clean
+    endpoint of z = γx + √γ ε with its noise dropped; γ_vis = ``sampling.gamma_vis``, default γ_max)."""
+
+    continuous = True
+
+    def __init__(self, model: torch.nn.Module, gamma_vis: float, tokenizer: object | None = None):
+        self.model = model.eval()
+        self.vocab_size = int(model.vocab_size)
+        self.mask_id = int(model.mask_id)
+        self.gamma_vis = float(gamma_vis)
+        self.max_length = int(model.cfg.length)
+        self.tokenizer = tokenizer
+
+    def draft_to_z(self, draft: torch.Tensor) -> torch.Tensor:
+        x = self.model.embed(draft)  # (B, L, d); the mask row is zero, so masked → 0
+        return self.gamma_vis * x * (draft != self.mask_id).unsqueeze(-1)
+
+    @torch.no_grad()
+    def _scores(self, draft: torch.Tensor) -> tuple[torch.Tensor, str]:
+        return self.model(self.draft_to_z(draft)), "logits"
+
+    @property
+    def embeddings(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model.token_embeddings().detach().to(torch.float64)
+
+    @torch.no_grad()
+    def posterior(self, z: torch.Tensor) -> torch.Tensor:
+        logits = self.model(z.to(torch.float32)).to(torch.float64)
+        return torch.softmax(logits.index_fill(-1, torch.tensor([self.mask_id]), -math.inf), dim=-1)
+
+    def decode(self, ids: torch.Tensor | list[int]) -> str:
+        return _decode_with(self.tokenizer, ids) if self.tokenizer is not None else super().decode(ids)
+
+
+class OracleDenoiser(Denoiser):
+    """The exact denoiser of a :mod:`dsl.sources` source: ``masked_posterior`` and ``dsl_posterior``.
+
+    ``visible_error`` > 0 makes the raw prediction treat visible tokens as noisy observations (used by
+    the recovery toy's confidence); carry-over is still enforced by ``__call__``.
+    """
+
+    continuous = True
+
+    def __init__(self, source: object, visible_error: float = 0.0, embeddings: torch.Tensor | None = None,
+                 embed_seed: int = 0):
+        self.source = source
+        self.vocab_size = int(source.vocab_size)
+        self.mask_id = int(source.mask_id)
+        self.visible_error = float(visible_error)
+        self.max_length = int(source.length)
+        if embeddings is None:
+            embeddings = _oracle_embeddings(source, embed_seed)
+        self._embeddings = embeddings.to(torch.float64)
+
+    def _scores(self, draft: torch.Tensor) -> tuple[torch.Tensor, str]:
+        return self.source.masked_posterior(draft, visible_error=self.visible_error), "probs"
+
+    @property
+    def embeddings(self) -> torch.Tensor:
+        return self._embeddings
+
+    def posterior(self, z: torch.Tensor) -> torch.Tensor:
+        return self.source.dsl_posterior(z, self._embeddings)
+
+    def decode(self, ids: torch.Tensor | list[int]) -> str:
+        return self.source.decode(ids)
+
+
+def _oracle_embeddings(source: object, seed: int) -> torch.Tensor:
+    """Circle embeddings for the cyclic toy with K ≤ 7 (App B), else fixed random unit vectors (d=64)."""
+    if hasattr(source, "circle_embeddings") and getattr(source, "k", 99) <= 7:
+        return source.circle_embeddings()
+    from dsl.channel import spherical_embeddings
+    from dsl.seeding import sample_generator
+
+    return spherical_embeddings(source.vocab_size, 64, source.mask_id, sample_generator(seed, "oracle-emb"))
+
+
+def _decode_with(tokenizer: object, ids: torch.Tensor | list[int]) -> str:
+    return tokenizer.decode([int(t) for t in torch.as_tensor(ids).tolist()])
+
+
+ORACLE_DEFAULT_LENGTH = 64
+
+
+def load_denoiser(spec: str, cfg: SamplingConfig, *, length: int | None = None,
+                  data_cfg: DataConfig | None = None) -> Denoiser:
+    """``oracle:hmm`` / ``oracle:cyclic`` (exact, parameters from ``data_cfg``), a checkpoint directory
+    or a storage URI (``s3://...``) of an ``mdlm`` or ``dsl`` run."""
+    spec = (spec or "").strip()
+    if spec.startswith("oracle:"):
+        from dsl.sources import build_source
+
+        name = spec.split(":", 1)[1]
+        if name not in ("hmm", "cyclic"):
+            raise ConfigError(f"checkpoint={spec!r}: oracles are oracle:hmm and oracle:cyclic")
+        data_cfg = data_cfg or DataConfig()
+        if name == "cyclic" and not length:
+            length = data_cfg.cyclic_k
+        return OracleDenoiser(build_source(name, data_cfg, length or ORACLE_DEFAULT_LENGTH))
+    if not spec:
+        raise ConfigError("checkpoint='' : give a checkpoint directory, an s3:// URI, oracle:hmm or oracle:cyclic")
+    if "://" not in spec and not os.path.exists(spec):
+        raise UserError(f"checkpoint={spec}: no such directory; give a checkpoint directory, an s3:// URI, "
+                        "oracle:hmm or oracle:cyclic")
+    from dsl.checkpoint import load_run
+
+    run_cfg, model, tokenizer, _ = load_run(spec)
+    if run_cfg.objective == "mdlm":
+        return MDLMDenoiser(model, tokenizer)
+    if run_cfg.objective == "dsl":
+        return DSLDenoiser(model, cfg.gamma_vis, tokenizer)
+    raise UserError(f"checkpoint={spec}: objective={run_cfg.objective} has no masked denoiser (need mdlm or dsl)")
+
+
+__all__ = ["Denoiser", "MDLMDenoiser", "DSLDenoiser", "OracleDenoiser", "load_denoiser"]

@@ -1,0 +1,316 @@
+"""Masked samplers: MDLM ancestral and the ReMDM family, exactly as the official code defines them.
+
+Each sampler is one small rule ``(t, s) -> StepRule`` (α_t, α_s and the remask σ of one step, with its
+equations cited); one loop, :func:`run_masked`, applies them through one transition helper. All
+references are to ``shared/reference/mdlm-remdm.md`` (§3) unless they name the paper.
+
+Transition (§3.2, the ReMDM posterior; σ = 0 is MDLM §3.1), per position, with α_t = 1 − t:
+
+    visible z_t = v:  keep v with prob. 1 − σ, remask with prob. σ            (SUBS: p_x0 one-hot at v)
+    masked:           q(v) = p_x0(v)·(α_s − (1−σ)α_t)/(1−α_t),   q(m) = (1 − α_s − σα_t)/(1−α_t)
+
+Both coefficients are clipped to [0, 1]: the official code draws by Gumbel-max over unnormalised
+weights, where a negative weight never wins, which is the same clipping (forward-backward σ > 1 on
+coarse grids, pitfall 9). A masked position is revealed iff u₁ < P(unmask); its token is then drawn
+from the nucleus-filtered p_x0 by a float64 inverse CDF with u₂ (exact categorical sampling, pitfall 1).
+
+Per-sample determinism: sample i draws (u₁, u₂) (2, L) float64 from its own generator at every step, and
+the p(x0) cache is decided per sample (a forward runs only for samples whose draft changed since their
+last forward), so a sample never depends on its batch-mates and the cache never changes a sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from dsl.config import ConfigError, SamplingConfig
+from dsl.sampling.denoiser import Denoiser
+from dsl.sampling.diagnostics import StepRecorder
+from dsl.sampling.nucleus import top_p_filter
+from dsl.sampling.schedules import OFFICIAL_CAP_ETA, OFFICIAL_LOOP, time_grid
+
+
+@dataclass(frozen=True)
+class StepRule:
+    """One step's schedule: α_t, α_s (α = 1 − t unless a sampler warps it) and the remask σ."""
+
+    alpha_t: float
+    alpha_s: float
+    sigma: float
+    confidence: bool = False  # remdm-conf: σ is distributed over positions by confidence (§3.3)
+
+
+Rule = Callable[[float, float], StepRule]
+
+
+# ----------------------------------------------------------------------------------------------
+# One rule per sampler.
+
+
+def _sigma_max(alpha_t: float, alpha_s: float) -> float:
+    return 1.0 if alpha_t == 0 else min(1.0, (1 - alpha_s) / alpha_t)  # §3.2: σ_max = min(1, (1−α_s)/α_t)
+
+
+def mdlm_rule() -> Rule:
+    """§3.1: P(z_s = v) = (t−s)/t·p_x0(v), P(z_s = m) = s/t; visible tokens are copied (σ = 0)."""
+    return lambda t, s: StepRule(1 - t, 1 - s, 0.0)
+
+
+def remdm_cap_rule(eta: float) -> Rule:
+    """§3.3: σ = min(η, (1−α_s)/α_t) (η when α_t = 0, the first step, where nothing is visible)."""
+    def rule(t: float, s: float) -> StepRule:
+        a_t, a_s = 1 - t, 1 - s
+        return StepRule(a_t, a_s, eta if a_t == 0 else min(eta, (1 - a_s) / a_t))
+    return rule
+
+
+def remdm_rescale_rule(eta: float) -> Rule:
+    """§3.3: σ = η·min(1, (1−α_s)/α_t)."""
+    def rule(t: float, s: float) -> StepRule:
+        a_t, a_s = 1 - t, 1 - s
+        return StepRule(a_t, a_s, eta * _sigma_max(a_t, a_s))
+    return rule
+
+
+def forward_backward_rule() -> Rule:
+    """§3.3: σ = (α_s − α_t)/α_t, uncapped (1 when α_t = 0); valid only while α_s ≤ (1+α_t)/2 (pitfall 9)."""
+    def rule(t: float, s: float) -> StepRule:
+        a_t, a_s = 1 - t, 1 - s
+        return StepRule(a_t, a_s, 1.0 if a_t == 0 else (a_s - a_t) / a_t)
+    return rule
+
+
+def remdm_conf_rule() -> Rule:
+    """§3.3: σ_ℓ = η_ℓ·σ_max with η_ℓ = softmax_ℓ(ψ) over the sequence, 0 at masked positions (no
+    renormalisation); ψ = −p_x0(token) when it was revealed. Masked positions follow MDLM."""
+    def rule(t: float, s: float) -> StepRule:
+        a_t, a_s = 1 - t, 1 - s
+        return StepRule(a_t, a_s, _sigma_max(a_t, a_s), confidence=True)
+    return rule
+
+
+def remdm_loop_rule(eta: float, t_on: float, t_off: float, alpha_on: float) -> Rule:
+    """§3.4 / eq. 22: three phases chosen from t with strict ``>`` and ``≤`` on the float grid.
+
+    t > t_on:           MDLM on α(t) = α_on(1−t)/(1−t_on)
+    t_off < t ≤ t_on:   ReMDM at frozen α = α_on with σ = η (unmask prob ηα_on/(1−α_on))
+    t ≤ t_off:          MDLM on α(t) = 1 − t(1−α_on)/t_off
+
+    Eq. 23 of the paper writes the loop remask probability as min(1, η(t)/(1 − r(t))) with
+    η(t) = η_cap α/(1−α); we follow the official code (σ = η), which is what reproduces Table 5's
+    rewrite counts (see ``schedules.py``).
+    """
+    def rule(t: float, s: float) -> StepRule:
+        if t > t_on:
+            return StepRule(alpha_on * (1 - t) / (1 - t_on), alpha_on * (1 - s) / (1 - t_on), 0.0)
+        if t > t_off:
+            return StepRule(alpha_on, alpha_on, eta)
+        return StepRule(1 - t * (1 - alpha_on) / t_off, 1 - s * (1 - alpha_on) / t_off, 0.0)
+    return rule
+
+
+def resolve_rule(cfg: SamplingConfig, length: int, eta_cap: float | None) -> tuple[Rule, dict]:
+    """The choice of sampler, made once: the rule and the settings it actually uses."""
+    name = cfg.sampler
+    loop = {"t_on": cfg.t_on, "t_off": cfg.t_off, "alpha_on": cfg.alpha_on}
+    if name == "mdlm":
+        return mdlm_rule(), {"rule": "mdlm"}
+    if name == "remdm-cap":
+        return remdm_cap_rule(cfg.eta), {"rule": "remdm-cap", "eta": cfg.eta}
+    if name == "remdm-rescale":
+        return remdm_rescale_rule(cfg.eta), {"rule": "remdm-rescale", "eta": cfg.eta}
+    if name == "remdm-conf":
+        return remdm_conf_rule(), {"rule": "remdm-conf"}
+    if name == "forward-backward":
+        return forward_backward_rule(), {"rule": "forward-backward"}
+    if name == "remdm-loop":
+        return remdm_loop_rule(cfg.eta, **loop), {"rule": "remdm-loop", "eta": cfg.eta, **loop}
+    if name == "remdm-official":
+        # Sec 6.1: "ReMDM-cap when T < L and ReMDM-loop when T ≥ L", with the official script values (§3.7)
+        if cfg.steps < length:
+            return remdm_cap_rule(OFFICIAL_CAP_ETA), {"rule": "remdm-cap", "eta": OFFICIAL_CAP_ETA}
+        return remdm_loop_rule(**OFFICIAL_LOOP), {"rule": "remdm-loop", **OFFICIAL_LOOP}
+    if name == "dsl-budget":
+        # Sec 5.2 / 6.1: ReMDM-loop for all T with η = η_cap(T); everything else as configured
+        return remdm_loop_rule(eta_cap, **loop), {"rule": "remdm-loop", "eta": eta_cap, **loop}
+    raise ConfigError(f"sampling.sampler={name!r} is not a masked sampler")
+
+
+# ----------------------------------------------------------------------------------------------
+# The shared transition helper.
+
+
+def transition_coefficients(masked: torch.Tensor, rule: StepRule, sigma: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P(unmask) at masked positions, P(remask) at visible positions), each (B, L) float64.
+
+    ``sigma`` (B, L) is the per-position σ (a constant for every sampler but remdm-conf).
+    """
+    a_t, a_s = rule.alpha_t, rule.alpha_s
+    sigma_masked = torch.zeros_like(sigma) if rule.confidence else sigma  # conf: masked positions are MDLM
+    unmask = (a_s - (1 - sigma_masked) * a_t) / (1 - a_t)  # §3.2 masked branch, mass on p_x0
+    unmask = torch.where(masked, unmask.clamp(0, 1), torch.zeros_like(unmask))
+    remask = torch.where(masked, torch.zeros_like(sigma), sigma.clamp(0, 1))  # §3.2 visible branch
+    return unmask, remask
+
+
+def transition_probs(p_x0: torch.Tensor, draft: torch.Tensor, mask_id: int, rule: StepRule,
+                     sigma: torch.Tensor) -> torch.Tensor:
+    """The full transition q(z_s | z_t) (B, L, V) float64 that :func:`apply_transition` samples from."""
+    masked = draft == mask_id
+    unmask, remask = transition_coefficients(masked, rule, sigma)
+    q = torch.where(masked.unsqueeze(-1), p_x0 * unmask.unsqueeze(-1),
+                    torch.nn.functional.one_hot(draft, p_x0.shape[-1]).double() * (1 - remask).unsqueeze(-1))
+    q[..., mask_id] = torch.where(masked, 1 - unmask, remask)
+    return q
+
+
+def apply_transition(draft: torch.Tensor, p_x0: torch.Tensor, unmask: torch.Tensor, remask: torch.Tensor,
+                     uniforms: torch.Tensor, mask_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One draw from :func:`transition_probs` given uniforms (B, 2, L) float64.
+
+    Returns (new draft, revealed (B, L) bool, p_x0 of each revealed token (B, L), 0 elsewhere).
+    """
+    masked = draft == mask_id
+    reveal = masked & (uniforms[:, 0] < unmask)
+    remasked = ~masked & (uniforms[:, 0] < remask)
+    new = draft.clone()
+    new[remasked] = mask_id
+    chosen_prob = torch.zeros(draft.shape, dtype=torch.float64)
+    if reveal.any():
+        rows = p_x0[reveal]  # (N, V): only the rows that reveal pay for a cumulative sum
+        cdf = rows.cumsum(-1)
+        target = uniforms[:, 1][reveal] * cdf[:, -1]
+        tokens = torch.searchsorted(cdf, target.unsqueeze(-1), right=True).squeeze(-1).clamp(max=rows.shape[-1] - 1)
+        new[reveal] = tokens
+        chosen_prob[reveal] = rows.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return new, reveal, chosen_prob
+
+
+def confidence_sigma(scores: torch.Tensor, masked: torch.Tensor, sigma_max: float) -> torch.Tensor:
+    """remdm-conf (§3.3): σ_ℓ = softmax_ℓ(ψ)·σ_max, set to 0 at masked positions without renormalising."""
+    eta = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all −∞ (step 0) gives NaN: no visible token yet
+    return torch.where(masked, torch.zeros_like(eta), eta) * sigma_max
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop.
+
+
+@dataclass
+class MaskedResult:
+    ids: torch.Tensor        # (n, L)
+    nfe: torch.Tensor        # (n,) real forward passes
+    rewrites: torch.Tensor   # (n, L)
+    trajectory: torch.Tensor | None  # (T, n, L): the draft after each step (the last includes noise removal)
+
+
+def run_masked(denoiser: Denoiser, rule: Rule, cfg: SamplingConfig, gens: list[torch.Generator], length: int,
+               recorder: StepRecorder, keep_trajectory: bool = False, progress: bool = False) -> MaskedResult:
+    """Sample len(gens) sequences of ``length`` tokens with ``rule`` for ``cfg.steps`` steps."""
+    n, vocab, mask_id, steps = len(gens), denoiser.vocab_size, denoiser.mask_id, cfg.steps
+    grid = time_grid(steps, cfg.eps).tolist()
+    use_cache = cfg.cache and denoiser.time_invariant
+    draft = torch.full((n, length), mask_id, dtype=torch.long)  # the prior: every position masked (§3.0)
+    p_x0 = torch.zeros(n, length, vocab, dtype=torch.float64)  # cached nucleus-filtered prediction
+    stats = torch.full((n, 3), float("nan"), dtype=torch.float64)  # per-sample u, H, k of that prediction
+    forward_draft = torch.full_like(draft, -1)
+    nfe = torch.zeros(n, dtype=torch.long)
+    remask_count = torch.zeros(n, length, dtype=torch.long)
+    change_count = torch.zeros(n, length, dtype=torch.long)
+    scores = torch.full((n, length), -torch.inf, dtype=torch.float64)  # remdm-conf's ψ
+    trajectory = [] if keep_trajectory else None
+
+    iterator = range(steps)
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(iterator, desc=f"{cfg.sampler} T={steps}", leave=False)
+    for k in iterator:
+        t, s = grid[k], grid[k + 1]
+        step_rule = rule(t, s)
+        masked = draft == mask_id
+        stale = (draft != forward_draft).any(-1) if use_cache else torch.ones(n, dtype=torch.bool)
+        stale &= masked.any(-1)  # nothing masked: the transition never reads p_x0
+        if stale.any():
+            rows = stale.nonzero().squeeze(-1)
+            pred = denoiser(draft[rows])  # (b, L, V), one-hot at visible positions
+            nfe[rows] += 1
+            _store_prediction(pred, masked[rows], cfg, rows, p_x0, stats)
+            forward_draft[rows] = draft[rows]
+        if step_rule.confidence:
+            sigma = confidence_sigma(scores, masked, step_rule.sigma)
+        else:
+            sigma = torch.full((n, length), step_rule.sigma, dtype=torch.float64)
+        unmask, remask = transition_coefficients(masked, step_rule, sigma)
+        uniforms = torch.stack([torch.rand(2, length, generator=g, dtype=torch.float64) for g in gens])
+        new, reveal, chosen = apply_transition(draft, p_x0, unmask, remask, uniforms, mask_id)
+        if k == steps - 1 and cfg.noise_removal:
+            new = _remove_noise(denoiser, new, p_x0, forward_draft, nfe, use_cache)
+        remasked = ~masked & (new == mask_id)
+        scores = torch.where(reveal, -chosen, scores)  # §3.3: ψ = −p_x0(token) where revealed
+        scores = torch.where(remasked, torch.full_like(scores, -torch.inf), scores)
+        changed = new != draft
+        remask_count += remasked.long()
+        if k >= 1:
+            change_count += changed.long()  # eq. 25 sums k = 1..T−1
+        recorder.record(k, t, masked=masked, new_masked=new == mask_id, changed=changed, remasked=remasked,
+                        remask_prob=remask, stats=stats, forwards=stale)
+        draft = new
+        if trajectory is not None:
+            trajectory.append(draft.clone())
+    rewrites = remask_count if cfg.rewrite_count == "remask" else change_count
+    traj = torch.stack(trajectory) if trajectory is not None else None
+    return MaskedResult(ids=draft, nfe=nfe, rewrites=rewrites, trajectory=traj)
+
+
+def _store_prediction(pred: torch.Tensor, masked: torch.Tensor, cfg: SamplingConfig, rows: torch.Tensor,
+                      p_x0: torch.Tensor, stats: torch.Tensor) -> None:
+    """Nucleus-filter the masked rows of ``pred`` into the cache and record their sharpness statistics.
+
+    Statistics are means over the masked positions of each sample (visible rows are one-hot by
+    carry-over and would only dilute them): u = 1 − max p, H = −Σ p log p (unfiltered), k = nucleus size.
+    """
+    rows_probs = pred[masked]  # (N, V)
+    nuc = top_p_filter(rows_probs, cfg.top_p, cfg.diag_top_p)
+    pred[masked] = nuc.probs
+    p_x0[rows] = pred
+    entropy = torch.special.entr(rows_probs).sum(-1)
+    owner = masked.nonzero()[:, 0]  # (N,) which sample each masked row belongs to
+    counts = masked.sum(-1).clamp(min=1).double()
+    per_sample = torch.zeros(len(rows), 3, dtype=torch.float64)
+    per_sample.index_add_(0, owner, torch.stack([1 - nuc.max_prob, entropy, nuc.nucleus_size], dim=-1))
+    stats[rows] = per_sample / counts.unsqueeze(-1)
+
+
+def _remove_noise(denoiser: Denoiser, draft: torch.Tensor, p_x0: torch.Tensor, forward_draft: torch.Tensor,
+                  nfe: torch.Tensor, use_cache: bool) -> torch.Tensor:
+    """§3.0 final noise removal: one greedy pass x ← argmax_v p(v | x) (no nucleus), +1 forward.
+
+    Skipped for samples with nothing masked (carry-over makes it the identity); a sample whose draft
+    did not change since its last forward reuses that prediction (its top-1 survives the nucleus).
+    """
+    masked = draft == denoiser.mask_id
+    todo = masked.any(-1)
+    if not todo.any():
+        return draft
+    out = draft.clone()
+    reuse = todo & (draft == forward_draft).all(-1) if use_cache else torch.zeros_like(todo)
+    fresh = todo & ~reuse
+    if fresh.any():
+        rows = fresh.nonzero().squeeze(-1)
+        pred = denoiser(draft[rows])
+        nfe[rows] += 1
+        out[rows] = torch.where(masked[rows], pred.argmax(-1), draft[rows])
+    if reuse.any():
+        rows = reuse.nonzero().squeeze(-1)
+        out[rows] = torch.where(masked[rows], p_x0[rows].argmax(-1), draft[rows])
+    return out
+
+
+__all__ = ["StepRule", "mdlm_rule", "remdm_cap_rule", "remdm_rescale_rule", "forward_backward_rule",
+           "remdm_conf_rule", "remdm_loop_rule", "resolve_rule", "transition_coefficients",
+           "transition_probs", "apply_transition", "confidence_sigma", "run_masked", "MaskedResult"]
