@@ -15,7 +15,8 @@ import torch
 from dsl.config import ChannelConfig
 
 
-def spherical_embeddings(vocab_size: int, dim: int, mask_id: int, gen: torch.Generator) -> torch.Tensor:
+def spherical_embeddings(vocab_size: int, dim: int, mask_id: int, gen: torch.Generator,
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Random unit-norm token embeddings ``(V, d)`` with an all-zero row at ``mask_id``.
 
     Sec 3: x = enc(s) lies on the unit sphere, ‖x‖ = 1; the mask is the zero vector, the point every
@@ -26,7 +27,7 @@ def spherical_embeddings(vocab_size: int, dim: int, mask_id: int, gen: torch.Gen
     emb = torch.randn(vocab_size, dim, generator=gen, dtype=torch.float64)
     emb = emb / emb.norm(dim=-1, keepdim=True)
     emb[mask_id] = 0.0
-    return emb.float()
+    return emb.to(dtype)
 
 
 def sample_snr(shape: Sequence[int] | torch.Size | int, cfg: ChannelConfig,

@@ -57,7 +57,7 @@ def dsl_loss(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, cfg:
         scored = mask.bool().cpu()
         roar = is_roar & scored
         stats = {
-            "loss": float(loss_sum) / max(1, int(n_tokens)),
+            "loss": float(loss_sum.detach()) / max(1, int(n_tokens)),
             "roar_fraction": float(roar.sum()) / max(1, int(scored.sum())),
             "ce_roar": _mean_over(nll.detach().cpu(), roar),
             "ce_continuous": _mean_over(nll.detach().cpu(), ~is_roar & scored),
@@ -111,7 +111,7 @@ def mdlm_loss(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, cfg
     n_tokens = mask.sum()
     with torch.no_grad():
         stats = {
-            "loss": float(loss_sum) / max(1, int(n_tokens)),
+            "loss": float(loss_sum.detach()) / max(1, int(n_tokens)),
             "t_mean": float(t.mean()),
             "masked_fraction": float((is_masked & mask.bool()).sum()) / max(1, int(mask.sum())),
         }
@@ -127,7 +127,7 @@ def ar_loss(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> Lo
     target_mask = mask[:, 1:]
     loss_sum = _masked_sum(nll, target_mask)
     n_tokens = target_mask.sum()
-    return loss_sum, n_tokens, {"loss": float(loss_sum) / max(1, int(n_tokens))}
+    return loss_sum, n_tokens, {"loss": float(loss_sum.detach()) / max(1, int(n_tokens))}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,6 +203,8 @@ def _mean_over(values: torch.Tensor, select: torch.Tensor) -> float:
 
 
 def _resolve_mask_id(model: torch.nn.Module) -> int:
+    while hasattr(model, "module") and not hasattr(model, "mask_id"):  # DDP / prepare_model wrappers
+        model = model.module
     mask_id = getattr(model, "mask_id", None)
     if mask_id is None:
         cfg = getattr(model, "cfg", None)

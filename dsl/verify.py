@@ -64,10 +64,10 @@ def path_integral(cfg: VerifyConfig, progress: bool = True) -> dict:
     if use_circle:
         if cfg.source != "cyclic" or cfg.data.cyclic_k > 7:
             raise ConfigError("embedding=circle needs source=cyclic with k <= 7 (App B); use spherical")
-        emb = source.circle_embeddings()
+        emb = source.circle_embeddings(torch.float64)
     else:
         emb = spherical_embeddings(source.vocab_size, cfg.dim, source.mask_id,
-                                   sample_generator(cfg.seed, "verify", "embeddings"))
+                                   sample_generator(cfg.seed, "verify", "embeddings"), dtype=torch.float64)
     emb = emb.to(torch.float64)
     ids = source.sample(cfg.n, sample_generator(cfg.seed, "verify", "sequences"))  # (n, L)
     exact = -source.log_prob(ids)  # (n,)

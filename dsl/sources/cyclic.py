@@ -50,13 +50,13 @@ class CyclicSource(ExactSource):
         """Letters for words and ``_`` for the mask: shift 0 of K=7 is ``ABCDEFG``."""
         return "".join("_" if t == self.mask_id else _LETTERS[t] for t in torch.as_tensor(ids).tolist())
 
-    def circle_embeddings(self) -> torch.Tensor:
+    def circle_embeddings(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """App B: e(k) = (cos 2πk/K, sin 2πk/K) on the unit circle, plus the zero mask row: (K+1, 2)."""
         if self.k > 7:
             raise ValueError(f"circle embeddings are for K <= 7 (App B); this source has K={self.k}")
         angle = 2 * math.pi * torch.arange(self.k, dtype=torch.float64) / self.k
         word_rows = torch.stack([angle.cos(), angle.sin()], dim=-1)
-        return torch.cat([word_rows, torch.zeros(1, 2, dtype=torch.float64)]).float()
+        return torch.cat([word_rows, torch.zeros(1, 2, dtype=torch.float64)]).to(dtype)
 
     def _log_marginals(self, log_evidence: torch.Tensor) -> torch.Tensor:
         b, length, k = log_evidence.shape

@@ -1,0 +1,249 @@
+"""dsl.objectives: DSL / MDLM / AR losses and the path-integral NLL against exact sources."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from dsl.channel import corrupt_rows, sample_snr_rows, spherical_embeddings
+from dsl.config import ChannelConfig, MDLMLossConfig, ModelConfig
+from dsl.objectives import ar_loss, dsl_loss, mdlm_loss, mdlm_times, nll_to_bits, path_integral_nll
+from dsl.seeding import sample_generator
+from dsl.sources import CyclicSource, HMMSource
+
+V, MASK, L, D = 7, 6, 10, 4
+
+
+def gens(n, *keys, start=0):
+    return [sample_generator(0, "test-objectives", *keys, start + b) for b in range(n)]
+
+
+class TokenwiseDSL(nn.Module):
+    """Stand-in with the DSLModel interface: per-token logits from z, mask logit -inf; keeps its input."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.emb = nn.Parameter(spherical_embeddings(V, D, MASK, g))
+        self.out = nn.Linear(D, V)
+        self.seen = []
+
+    def embed(self, ids):
+        return self.emb[ids]
+
+    def forward(self, z):
+        self.seen.append(z.detach().clone())
+        return self.out(z).index_fill(-1, torch.tensor([MASK]), float("-inf"))
+
+
+class TableLM(nn.Module):
+    """Stand-in denoiser / LM: logits[b, i] = table[i, ids[b, i]] (position-wise); keeps its input."""
+
+    mask_id = MASK
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(L, V, V, generator=torch.Generator().manual_seed(4)))
+        self.seen = []
+
+    def forward(self, ids):
+        self.seen.append(ids.clone())
+        return self.table[torch.arange(ids.shape[1]), ids]  # (B, L, V)
+
+
+def batch(b=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(MASK, (b, L), generator=g)
+    mask = torch.ones(b, L, dtype=torch.long)
+    mask[1, 7:] = 0  # a padded row
+    mask[3, 4:] = 0
+    ids[mask == 0] = MASK  # pad with the mask id, as GPT-2 MDLM data does
+    return ids, mask
+
+
+# -- DSL loss ----------------------------------------------------------------------------------
+
+
+def test_dsl_loss_is_alg1_cross_entropy_over_the_padding_mask():
+    model, cfg = TokenwiseDSL(), ChannelConfig()
+    ids, mask = batch()
+    loss_sum, n_tokens, stats = dsl_loss(model, ids, mask, cfg, gens(4, "dsl"))
+    # the same corruption, drawn independently from fresh copies of the row generators
+    fresh = gens(4, "dsl")
+    gamma, _ = sample_snr_rows(fresh, L, cfg)
+    z = corrupt_rows(model.embed(ids).detach(), gamma, fresh)
+    assert torch.equal(model.seen[0], z)
+    logp = torch.log_softmax(model.out(z).index_fill(-1, torch.tensor([MASK]), float("-inf")), -1)
+    nll = -logp.gather(-1, ids[..., None])[..., 0]
+    expected = nll[mask.bool()].sum()
+    torch.testing.assert_close(loss_sum, expected)
+    assert int(n_tokens) == int(mask.sum()) == 4 * L - 3 - 6
+    assert math.isfinite(float(loss_sum.detach()))  # padded positions hold the mask id (-inf logit): excluded
+    assert stats["loss"] == pytest.approx(float(expected) / int(n_tokens), rel=1e-6)
+    loss_sum.backward()
+    assert model.emb.grad is not None and model.emb.grad.abs().sum() > 0  # W_token is trained (line 20)
+
+
+def test_dsl_loss_ignores_padded_tokens():
+    model, cfg = TokenwiseDSL(), ChannelConfig()
+    ids, mask = batch()
+    changed = ids.clone()
+    changed[mask == 0] = 2  # different content where the mask is 0
+    a, na, _ = dsl_loss(model, ids, mask, cfg, gens(4, "pad"))
+    b, nb, _ = dsl_loss(model, changed, mask, cfg, gens(4, "pad"))
+    torch.testing.assert_close(a, b)
+    assert int(na) == int(nb)
+
+
+def _toy_dsl_model():
+    from dsl.models.dsl_model import DSLModel
+
+    cfg = ModelConfig(hidden=16, blocks=1, heads=2, cond_dim=8, dropout=0.0, length=L, vocab_size=V)
+    return DSLModel(cfg, ChannelConfig(embed_dim=D), torch.Generator().manual_seed(0)).eval()
+
+
+def test_dsl_loss_is_independent_of_the_batch_split():
+    model, cfg = _toy_dsl_model(), ChannelConfig()
+    ids, mask = batch()
+    whole, n_whole, _ = dsl_loss(model, ids, mask, cfg, gens(4, "split"))
+    first, n1, _ = dsl_loss(model, ids[:2], mask[:2], cfg, gens(2, "split"))
+    second, n2, _ = dsl_loss(model, ids[2:], mask[2:], cfg, gens(2, "split", start=2))
+    torch.testing.assert_close(whole, first + second, rtol=1e-6, atol=1e-5)
+    assert int(n_whole) == int(n1) + int(n2)
+
+
+# -- MDLM loss ---------------------------------------------------------------------------------
+
+
+def test_mdlm_times_are_stratified_over_the_global_batch():
+    cfg = MDLMLossConfig()
+    t = mdlm_times(gens(8, "t"), range(8), 8, cfg)
+    t_prime = (t - cfg.sampling_eps) / (1 - cfg.sampling_eps)
+    assert ((t_prime >= torch.arange(8) / 8 - 1e-12) & (t_prime < (torch.arange(8) + 1) / 8)).all()
+    # the same rows in another micro-batch split get the same times
+    torch.testing.assert_close(mdlm_times(gens(3, "t", start=5), [5, 6, 7], 8, cfg), t[5:])
+    plain = mdlm_times(gens(8, "t"), range(8), 8, MDLMLossConfig(stratified=False))
+    u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in gens(8, "t")])
+    torch.testing.assert_close(plain, (1 - 1e-3) * u + 1e-3)
+
+
+def test_mdlm_loss_weight_one_over_t_and_carry_over():
+    model, cfg = TableLM(), MDLMLossConfig()
+    ids, mask = batch()
+    rows = [4, 5, 6, 7]
+    loss_sum, n_tokens, stats = mdlm_loss(model, ids, mask, cfg, gens(4, "mdlm"), rows, 8)
+    noisy = model.seen[0]
+    is_masked = noisy == MASK
+    assert torch.equal(noisy[~is_masked], ids[~is_masked])  # only the mask id is ever written
+    t = mdlm_times(gens(4, "mdlm"), rows, 8, cfg)
+    logits = model.table[torch.arange(L), noisy].detach().clone()
+    logits[..., MASK] -= 1e6  # SUBS
+    nll = -torch.log_softmax(logits, -1).gather(-1, ids[..., None])[..., 0]
+    scored = is_masked & mask.bool()
+    expected = (nll / t[:, None].float())[scored].sum()  # unmasked positions contribute exactly 0
+    assert scored.any() and (~is_masked & mask.bool()).any()
+    torch.testing.assert_close(loss_sum, expected)
+    assert int(n_tokens) == int(mask.sum())  # the denominator counts masked and unmasked tokens
+    assert stats["t_mean"] == pytest.approx(float(t.mean()))
+
+
+def test_mdlm_masking_rate_is_one_minus_alpha_t():
+    model, cfg = TableLM(), MDLMLossConfig()
+    n = 400
+    ids = torch.zeros(n, L, dtype=torch.long)
+    mdlm_loss(model, ids, torch.ones_like(ids), cfg, gens(n, "rate"), range(n), n)
+    t = mdlm_times(gens(n, "rate"), range(n), n, cfg)
+    masked = (model.seen[0] == MASK).double().sum(1)  # (n,) ~ Binomial(L, (1-ε)t)
+    p = (1 - cfg.eps) * t
+    z = (masked.sum() - (L * p).sum()) / (L * p * (1 - p)).sum().sqrt()
+    assert abs(float(z)) < 5
+
+
+def test_mdlm_loss_is_independent_of_the_batch_split_and_finds_mask_id_in_model_cfg():
+    from dsl.models.dit import DiT
+
+    model = DiT(ModelConfig(hidden=16, blocks=1, heads=2, cond_dim=8, dropout=0.0, length=L, vocab_size=V))
+    model.eval()
+    cfg = MDLMLossConfig()
+    ids, mask = batch()
+    whole, n_whole, _ = mdlm_loss(model, ids, mask, cfg, gens(4, "msplit"), [0, 1, 2, 3], 4)
+    a, na, _ = mdlm_loss(model, ids[:2], mask[:2], cfg, gens(2, "msplit"), [0, 1], 4)
+    b, nb, _ = mdlm_loss(model, ids[2:], mask[2:], cfg, gens(2, "msplit", start=2), [2, 3], 4)
+    torch.testing.assert_close(whole, a + b, rtol=1e-6, atol=1e-5)
+    assert int(n_whole) == int(na) + int(nb)
+
+
+# -- AR loss -----------------------------------------------------------------------------------
+
+
+def test_ar_loss_scores_next_tokens_under_the_mask():
+    model = TableLM()
+    ids, mask = batch()
+    loss_sum, n_tokens, _ = ar_loss(model, ids, mask)
+    logp = torch.log_softmax(model.table[torch.arange(L), ids].detach(), -1)  # (B, L, V)
+    nll = -logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]  # position i predicts token i+1
+    expected = nll[mask[:, 1:].bool()].sum()
+    torch.testing.assert_close(loss_sum, expected)
+    assert int(n_tokens) == int(mask[:, 1:].sum())  # the first token of a row is never a target
+
+
+# -- path-integral NLL -------------------------------------------------------------------------
+
+
+def _exact_check(source, emb, n, n_mc, key, **kw):
+    ids = source.sample(n, sample_generator(0, "pi-ids", key))
+    nll, stderr = path_integral_nll(lambda z: source.posterior_mean(z, emb), emb[ids], n_mc,
+                                    sample_generator(0, "pi-mc", key), **kw)
+    exact = -source.log_prob(ids)
+    return nll, stderr, exact
+
+
+@pytest.mark.parametrize("name", ["cyclic", "hmm"])
+def test_path_integral_with_exact_denoiser_recovers_exact_nll(name):
+    if name == "cyclic":
+        source = CyclicSource(5)
+        emb, kw = source.circle_embeddings(torch.float64), {"log_t_loc": 0.0}
+    else:
+        source = HMMSource(4, 8, 2, 6)
+        emb = spherical_embeddings(9, 8, 8, sample_generator(0, "pi-emb"), dtype=torch.float64)
+        kw = {"log_t_loc": 1.0}
+    nll, stderr, exact = _exact_check(source, emb, 16, 256, name, **kw)
+    assert nll.shape == stderr.shape == (16,)
+    se = float(stderr.pow(2).sum().sqrt()) / 16
+    assert abs(float(nll.mean() - exact.mean())) < 3 * se
+    assert se < 0.05 * float(exact.mean())  # precise enough to catch a wrong factor
+
+
+def test_path_integral_of_a_mismatched_denoiser_exceeds_the_nll():
+    """The exact denoiser is the MMSE one: any other x̂ integrates to more than -log P(x)."""
+    source = CyclicSource(5)
+    emb = source.circle_embeddings(torch.float64)
+
+    def independent_tokens(z):  # exact for a uniform prior over all 5^5 sequences, wrong here
+        return torch.softmax(z @ emb[:5].T, -1) @ emb[:5]
+
+    ids = source.sample(16, sample_generator(0, "mm"))
+    nll, stderr = path_integral_nll(independent_tokens, emb[ids], 256, sample_generator(0, "mm-mc"),
+                                    log_t_loc=0.0)
+    se = float(stderr.pow(2).sum().sqrt()) / 16
+    assert float(nll.mean()) > math.log(5) + 10 * se
+
+
+def test_path_integral_is_seeded_and_validates_its_proposal():
+    source = CyclicSource(5)
+    emb = source.circle_embeddings(torch.float64)
+    a = _exact_check(source, emb, 4, 16, "seeded")
+    b = _exact_check(source, emb, 4, 16, "seeded")
+    assert torch.equal(a[0], b[0])
+    with pytest.raises(ValueError, match="log_t_scale"):
+        path_integral_nll(lambda z: z, emb[source.sample(2, sample_generator(0))], 8,
+                          sample_generator(0), log_t_scale=0.5)
+
+
+def test_nll_to_bits():
+    assert nll_to_bits(math.log(2) * 12, 6) == pytest.approx(2.0)
+    assert nll_to_bits(math.log(2) * 12, 6, n_chars=24) == pytest.approx(0.5)
+    torch.testing.assert_close(nll_to_bits(torch.tensor([math.log(2)]), 1), torch.tensor([1.0]))
+    with pytest.raises(ValueError):
+        nll_to_bits(1.0, 0)
