@@ -207,7 +207,7 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
         state.setdefault(int(idx), {})[key] = value
     for idx, values in rest.get("scalars", {}).items():
         state.setdefault(int(idx), {}).update(values)
-    return {"state": state, "param_groups": rest["param_groups"]}
+    return {"state": dict(sorted(state.items())), "param_groups": rest["param_groups"]}
 
 
 def encode_rng(state: torch.Tensor) -> str:
