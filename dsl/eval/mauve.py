@@ -1,0 +1,319 @@
+"""MAUVE between generated samples and a fixed reference set (Sec 6.1 "Metrics", App C.2).
+
+We compute features ourselves (``dsl.eval.featurizers``) and hand them to mauve-text's
+``compute_mauve(p_features=..., q_features=...)``; everything else is the library's default unless
+overridden (reference §4.4: L2-normalise, PCA to 90 % variance, faiss k-means with 5 redos × 500
+iterations, c = 5, 25-point divergence curve). Two departures from ReMDM's script, both deliberate:
+
+- k-means seed variance (≈0.005–0.01, mauve#11) is as large as reported method gaps, so a score is
+  the mean ± std over several seeds (default 25, 26, 27; 25 is the library's default);
+- references are drawn *without* replacement with a seed (ReMDM draws with replacement by accident,
+  related-work.md §4) and both sets are cut to one token budget (SimCTG#7: MAUVE collapses when
+  lengths differ); the budget is recorded with the score.
+
+Reference features are cached on disk or S3 (``dsl.checkpoint.open_storage``) under a key derived
+from (the truncated texts' hash, the featurizer, its max length), written once, complete, in a single
+``put_bytes``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import torch  # noqa: F401  -- before mauve/faiss: the reverse order can crash in OpenMP (faiss#3401)
+
+from dsl.errors import UserError
+
+DEFAULT_SEEDS = (25, 26, 27)
+CACHE_FORMAT = "dsl-mauve-features/1"
+
+
+class Featurizer(Protocol):
+    name: str
+    max_length: int
+    content_length: int
+    identity: str
+
+    def featurize(self, texts: list[str], progress: bool = False) -> np.ndarray: ...
+
+    def token_lengths(self, texts: list[str]) -> list[int]: ...
+
+    def truncate(self, texts: list[str], n_tokens: int) -> list[str]: ...
+
+
+# ----------------------------------------------------------------------------------------------
+# The score.
+
+
+def resolve_num_buckets(num_buckets: int | str, n_p: int, n_q: int) -> int:
+    """mauve-text's rule: 'auto' = max(2, round(min(n_p, n_q) / 10)) (K=500 for 5k samples)."""
+    if num_buckets == "auto":
+        return max(2, int(round(min(n_p, n_q) / 10)))
+    try:
+        k = int(num_buckets)
+    except (TypeError, ValueError):
+        raise UserError(f"num_buckets={num_buckets!r}: expected 'auto' or a positive integer") from None
+    if k < 2 or k > n_p + n_q:
+        raise UserError(f"num_buckets={k}: expected 2..{n_p + n_q} (at most the number of feature vectors)")
+    return k
+
+
+def mauve_score(p_features: np.ndarray, q_features: np.ndarray, seeds: Sequence[int] = DEFAULT_SEEDS,
+                num_buckets: int | str = "auto", **mauve_kwargs: Any) -> dict[str, Any]:
+    """MAUVE(P, Q) for each k-means seed → ``{mean, std, values, num_buckets}``.
+
+    ``p_features`` are the references (mauve-text's P), ``q_features`` the samples. ``std`` is the
+    sample standard deviation over seeds (0 for one seed).
+    """
+    import mauve
+
+    p = np.ascontiguousarray(p_features, dtype=np.float32)
+    q = np.ascontiguousarray(q_features, dtype=np.float32)
+    if p.ndim != 2 or q.ndim != 2 or p.shape[1] != q.shape[1]:
+        raise UserError(f"MAUVE features must be (n, d) with the same d; got {p.shape} and {q.shape}")
+    if len(p) < 2 or len(q) < 2:
+        raise UserError(f"MAUVE needs at least 2 samples and 2 references; got {len(q)} and {len(p)}")
+    if not seeds:
+        raise UserError("seeds: give at least one k-means seed (e.g. 25,26,27)")
+    for bad in ("p_text", "q_text", "p_tokens", "q_tokens", "seed", "p_features", "q_features"):
+        if bad in mauve_kwargs:
+            raise UserError(f"mauve option {bad!r} is set by dsl.eval.mauve itself; remove it")
+    k = resolve_num_buckets(num_buckets, len(p), len(q))
+    mauve_kwargs.setdefault("device_id", -1)
+    mauve_kwargs.setdefault("verbose", False)
+    values = [float(mauve.compute_mauve(p_features=p, q_features=q, num_buckets=k, seed=int(s),
+                                        **mauve_kwargs).mauve) for s in seeds]
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return {"mean": float(np.mean(values)), "std": std, "values": values, "num_buckets": k}
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading texts.
+
+
+def read_records(path: str, text_field: str = "text") -> list[dict[str, Any]]:
+    """Records ``{"text": str, ["ids": list[int]]}`` from a file.
+
+    ``.jsonl``/``.json`` lines: one JSON object per line with ``text_field`` (and optionally ``ids``,
+    as jobs/sample.py writes them). ``.txt``: documents separated by ``<|endoftext|>`` if the file has
+    any, else one document per non-empty line.
+    """
+    if not os.path.isfile(path):
+        raise UserError(f"file not found: {path!r} (expected a .jsonl with a {text_field!r} field or a .txt)")
+    records: list[dict[str, Any]] = []
+    if path.endswith((".jsonl", ".json")):
+        with open(path, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError:
+                    raise UserError(f"{path}:{lineno}: not a JSON line (expected one object per line)") from None
+                if not isinstance(obj, dict) or (text_field not in obj and "ids" not in obj):
+                    raise UserError(f"{path}:{lineno}: needs a {text_field!r} field (or 'ids')")
+                rec: dict[str, Any] = {"text": obj.get(text_field)}
+                if "ids" in obj:
+                    rec["ids"] = obj["ids"]
+                records.append(rec)
+    elif path.endswith(".txt"):
+        with open(path, encoding="utf-8") as fh:
+            body = fh.read()
+        docs = body.split("<|endoftext|>") if "<|endoftext|>" in body else body.splitlines()
+        records = [{"text": d.strip()} for d in docs if d.strip()]
+    else:
+        raise UserError(f"{path!r}: unsupported file type; expected .jsonl (field {text_field!r}) or .txt")
+    if not records:
+        raise UserError(f"{path!r} holds no texts")
+    return records
+
+
+def chunk_words(texts: Sequence[str], words: int) -> list[str]:
+    """Concatenate ``texts`` and cut the word stream into consecutive ``words``-word chunks (the tail
+    shorter than ``words`` is dropped): turns line-per-verse corpora into comparable passages."""
+    stream = " ".join(texts).split()
+    return [" ".join(stream[i:i + words]) for i in range(0, len(stream) - words + 1, words)]
+
+
+def _load_hf_texts(spec: str, split: str, text_field: str) -> list[str]:
+    parts = spec[len("hf:"):].split(":")
+    name, config = parts[0], (parts[1] if len(parts) > 1 else None)
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as exc:
+        raise UserError(f"reference={spec!r}: cannot load the dataset ({type(exc).__name__}: "
+                        f"{' '.join(str(exc).split())[:160]}); offline, pass a local .jsonl/.txt file") from None
+    if text_field not in ds.column_names:
+        raise UserError(f"reference={spec!r}: no column {text_field!r}; columns: {', '.join(ds.column_names)}")
+    return [t for t in ds[text_field] if isinstance(t, str) and t.strip()]
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference sets with cached features.
+
+
+def texts_sha256(texts: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for t in texts:
+        b = t.encode("utf-8")
+        h.update(struct.pack("<Q", len(b)))
+        h.update(b)
+    return h.hexdigest()
+
+
+class ReferenceSet:
+    """A fixed set of reference texts and, per featurizer, their cached features.
+
+    Build it with :meth:`draw` (``n`` texts drawn without replacement, seeded) or :meth:`from_spec`
+    (a file or ``hf:<dataset>[:<config>]``). ``cache`` is a storage URI (local dir or ``s3://``);
+    '' turns caching off. ``computed`` counts featurizations this object ran (0 = all from cache).
+    """
+
+    def __init__(self, texts: Sequence[str], *, origin: str = "", seed: int | None = None, cache: str = ""):
+        self.texts = list(texts)
+        if not self.texts:
+            raise UserError(f"reference set {origin or ''} is empty".replace("  ", " "))
+        self.origin = origin
+        self.seed = seed
+        self.cache = cache
+        self.computed = 0
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @classmethod
+    def draw(cls, pool: Sequence[str], n: int, seed: int, *, origin: str = "", cache: str = "") -> ReferenceSet:
+        """``n`` texts of ``pool`` drawn without replacement by a seeded permutation."""
+        pool = [t for t in pool if isinstance(t, str) and t.strip()]
+        if n < 1:
+            raise UserError(f"number of references must be >= 1, got {n}")
+        if n > len(pool):
+            raise UserError(f"reference {origin or 'pool'} has {len(pool)} texts, fewer than the {n} needed; "
+                            f"use a larger reference corpus or fewer samples")
+        gen = torch.Generator().manual_seed(int(seed))
+        order = torch.randperm(len(pool), generator=gen)[:n].tolist()
+        return cls([pool[i] for i in order], origin=origin, seed=seed, cache=cache)
+
+    @classmethod
+    def from_spec(cls, spec: str, n: int, seed: int, *, cache: str = "", text_field: str = "text",
+                  split: str = "validation", words_per_text: int = 0) -> ReferenceSet:
+        """References from a .jsonl/.txt file or ``hf:<dataset>[:<config>]`` (``split``)."""
+        if spec.startswith("hf:"):
+            pool = _load_hf_texts(spec, split, text_field)
+        else:
+            pool = [r["text"] for r in read_records(spec, text_field) if isinstance(r.get("text"), str)]
+        if words_per_text > 0:
+            pool = chunk_words(pool, words_per_text)
+        return cls.draw(pool, n, seed, origin=spec, cache=cache)
+
+    def cache_key(self, featurizer: Featurizer, texts: Sequence[str]) -> str:
+        ident = hashlib.sha256(f"{featurizer.identity}|{featurizer.max_length}".encode()).hexdigest()[:16]
+        return f"mauve-features/{_safe(featurizer.name)}-{featurizer.max_length}-{ident}/{texts_sha256(texts)}" \
+               f".safetensors"
+
+    def features(self, featurizer: Featurizer, n_tokens: int | None = None, progress: bool = False) -> np.ndarray:
+        """(n, d) features of the texts cut to ``n_tokens`` tokens (None = uncut), from cache if there."""
+        texts = self.texts if n_tokens is None else featurizer.truncate(self.texts, n_tokens)
+        if not self.cache:
+            self.computed += 1
+            return featurizer.featurize(texts, progress=progress)
+        from dsl.checkpoint import open_storage
+
+        storage = open_storage(self.cache)
+        key = self.cache_key(featurizer, texts)
+        meta = {"format": CACHE_FORMAT, "texts_sha256": texts_sha256(texts), "featurizer": featurizer.name,
+                "identity": featurizer.identity, "max_length": str(featurizer.max_length), "n": str(len(texts))}
+        if storage.exists(key):
+            feats = _decode_features(storage.get_bytes(key), meta)
+            if feats is not None:
+                return feats
+        feats = featurizer.featurize(texts, progress=progress)
+        self.computed += 1
+        # one put of the complete blob: a failed run leaves either nothing or the old entry
+        storage.put_bytes(key, _encode_features(feats, meta))
+        return feats
+
+
+def _safe(name: str) -> str:
+    base = os.path.basename(name.rstrip("/")) or "model"
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in base)
+
+
+def _encode_features(feats: np.ndarray, meta: dict[str, str]) -> bytes:
+    from safetensors.numpy import save
+
+    return save({"features": np.ascontiguousarray(feats, dtype=np.float32)}, metadata=meta)
+
+
+def _decode_features(blob: bytes, expect: dict[str, str]) -> np.ndarray | None:
+    """Features from a cache blob, or None when it is unreadable or was made from other inputs."""
+    from safetensors.numpy import load
+
+    try:
+        (header_len,) = struct.unpack("<Q", blob[:8])
+        meta = json.loads(blob[8:8 + header_len]).get("__metadata__", {})
+        if any(meta.get(k) != v for k, v in expect.items()):
+            return None
+        feats = load(blob)["features"]
+    except Exception:
+        return None
+    return feats if feats.shape[0] == int(expect["n"]) else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Samples against references, lengths matched.
+
+
+def length_budget(featurizer: Featurizer, samples: Sequence[str], references: Sequence[str]) -> int:
+    """Token budget both sets are cut to: the shorter of the two sets' longest text, within what the
+    featurizer reads. Our reading of "matching token lengths" (SimCTG#7): fixed-length samples keep
+    their length and long reference documents are cut to it."""
+    longest_sample = max(featurizer.token_lengths(list(samples)))
+    longest_ref = max(featurizer.token_lengths(list(references)))
+    return max(1, min(featurizer.content_length, longest_sample, longest_ref))
+
+
+def evaluate_mauve(samples: Sequence[str], references: ReferenceSet, featurizer: Featurizer, *,
+                   seeds: Sequence[int] = DEFAULT_SEEDS, num_buckets: int | str = "auto",
+                   match_length: bool = True, n_tokens: int = 0, progress: bool = False,
+                   **mauve_kwargs: Any) -> dict[str, Any]:
+    """MAUVE of ``samples`` against ``references`` (its first ``len(samples)`` are not taken: the
+    reference set is used whole, and must be at least as large as the sample set).
+
+    ``n_tokens`` > 0 fixes the token budget; 0 with ``match_length`` = :func:`length_budget`; without
+    ``match_length`` texts are only cut at the featurizer's max length.
+    """
+    samples = list(samples)
+    if not samples:
+        raise UserError("no samples to evaluate (the sample set is empty)")
+    if len(references) < len(samples):
+        raise UserError(f"{len(references)} references for {len(samples)} samples: the reference set must be "
+                        f"at least as large; use more references or fewer samples")
+    if n_tokens > 0:
+        budget: int | None = min(n_tokens, featurizer.content_length)
+    elif match_length:
+        budget = length_budget(featurizer, samples, references.texts)
+    else:
+        budget = None
+    cut = samples if budget is None else featurizer.truncate(samples, budget)
+    p = references.features(featurizer, budget, progress=progress)
+    q = featurizer.featurize(cut, progress=progress)
+    result = mauve_score(p, q, seeds=seeds, num_buckets=num_buckets, **mauve_kwargs)
+    result.update(
+        length_budget=budget,
+        sample_tokens_mean=float(np.mean(featurizer.token_lengths(cut))),
+        n_samples=len(samples), n_reference=len(references), featurizer=featurizer.name,
+        max_length=featurizer.max_length, seeds=list(seeds))
+    return result
+
+
+__all__ = ["DEFAULT_SEEDS", "ReferenceSet", "chunk_words", "evaluate_mauve", "length_budget", "mauve_score",
+           "read_records", "resolve_num_buckets", "texts_sha256"]
