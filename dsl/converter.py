@@ -11,8 +11,8 @@ Memory: at V ≈ 50k a dense implementation keeps B×L×V probabilities alive fo
 1024 tokens in fp32). :class:`_ChunkedConvert` processes positions in chunks and recomputes the softmax in
 backward, so only the inputs are saved.
 
-Run ``python -m dsl.converter`` to print the saved-for-backward bytes and the peak resident memory of the
-dense and chunked paths at the OWT shape (V=50258, L=1024, d=64, hidden=768).
+Run ``python -m dsl.converter`` to print the activation bytes each path pins for backward at the OWT shape
+(V=50258, L=1024, d=64, hidden=768).
 """
 
 from __future__ import annotations
@@ -179,13 +179,19 @@ class SoftmaxConverter(nn.Module):
         self.trans.copy_(embedding.to(self.trans.dtype))
 
 
-def saved_bytes(fn, *args) -> int:
-    """Bytes of the distinct tensors autograd saves for backward while running ``fn(*args)``."""
+def saved_bytes(fn, *args, exclude: tuple[torch.Tensor, ...] = ()) -> int:
+    """Bytes of the distinct storages autograd saves for backward while running ``fn(*args)``.
+
+    Storages of ``exclude`` (typically the module's parameters, alive anyway) are not counted, so the
+    figure is the activation memory a forward pass pins until its backward.
+    """
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor):
         storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in skip:
+            seen[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -193,42 +199,19 @@ def saved_bytes(fn, *args) -> int:
     return sum(seen.values())
 
 
-def _measure(path: str, vocab: int, length: int, batch: int) -> dict:
-    import resource
-
-    torch.manual_seed(0)
-    torch.set_num_threads(2)
-    conv = SoftmaxConverter(vocab, 64, 768, vocab - 1, gen=torch.Generator().manual_seed(0))
-    z = (torch.randn(batch, length, 64) * 3).requires_grad_()
-    run = conv.forward if path == "chunked" else conv.dense_forward
-    saved = saved_bytes(lambda: run(z))
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    run(z).square().sum().backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"path": path, "saved_mib": saved / 2**20, "rss_growth_mib": (peak - base) / 1024}
-
-
 def _main() -> None:
-    import json
-    import subprocess
-    import sys
-
-    if len(sys.argv) > 1 and sys.argv[1] == "--one":
-        print(json.dumps(_measure(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))))
-        return
-    vocab, length, batch = 50258, 1024, 1
-    rows = []
-    for path in ("dense", "chunked"):
-        out = subprocess.run([sys.executable, "-m", "dsl.converter", "--one", path, str(vocab), str(length),
-                              str(batch)], check=True, capture_output=True, text=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
-    print(f"converter fwd+bwd, V={vocab}, L={length}, batch={batch}, d=64, hidden=768")
-    print(f"{'path':<8} {'saved for backward MiB':>24} {'peak RSS growth MiB':>20}")
-    for r in rows:
-        print(f"{r['path']:<8} {r['saved_mib']:>24.1f} {r['rss_growth_mib']:>20.1f}")
-    dense, chunked = rows
-    print(f"ratio dense/chunked: saved {dense['saved_mib'] / chunked['saved_mib']:.1f}x, "
-          f"peak {dense['rss_growth_mib'] / max(chunked['rss_growth_mib'], 1e-9):.1f}x")
+    """Activation memory pinned for backward, dense vs chunked, at the OWT shape (exact byte counts)."""
+    torch.set_num_threads(2)
+    vocab, length = 50258, 1024
+    conv = SoftmaxConverter(vocab, 64, 768, vocab - 1, gen=torch.Generator().manual_seed(0))
+    params = tuple(conv.parameters())
+    print(f"converter activations saved for backward, V={vocab}, L={length}, d=64, hidden=768, fp32")
+    print(f"{'batch':>5} {'dense MiB':>10} {'chunked MiB':>12} {'ratio':>7}")
+    for batch in (1, 4):
+        z = (torch.randn(batch, length, 64, generator=torch.Generator().manual_seed(1)) * 3).requires_grad_()
+        dense = saved_bytes(conv.dense_forward, z, exclude=params) / 2**20
+        chunked = saved_bytes(conv.forward, z, exclude=params) / 2**20
+        print(f"{batch:>5} {dense:>10.1f} {chunked:>12.1f} {dense / chunked:>6.0f}x")
 
 
 if __name__ == "__main__":
