@@ -253,3 +253,18 @@ def test_unknown_tokenizer_and_bad_overrides(corpus: Path) -> None:
         load(RunConfig, ["preset=nope"])
     with pytest.raises(UserError, match="unknown Hugging Face corpus"):
         build_data(_cfg("data.source=hf:c4"))
+
+
+def test_hugging_face_corpus_offline_is_one_line(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    code = ("from dsl.config import RunConfig, load\n"
+            "from dsl.data import build_data\n"
+            "build_data(load(RunConfig, ['model=toy', 'data.source=hf:wikitext-103', 'data.tokenizer=char']))\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode != 0
+    assert last.startswith("dsl.errors.UserError: data.source=hf:wikitext-103: cannot load Hugging Face dataset")

@@ -10,7 +10,7 @@ A corpus is named by ``data.source``:
 - ``hf:<name>[:<config>]``: the Hugging Face dataset with MDLM's splits (reference §4.5, §5.4):
   openwebtext (train = ``train[:-100000]``, valid = ``train[-100000:]``), wikitext-103
   (``wikitext-103-raw-v1``, train/validation), lm1b (train/test), text8 (characters [0, 90M) train,
-  [90M, 95M) valid; MDLM cuts the string into L-character documents before wrapping).
+  [95M, end) valid = MDLM's test range; MDLM cuts the string into L-character documents before wrapping).
 """
 
 from __future__ import annotations
@@ -156,11 +156,13 @@ class HFCorpus:
                 yield text
 
     def _text8(self, valid: bool, start: int) -> Iterator[str]:
-        # reference §5.4: train chars [0, 90M), valid [90M, 95M); documents are L-character chunks
-        # (the last partial chunk dropped) that then go through the ordinary wrapping
+        # reference §5.4 / §4.5: train chars [0, 90M); MDLM validates text8 on its *test* range
+        # [95M, end). Documents are L-character chunks (the last partial one dropped) that then go
+        # through the ordinary wrapping, as in MDLM (so a block holds 254 characters and a spurious EOS).
+        # [unverified] the hub copy afmck/text8 is read as one "train" split holding the whole string.
         rows = self._load("afmck/text8", self.config or None, "train")
         text = "".join(r[self.cfg.text_field] for r in rows)
-        lo, hi = (90_000_000, 95_000_000) if valid else (0, 90_000_000)
+        lo, hi = (95_000_000, len(text)) if valid else (0, 90_000_000)
         text = text[lo:hi]
         n = len(text) // self.length
         for k in range(start, n):
