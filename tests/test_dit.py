@@ -67,6 +67,7 @@ def test_zero_init_gives_zero_logits_and_fp32_output():
     out = model(torch.randint(0, 31, (2, 9)))
     assert out.shape == (2, 9, 31) and out.dtype == torch.float32
     assert out.abs().max() == 0
+    assert (model.vocab_size, model.mask_id) == (31, 30)
 
 
 def test_conditioning_is_silu_of_sigma_map_at_sigma_zero():

@@ -176,6 +176,14 @@ class DiT(nn.Module):
         self.output_layer = FinalLayer(cfg.hidden, cfg.vocab_size, cfg.cond_dim)
         self._cond_cache: tuple[tuple, torch.Tensor] | None = None
 
+    @property
+    def vocab_size(self) -> int:
+        return self.cfg.vocab_size
+
+    @property
+    def mask_id(self) -> int:
+        return self.cfg.mask_id if self.cfg.mask_id >= 0 else self.cfg.vocab_size - 1
+
     def conditioning(self) -> torch.Tensor:
         """c = SiLU(sigma_map(φ(σ=0))) (1, cond_dim): constant (reference §1.8), cached outside training."""
         params = list(self.sigma_map.parameters())
