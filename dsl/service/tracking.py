@@ -1,0 +1,272 @@
+"""MLflow tracking for the jobs: one run per training run name (found again by tag, never duplicated),
+one run per sampling/evaluation invocation, flat scrubbed params, checkpoint URIs as tags.
+
+Tracking URI: ``MLFLOW_TRACKING_URI`` if set, else a local SQLite database through SQLAlchemy
+(``sqlite:///<abs path>/mlflow.db``; MLflow 3 refuses a bare file store). Credentials never reach
+MLflow: every param and tag value passes :func:`scrub`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+DEFAULT_EXPERIMENT = "dsl"
+TAG_RUN_NAME = "dsl.run_name"          # the stable training-run name (resume key)
+TAG_KIND = "dsl.kind"                  # finetune | sample | evaluate | ...
+TAG_CHECKPOINT = "dsl.checkpoint"      # latest checkpoint URI of a training run / input of a job
+TAG_TRAINING_RUN = "dsl.training_run_id"
+PARAM_MAX = 6000                       # MLflow's limit on a param value
+
+_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "HF_TOKEN",
+               "HUGGING_FACE_HUB_TOKEN", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD",
+               "RAY_AUTH_TOKEN", "GITHUB_TOKEN")
+_SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|api_?key|access_?key)", re.I)
+_AWS_KEY_ID = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b")
+_URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
+_QUERY_SECRET = re.compile(r"([?&](?:[^=&\s]*(?:secret|token|password|key|signature)[^=&\s]*)=)[^&\s]+", re.I)
+REDACTED = "***"
+
+
+def scrub(value: Any, key: str = "") -> str:
+    """``value`` as text with credentials replaced by ``***`` (and all of it if ``key`` names a secret)."""
+    text = str(value)
+    if key and _SECRET_KEY.search(key.rsplit(".", 1)[-1]) and text:
+        return REDACTED
+    text = _URL_USERINFO.sub(lambda m: m.group("scheme") + REDACTED + "@", text)
+    text = _QUERY_SECRET.sub(lambda m: m.group(1) + REDACTED, text)
+    text = _AWS_KEY_ID.sub(REDACTED, text)
+    for name in _SECRET_ENV:
+        secret = os.environ.get(name)
+        if secret and len(secret) >= 6:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
+def flat_params(params: Mapping[str, Any] | Any) -> dict[str, str]:
+    """Flatten a config (dataclass) or nested mapping to ``{"a.b": "value"}``, scrubbed and truncated."""
+    from dataclasses import is_dataclass
+
+    from dsl.config import flatten
+
+    if is_dataclass(params):
+        flat = flatten(params)
+    else:
+        flat = {}
+
+        def walk(d: Mapping[str, Any], prefix: str) -> None:
+            for k, v in d.items():
+                if isinstance(v, Mapping):
+                    walk(v, f"{prefix}{k}.")
+                else:
+                    flat[f"{prefix}{k}"] = v
+
+        walk(params, "")
+    return {k: scrub(v, k)[:PARAM_MAX] for k, v in flat.items()}
+
+
+def default_tracking_uri() -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def ui_command(tracking_uri: str) -> str:
+    """The one command that opens the MLflow UI on ``tracking_uri`` (loopback only)."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {scrub(tracking_uri)} in a browser"
+    return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
+
+
+def git_commit(path: str | os.PathLike | None = None) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path or Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _client(tracking_uri: str | None):
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=tracking_uri or default_tracking_uri())
+
+
+def experiment_id(client: Any, name: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:  # created concurrently by another job
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def find_run(run_name: str, *, tracking_uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT,
+             kind: str | None = None) -> str | None:
+    """The run id tagged with training-run name ``run_name`` (and ``kind``), or None."""
+    client = _client(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    flt = f"tags.`{TAG_RUN_NAME}` = '{_quote(run_name)}'"
+    if kind:
+        flt += f" and tags.`{TAG_KIND}` = '{_quote(kind)}'"
+    runs = client.search_runs([exp.experiment_id], filter_string=flt, max_results=2,
+                              order_by=["attributes.start_time ASC"])
+    return runs[0].info.run_id if runs else None
+
+
+def _quote(s: str) -> str:
+    return s.replace("'", "\\'")
+
+
+def _log_params(client: Any, run_id: str, params: Mapping[str, str]) -> None:
+    from mlflow.entities import Param
+
+    existing = client.get_run(run_id).data.params
+    fresh = [Param(k, v) for k, v in params.items() if k not in existing]  # params are write-once
+    for i in range(0, len(fresh), 100):
+        client.log_batch(run_id, params=fresh[i:i + 100])
+
+
+def ensure_training_run(run_name: str, *, params: Mapping[str, Any] | Any, tags: Mapping[str, str] | None = None,
+                        tracking_uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT,
+                        kind: str = "finetune") -> tuple[str, bool]:
+    """``(run_id, resumed)``: the MLflow run of training run ``run_name``, created the first time only."""
+    client = _client(tracking_uri)
+    run_id = find_run(run_name, tracking_uri=tracking_uri, experiment=experiment, kind=kind)
+    resumed = run_id is not None
+    if run_id is None:
+        all_tags = {TAG_RUN_NAME: run_name, TAG_KIND: kind, "mlflow.runName": run_name}
+        commit = git_commit()
+        if commit:
+            all_tags["mlflow.source.git.commit"] = commit
+        all_tags.update({k: scrub(v) for k, v in (tags or {}).items()})
+        run_id = client.create_run(experiment_id(client, experiment), tags=all_tags, run_name=run_name).info.run_id
+    else:
+        from mlflow.entities import RunStatus
+
+        client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        for k, v in (tags or {}).items():
+            client.set_tag(run_id, k, scrub(v))
+    _log_params(client, run_id, flat_params(params))
+    return run_id, resumed
+
+
+class RunLogger:
+    """Logs to one existing run (rank 0 of a training job, or one sampling/evaluation job)."""
+
+    def __init__(self, run_id: str, tracking_uri: str | None = None, *, system_metrics: bool = True,
+                 node_id: str | None = None, sampling_interval_s: float = 10.0) -> None:
+        self.run_id = run_id
+        self.tracking_uri = tracking_uri or default_tracking_uri()
+        self.client = _client(self.tracking_uri)
+        self._monitor = None
+        if system_metrics:
+            try:
+                from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+                self._monitor = SystemMetricsMonitor(run_id, sampling_interval=sampling_interval_s,
+                                                     resume_logging=True, node_id=node_id,
+                                                     tracking_uri=self.tracking_uri)
+                self._monitor.start()
+            except Exception:  # noqa: BLE001 - system metrics are a nicety (psutil/GPU libs may be absent)
+                self._monitor = None
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
+        import math
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, scrub(v))
+
+    def log_checkpoint(self, uri: str, step: int) -> None:
+        """Checkpoint URIs as tags (the weights stay in storage; MLflow only points at them)."""
+        self.set_tags({TAG_CHECKPOINT: uri, f"{TAG_CHECKPOINT}.step-{int(step)}": uri})
+
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, path, artifact_path)
+
+    def close(self, status: str | None = None) -> None:
+        if self._monitor is not None:
+            with contextlib.suppress(Exception):
+                self._monitor.finish()
+            self._monitor = None
+        if status:
+            self.client.set_terminated(self.run_id, status=status)
+
+
+def training_run_of(checkpoint_uri: str, *, tracking_uri: str | None = None,
+                    experiment: str = DEFAULT_EXPERIMENT) -> tuple[str | None, str | None]:
+    """``(training run name, its MLflow run id)`` for a checkpoint URI, when both can be found."""
+    from dsl.checkpoint import MANIFEST, latest_complete, open_storage, read_manifest
+    from dsl.errors import UserError
+
+    try:
+        storage = open_storage(checkpoint_uri)
+        if not storage.exists(MANIFEST):
+            latest = latest_complete(storage)
+            if latest is None:
+                return None, None
+            storage = open_storage(latest)
+        manifest = read_manifest(storage, "")
+    except (UserError, OSError, ValueError):
+        return None, None
+    name = (manifest.get("config") or {}).get("name") or None
+    if not name:
+        return None, None
+    return name, find_run(name, tracking_uri=tracking_uri, experiment=experiment, kind="finetune")
+
+
+@contextlib.contextmanager
+def job_run(kind: str, params: Mapping[str, Any] | Any, checkpoint_uri: str | None = None, *,
+            tracking_uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT,
+            system_metrics: bool = False) -> Iterator[RunLogger]:
+    """One MLflow run for one invocation of a job (``kind`` = sample/evaluate/...), tagged with the
+    checkpoint and the training run that produced it; FAILED if the body raises, FINISHED otherwise."""
+    client = _client(tracking_uri)
+    tags = {TAG_KIND: kind}
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    if checkpoint_uri:
+        tags[TAG_CHECKPOINT] = scrub(checkpoint_uri)
+        name, train_id = training_run_of(checkpoint_uri, tracking_uri=tracking_uri, experiment=experiment)
+        if name:
+            tags["dsl.training_run_name"] = name
+        if train_id:
+            tags[TAG_TRAINING_RUN] = train_id
+            tags["mlflow.parentRunId"] = train_id  # nests the job under its fine-tune in the UI
+    run = client.create_run(experiment_id(client, experiment), tags=tags, run_name=f"{kind}")
+    _log_params(client, run.info.run_id, flat_params(params))
+    logger = RunLogger(run.info.run_id, tracking_uri or default_tracking_uri(), system_metrics=system_metrics)
+    try:
+        yield logger
+    except BaseException:
+        logger.close("FAILED")
+        raise
+    logger.close("FINISHED")
+
+
+__all__ = ["DEFAULT_EXPERIMENT", "TAG_RUN_NAME", "TAG_KIND", "TAG_CHECKPOINT", "TAG_TRAINING_RUN", "scrub",
+           "flat_params", "default_tracking_uri", "ui_command", "git_commit", "find_run",
+           "ensure_training_run", "RunLogger", "training_run_of", "job_run", "experiment_id"]

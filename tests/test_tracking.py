@@ -1,0 +1,121 @@
+"""MLflow tracking: SQLite default through SQLAlchemy, one run per training-run name, scrubbed params,
+job runs linked to the training run of their checkpoint; the same against a real MLflow server."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+import torch
+
+from dsl.checkpoint import save_checkpoint
+from dsl.config import RunConfig
+from dsl.service import tracking
+from dsl.service.tracking import (
+    REDACTED,
+    RunLogger,
+    default_tracking_uri,
+    ensure_training_run,
+    find_run,
+    flat_params,
+    job_run,
+    scrub,
+)
+
+
+@pytest.fixture
+def sqlite_uri(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    uri = default_tracking_uri()
+    assert uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return uri
+
+
+def test_scrub_removes_credentials(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY")
+    assert scrub("s3://AKIAIOSFODNN7EXAMPLE:pw@bucket/x") == f"s3://{REDACTED}@bucket/x"
+    assert scrub("key AKIAIOSFODNN7EXAMPLE here") == f"key {REDACTED} here"
+    assert scrub("http://h/x?token=abc&b=1") == f"http://h/x?token={REDACTED}&b=1"
+    assert scrub("v=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY") == f"v={REDACTED}"
+    assert scrub("hunter22", key="service.aws_secret_access_key") == REDACTED
+    assert scrub("s3://bucket/run") == "s3://bucket/run"
+
+
+def test_flat_params_of_the_config_tree():
+    cfg = RunConfig()
+    cfg.init = "s3://AKIAIOSFODNN7EXAMPLE:x@b/ckpt"
+    params = flat_params(cfg)
+    assert params["train.lr"] == "0.0003" and params["model.hidden"] == "768"
+    assert params["init"] == f"s3://{REDACTED}@b/ckpt"
+    assert all("." in k or k in ("name", "seed", "objective", "init", "out_dir") for k in params)
+    assert flat_params({"a": {"b": 1}, "c": "x" * 7000}) == {"a.b": "1", "c": "x" * 6000}
+
+
+def test_training_run_is_created_once_and_found_by_name(sqlite_uri):
+    run_id, resumed = ensure_training_run("ft-abc", params={"train": {"lr": 1e-3}}, tags={"dsl.workers": "2"})
+    assert not resumed
+    again, resumed = ensure_training_run("ft-abc", params={"train": {"lr": 1e-3}, "extra": 1})
+    assert resumed and again == run_id
+    other, _ = ensure_training_run("ft-other", params={})
+    assert other != run_id
+    client = mlflow.MlflowClient(sqlite_uri)
+    runs = client.search_runs([client.get_experiment_by_name("dsl").experiment_id])
+    assert sorted(r.data.tags[tracking.TAG_RUN_NAME] for r in runs) == ["ft-abc", "ft-other"]
+    run = client.get_run(run_id)
+    assert run.data.params == {"train.lr": "0.001", "extra": "1"}
+    assert run.data.tags["dsl.workers"] == "2" and run.data.tags["mlflow.source.git.commit"]
+
+
+def test_run_logger_metrics_and_checkpoint_tags(sqlite_uri):
+    run_id, _ = ensure_training_run("ft-log", params={})
+    log = RunLogger(run_id, system_metrics=True, sampling_interval_s=1.0)
+    log.log_metrics({"loss": 2.5, "lr": 1e-3, "skip": float("nan"), "flag": True}, step=10)
+    log.log_metrics({"loss": 2.0}, step=20)
+    log.log_checkpoint("s3://b/run/step-20", 20)
+    log.close("FINISHED")
+    client = mlflow.MlflowClient(sqlite_uri)
+    hist = client.get_metric_history(run_id, "loss")
+    assert [(m.step, m.value) for m in hist] == [(10, 2.5), (20, 2.0)]
+    run = client.get_run(run_id)
+    assert "skip" not in run.data.metrics and "flag" not in run.data.metrics
+    assert run.data.tags[tracking.TAG_CHECKPOINT] == "s3://b/run/step-20"
+    assert run.data.tags["dsl.checkpoint.step-20"] == "s3://b/run/step-20"
+    assert run.info.status == "FINISHED"
+
+
+def test_job_run_links_to_the_training_run_of_its_checkpoint(sqlite_uri, tmp_path):
+    train_id, _ = ensure_training_run("ft-link", params={})
+    cfg = {"name": "ft-link"}
+    uri = save_checkpoint(tmp_path / "ckpts", 3, config=cfg, model_state={"w": torch.zeros(2)})
+    with job_run("sample", {"sampler": "mdlm", "steps": 8}, uri) as run:
+        run.log_metrics({"nfe": 9}, step=0)
+    with pytest.raises(RuntimeError), job_run("evaluate", {}, str(tmp_path / "ckpts")) as failing:
+        raise RuntimeError("boom")
+    client = mlflow.MlflowClient(sqlite_uri)
+    sample = client.get_run(run.run_id)
+    assert sample.data.tags[tracking.TAG_TRAINING_RUN] == train_id
+    assert sample.data.tags[tracking.TAG_CHECKPOINT] == uri
+    assert sample.data.tags[tracking.TAG_KIND] == "sample"
+    assert sample.data.params == {"sampler": "mdlm", "steps": "8"}
+    assert sample.info.status == "FINISHED"
+    evaluated = client.get_run(failing.run_id)
+    assert evaluated.data.tags[tracking.TAG_TRAINING_RUN] == train_id  # run root resolves to its latest
+    assert evaluated.info.status == "FAILED"
+    assert find_run("ft-link", kind="finetune") == train_id
+
+
+@pytest.mark.integration
+def test_against_mlflow_server_with_postgres_and_s3_artifacts(mlflow_server, s3_server, tmp_path):
+    run_id, resumed = ensure_training_run("ft-server", params={"a": 1}, tracking_uri=mlflow_server.tracking_uri)
+    again, resumed2 = ensure_training_run("ft-server", params={"a": 1}, tracking_uri=mlflow_server.tracking_uri)
+    assert (again, resumed, resumed2) == (run_id, False, True)
+    log = RunLogger(run_id, mlflow_server.tracking_uri, system_metrics=False)
+    log.log_metrics({"loss": 1.5}, step=1)
+    (tmp_path / "curve.txt").write_text("1.5")
+    log.log_artifact(str(tmp_path / "curve.txt"))
+    log.close("FINISHED")
+    client = mlflow.MlflowClient(mlflow_server.tracking_uri)
+    assert client.get_run(run_id).data.metrics == {"loss": 1.5}
+    bucket, prefix = mlflow_server.artifacts_uri.removeprefix("s3://").split("/", 1)
+    keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]
+    assert any(k.endswith(f"{run_id}/artifacts/curve.txt") for k in keys), keys
