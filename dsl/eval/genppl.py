@@ -11,8 +11,8 @@ per-sample perplexities; reference §4.2), computed in fp32 (float64 accumulatio
   re-tokenisation protocol (reference §4.2): decoded texts are re-encoded by the oracle's tokenizer
   (right truncation at 1024, no BOS added — a literal ``<|endoftext|>`` becomes GPT-2's BOS — padded
   with EOS), logits[:, :-1] score tokens[:, 1:], and a target counts when it is not EOS or is the
-  row's first EOS (cumulative EOS count == 1, counted from position 0). One departure: ReMDM drops the
-  last partial batch (N // batch batches); we score every sample.
+  row's first EOS (cumulative EOS count == 1, counted from position 0). Two departures: ReMDM drops the
+  last partial batch (N // batch batches) and can score a pad; we score every sample and no pad.
 """
 
 from __future__ import annotations
@@ -129,9 +129,13 @@ class CausalLMOracle:
         ids = torch.full((len(rows), width), self.eos, dtype=torch.long)
         for i, r in enumerate(rows):
             ids[i, :len(r)] = torch.as_tensor(r, dtype=torch.long)
+        real = torch.arange(width)[None, :] < torch.tensor([len(r) for r in rows])[:, None]
         is_eos = ids == self.eos
         first_eos = is_eos & (is_eos.cumsum(-1) == 1)  # cumsum from position 0, as ReMDM
-        weight = (~is_eos) | first_eos  # pads are EOS and never the first one after a real EOS
+        # ReMDM weights (~EOS | first EOS) over the padded row, so a text without EOS would get its
+        # first pad scored; its samples all have length 1024 so that never happens there. We score pads
+        # never, which keeps a text's score independent of the batch it lands in.
+        weight = real & ((~is_eos) | first_eos)
         return ids, weight[:, 1:]  # the first token is never scored
 
     @torch.no_grad()
