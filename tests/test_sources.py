@@ -170,6 +170,29 @@ def test_zero_visible_error_on_an_impossible_draft_is_the_fewest_mismatch_limit(
     torch.testing.assert_close(near, probs, rtol=0, atol=1e-6)
 
 
+def test_zero_visible_error_limit_on_an_impossible_hmm_draft():
+    source = tiny_hmm()
+    draft = torch.tensor([[0, 4, 4, 4], [1, 4, 4, 4]])  # "." never starts a sequence: row 0 is impossible
+    seqs, log_p = all_sequences(source)
+    assert not torch.isfinite(log_p[seqs[:, 0] == 0]).any()
+    probs = source.masked_posterior(draft)
+    assert torch.isfinite(probs).all()
+    torch.testing.assert_close(probs, source.masked_posterior(draft, visible_error=1e-12), rtol=0, atol=1e-6)
+
+
+def test_log_sum_is_exact_over_huge_dynamic_ranges():
+    """The HMM's fast exp-matmul path falls back to exact logsumexp where it could underflow."""
+    from dsl.sources.hmm import _LogWeights
+
+    table = torch.randn(5, 7, generator=gen("lw"), dtype=torch.float64)
+    table[table < -0.5] = -math.inf  # sparse weights
+    weights = _LogWeights(table)
+    values = 400.0 * torch.randn(300, 7, generator=gen("lw-v"), dtype=torch.float64)
+    values[::7, 2] = -math.inf
+    exact = torch.logsumexp(values[:, None, :] + table[None], dim=-1)  # (300, 5)
+    torch.testing.assert_close(weights(values), exact, rtol=1e-12, atol=1e-9)
+
+
 @pytest.mark.parametrize("name", SOURCES)
 def test_dsl_posterior_matches_gaussian_bayes_at_mixed_snrs(name):
     """App A.1: p(x | z) from Gaussian densities at per-token γ equals the γ-free tilted oracle."""

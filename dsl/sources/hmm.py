@@ -8,8 +8,7 @@ the entropy low (a couple of nats per token) so a small model can learn the lang
 rendered text reads like sentences of made-up words ("Tova rel kimu. Sa pelo.").
 
 All inference runs in float64 log space: the forward algorithm for ``log_prob`` and forward-backward
-with per-position log-evidence for the oracles, over padded sparse supports (never a dense
-(B, L, S, W) tensor).
+with per-position log-evidence for the oracles (never a dense (B, L, S, W) tensor).
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ _ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z",
            "tr", "pl"]
 _VOWELS = ["a", "e", "i", "o", "u", "ai", "ou"]
 _CODAS = ["", "", "", "n", "r", "s", "l"]
-_CHUNK_ELEMENTS = 1 << 22  # bound on the gathered (rows, R, J) temporary of one chunk
+_CHUNK_ELEMENTS = 1 << 22  # bound on the gathered (rows, R, width) temporary of the exact path
 
 
 class HMMSource(ExactSource):
@@ -51,9 +50,10 @@ class HMMSource(ExactSource):
             self.log_init = init.log()  # (S,)
             self.log_trans = trans.log()  # (S, S): [from, to]
             self.log_emit = emit.log()  # (S, W)
-        # padded sparse supports: the words each state emits and the states that emit each word
-        self._state_words, self._state_words_log = _padded_support(self.log_emit)  # (S, m)
-        self._word_states, self._word_states_log = _padded_support(self.log_emit.T)  # (W, k)
+        self._emit_by_state = _LogWeights(self.log_emit)  # φ_i(s): sums over the words of state s
+        self._emit_by_word = _LogWeights(self.log_emit.T)  # marginals: sums over the states of word w
+        self._trans_forward = _LogWeights(self.log_trans.T)
+        self._trans_backward = _LogWeights(self.log_trans)
 
     # -- sampling and likelihood --------------------------------------------------------------
     def sample(self, n: int, gen: torch.Generator) -> torch.Tensor:
@@ -94,7 +94,7 @@ class HMMSource(ExactSource):
         for i in range(length):
             log_pred[:, i] = msg
             alpha = msg + log_phi[:, i]  # (B, S)
-            msg = torch.logsumexp(alpha.unsqueeze(2) + self.log_trans, dim=1)  # (B, S)
+            msg = self._trans_forward(alpha)  # (B, S): log Σ_s' exp(α(s')) P(s | s')
         return log_pred, torch.logsumexp(alpha, dim=1)
 
     def _backward(self, log_phi: torch.Tensor) -> torch.Tensor:
@@ -103,41 +103,59 @@ class HMMSource(ExactSource):
         beta = log_phi.new_zeros(b, length, s)
         for i in range(length - 2, -1, -1):
             nxt = beta[:, i + 1] + log_phi[:, i + 1]  # (B, S)
-            beta[:, i] = torch.logsumexp(self.log_trans + nxt.unsqueeze(1), dim=2)
+            beta[:, i] = self._trans_backward(nxt)  # log Σ_s' P(s' | s) exp(nxt(s'))
         return beta
 
     def _log_marginals(self, log_evidence: torch.Tensor) -> torch.Tensor:
         b, length, w = log_evidence.shape
         # φ_i(s) = log Σ_w P(w | s) exp(e_i(w)): the evidence of position i given its state
-        log_phi = _sparse_logsumexp(log_evidence, self._state_words, self._state_words_log)  # (B, L, S)
+        log_phi = self._emit_by_state(log_evidence)  # (B, L, S)
         log_pred, log_z = self._forward(log_phi)
         beta = self._backward(log_phi)
         # p(x_i = w, evidence) = Σ_s F_i(s) β_i(s) P(w | s) exp(e_i(w)); no φ is ever subtracted, so
         # states with zero evidence cannot produce -inf - (-inf)
-        log_joint = _sparse_logsumexp(log_pred + beta, self._word_states, self._word_states_log)  # (B,L,W)
+        log_joint = self._emit_by_word(log_pred + beta)  # (B, L, W)
         return log_joint + log_evidence - log_z[:, None, None]
 
 
-def _sparse_logsumexp(values: torch.Tensor, index: torch.Tensor, log_weight: torch.Tensor) -> torch.Tensor:
-    """out[..., r] = logsumexp_j(values[..., index[r, j]] + log_weight[r, j]), chunked over rows."""
-    lead = values.shape[:-1]
-    flat = values.reshape(-1, values.shape[-1])
-    per_row = max(1, _CHUNK_ELEMENTS // index.numel())
-    parts = [torch.logsumexp(chunk[:, index] + log_weight, dim=-1) for chunk in flat.split(per_row)]
-    return torch.cat(parts).reshape(*lead, index.shape[0])
+class _LogWeights:
+    """out[..., r] = log Σ_j W[r, j] exp(values[..., j]) for a fixed sparse non-negative W (R, J).
 
+    Fast path: one matmul on exp(values - row max). Where that could have lost an output to underflow
+    (a sum below 1e-250 although the output's support holds a finite value), the row is recomputed
+    exactly by logsumexp over the padded support, so the result is exact in log space either way.
+    """
 
-def _padded_support(log_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each row r: the columns with finite log weight, padded (index 0, weight -inf) to equal width."""
-    finite = torch.isfinite(log_table)
-    width = int(finite.sum(1).max())
-    index = torch.zeros(log_table.shape[0], width, dtype=torch.long)
-    weight = torch.full((log_table.shape[0], width), -math.inf, dtype=torch.float64)
-    for r in range(log_table.shape[0]):
-        cols = finite[r].nonzero().squeeze(1)
-        index[r, : len(cols)] = cols
-        weight[r, : len(cols)] = log_table[r, cols]
-    return index, weight
+    _TINY = 1e-250
+
+    def __init__(self, log_table: torch.Tensor):
+        finite = torch.isfinite(log_table)  # (R, J)
+        self.weight = torch.where(finite, log_table.exp(), torch.zeros_like(log_table))
+        self.support = finite.to(log_table.dtype)
+        width = int(finite.sum(1).max())
+        self.index = torch.zeros(log_table.shape[0], width, dtype=torch.long)
+        self.log_weight = torch.full((log_table.shape[0], width), -math.inf, dtype=log_table.dtype)
+        for r in range(log_table.shape[0]):
+            cols = finite[r].nonzero().squeeze(1)
+            self.index[r, : len(cols)] = cols
+            self.log_weight[r, : len(cols)] = log_table[r, cols]
+
+    def __call__(self, values: torch.Tensor) -> torch.Tensor:
+        lead = values.shape[:-1]
+        flat = values.reshape(-1, values.shape[-1])  # (N, J)
+        shift = flat.max(-1, keepdim=True).values
+        shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+        total = torch.exp(flat - shift) @ self.weight.T  # (N, R)
+        out = shift + total.log()
+        tiny = (total < self._TINY).any(-1).nonzero().squeeze(1)
+        if len(tiny):
+            # an output is exactly -inf (not underflowed) when its whole support is -inf
+            reachable = (torch.isfinite(flat[tiny]).to(flat.dtype) @ self.support.T) > 0
+            risky = tiny[((total[tiny] < self._TINY) & reachable).any(-1)]
+            per_chunk = max(1, _CHUNK_ELEMENTS // self.index.numel())
+            for rows in risky.split(per_chunk):
+                out[rows] = torch.logsumexp(flat[rows][:, self.index] + self.log_weight, dim=-1)
+        return out.reshape(*lead, self.weight.shape[0])
 
 
 def _tables(states: int, words: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
