@@ -41,7 +41,7 @@ class Recovery:
 
 
 def recover_cyclic(source: object, draft: torch.Tensor, steps: int, gen: torch.Generator,
-                   visible_error: float = 0.1, eps: float = 1e-5) -> Recovery:
+                   visible_error: float = 0.1, eps: float = 1e-5, remask: bool = True) -> Recovery:
     """Confidence-driven remasking (Sec 7.1) on one draft (1, L) with the exact oracle.
 
     Each step is the shared ReMDM transition on the linear MDLM schedule α = 1 − t with a per-position
@@ -49,6 +49,7 @@ def recover_cyclic(source: object, draft: torch.Tensor, steps: int, gen: torch.G
     a visible token when visible tokens are treated as noisy observations (``visible_error``): tokens
     that the rest of the draft contradicts are remasked, the rest are kept. Masked positions are revealed
     from the same posterior. The last step is followed by a greedy pass over anything still masked.
+    ``remask=False`` is the control: plain MDLM steps, which can never touch a visible token.
     """
     denoiser = OracleDenoiser(source, visible_error=visible_error)
     grid = time_grid(steps, eps).tolist()
@@ -58,11 +59,11 @@ def recover_cyclic(source: object, draft: torch.Tensor, steps: int, gen: torch.G
         masked = draft == source.mask_id
         confidence = denoiser.visible_confidence(draft)  # (1, L), 1 at masked positions
         rule = StepRule(1 - t, 1 - s, 0.0)
-        sigma = torch.where(masked, torch.zeros_like(confidence), 1 - confidence)
-        unmask, remask = transition_coefficients(masked, rule, sigma)
+        sigma = torch.where(masked | (not remask), torch.zeros_like(confidence), 1 - confidence)
+        unmask, remask_prob = transition_coefficients(masked, rule, sigma)
         uniforms = torch.rand(1, 2, draft.shape[1], generator=gen, dtype=torch.float64)
         p_x0 = denoiser(draft)  # masked rows: the posterior given the visible tokens as noisy evidence
-        new, _, _ = apply_transition(draft, p_x0, unmask, remask, uniforms, source.mask_id)
+        new, _, _ = apply_transition(draft, p_x0, unmask, remask_prob, uniforms, source.mask_id)
         remasks += int((~masked & (new == source.mask_id)).sum())
         draft = new
         timeline.append(source.decode(draft[0]))
