@@ -83,7 +83,7 @@ def test_storage_that_cannot_be_opened_is_one_line(tmp_path):
     with pytest.raises(UserError) as err:
         S.open_storage("postgresql://postgres:secret@127.0.0.1:1/nowhere")
     msg = str(err.value)
-    assert msg.startswith("storage=postgresql://postgres:***@127.0.0.1:1/nowhere cannot be opened")
+    assert msg.startswith("storage=postgresql://***@127.0.0.1:1/nowhere cannot be opened")
     assert "secret" not in msg and "\n" not in msg
     with pytest.raises(UserError, match="storage=nonsense://x cannot be opened"):
         S.open_storage("nonsense://x")

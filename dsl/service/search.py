@@ -85,13 +85,16 @@ class SearchConfig:
     reference: str = text("source", "reference texts: 'source' (sampled from the oracle's source) or a "
                                     ".txt (one text per line) / .jsonl file")
     references: int = num(64, 2, help="reference texts used for MAUVE")
+    judge: str = text("", "GenPPL judge: '' = the exact source likelihood (oracle checkpoints; NaN otherwise) "
+                          "| a local/hub causal LM (e.g. gpt2-large)")
     max_concurrent: int = num(0, 0, help="concurrent trials; 0 = derived from the cluster's resources")
     trial_cpus: float = num(1.0, 0.0, lo_open=True, help="CPUs per trial (GPU clusters: 1 GPU per trial)")
     ray_address: str = text("", "Ray cluster address; '' = start a private local cluster for this run")
     ray_cpus: int = num(0, 0, help="logical CPUs of the private local cluster; 0 = os.cpu_count()")
     out_dir: str = text("runs/eta_cap_search", "where the study DB, JSON, plot and Tune files go")
     mlflow_experiment: str = text("eta-cap-search")
-    tracking_uri: str = text("", "MLflow tracking URI; '' = sqlite:///<out_dir>/mlflow.db; none = off")
+    tracking_uri: str = text("", "MLflow tracking URI; '' = $MLFLOW_TRACKING_URI or sqlite:///./mlflow.db "
+                                 "(as every job); none = off")
     progress: bool = field(default=True, metadata={"help": "tqdm bar over finished trials"})
     sampling: SamplingConfig = section(SamplingConfig)
 
@@ -193,12 +196,10 @@ def open_storage(url: str | None):
 
 
 def _redact(url: str) -> str:
-    """Hide a password in a DB URL before it reaches a message, a log or an MLflow param."""
-    if "://" in url and "@" in url.split("://", 1)[1]:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}" if ":" in creds else url
-    return url
+    """Hide the credentials of a DB URL before it reaches a message, a log or an MLflow param."""
+    from dsl.service.tracking import scrub
+
+    return scrub(url)
 
 
 def study_name(cfg: SearchConfig, steps: int) -> str:
@@ -280,8 +281,8 @@ def _make_searcher(space: dict[str, Any], storage: Any, name: str, sampler_seed:
                                      study_name=name, storage=storage)
 
 
-_RECORDED = {"score", "mauve", "mauve_std", "mean_rewrites", "band_distance", "genppl", "entropy", "nfe",
-             "samples"}
+_RECORDED = {"score", "mauve", "mauve_std", "mean_rewrites", "band_distance", "genppl", "impossible", "entropy",
+             "nfe", "samples"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -325,10 +326,10 @@ class _Tracking:
             return
         import mlflow
 
-        uri = cfg.tracking_uri or f"sqlite:///{Path(cfg.out_dir).resolve() / 'mlflow.db'}"
-        self.client = mlflow.MlflowClient(tracking_uri=uri)
-        exp = self.client.get_experiment_by_name(cfg.mlflow_experiment)
-        self.exp_id = exp.experiment_id if exp else self.client.create_experiment(cfg.mlflow_experiment)
+        from dsl.service.tracking import default_tracking_uri, experiment_id
+
+        self.client = mlflow.MlflowClient(tracking_uri=cfg.tracking_uri or default_tracking_uri())
+        self.exp_id = experiment_id(self.client, cfg.mlflow_experiment)
         self.search_key = f"{storage_label}|{cfg.study}"
         found = self.client.search_runs([self.exp_id], filter_string=f"tags.`dsl.search` = '{self.search_key}'",
                                         max_results=1)
@@ -341,10 +342,10 @@ class _Tracking:
                                          tags={"dsl.search": self.search_key})
             self.parent_id = run.info.run_id
             self.logged = set()
-            params = {k: v for k, v in C.flatten(cfg).items() if k not in ("storage", "tracking_uri")}
-            params["storage"] = storage_label
-            for k, v in params.items():
-                self.client.log_param(self.parent_id, k, str(v)[:500])
+            from dsl.service.tracking import flat_params
+
+            for k, v in flat_params(cfg).items():    # scrubbed: no password of a storage URL
+                self.client.log_param(self.parent_id, k, v)
         self.client.set_terminated(self.parent_id, "RUNNING")
 
     def log_trial(self, study: str, record: dict[str, Any]) -> None:
@@ -423,7 +424,7 @@ def prepare(cfg: SearchConfig) -> Prepared:
     from dsl.sampling import load_denoiser
 
     try:
-        denoiser = load_denoiser(cfg.checkpoint, cfg.sampling)
+        denoiser = load_denoiser(cfg.checkpoint, cfg.sampling, length=cfg.length)
     except (UserError, ConfigError):
         raise
     except Exception as exc:  # noqa: BLE001 - an unreadable checkpoint is bad input
@@ -447,49 +448,55 @@ def _trainable(config: dict[str, Any], setup: TrialSetup = None, pool: Any = Non
     import torch
 
     torch.set_num_threads(1)
-    denoiser = _cached_denoiser(setup.checkpoint, setup.sampling)
+    denoiser = _cached_denoiser(setup.checkpoint, setup.sampling, setup.length)
     params = {k: v for k, v in config.items() if k in SEARCHABLE}
     run_trial(params, setup, denoiser, pool.mauve, reference, ray.tune.report)
 
 
-_DENOISERS: dict[str, Any] = {}
+_DENOISERS: dict[tuple[str, int], Any] = {}
 
 
-def _cached_denoiser(spec: str, sampling: dict[str, Any]) -> Any:
+def _cached_denoiser(spec: str, sampling: dict[str, Any], length: int) -> Any:
     """Load once per trial process (a Tune trial may reuse its actor)."""
-    if spec not in _DENOISERS:
+    if (spec, length) not in _DENOISERS:
         from dsl.config import SamplingConfig, from_dict
         from dsl.sampling import load_denoiser
 
-        _DENOISERS[spec] = load_denoiser(spec, from_dict(SamplingConfig, sampling))
-    return _DENOISERS[spec]
+        _DENOISERS[spec, length] = load_denoiser(spec, from_dict(SamplingConfig, sampling), length=length)
+    return _DENOISERS[spec, length]
 
 
 class _RayContext:
-    """Connect to ``ray_address`` or start a private loopback cluster, and always clean up our own."""
+    """Connect to ``ray_address``, or start a private single-node Ray on loopback for this run only.
+
+    The private one is ``ray.init`` with an explicit temp dir and 127.0.0.1 (it picks a free GCS
+    port, never 6379); ``ray.shutdown`` stops exactly the processes it started.
+    """
 
     def __init__(self, cfg: SearchConfig):
         self.cfg = cfg
-        self.cluster = None
+        self.temp: str | None = None
 
     def __enter__(self):
         import ray
 
-        from dsl.service.local_cluster import LOOPBACK_ENV, start_cluster
-
-        os.environ.update(LOOPBACK_ENV)
         address = self.cfg.ray_address or os.environ.get("RAY_ADDRESS", "")
-        if not address:
-            cpus = self.cfg.ray_cpus or os.cpu_count() or 1
-            self.temp = tempfile.mkdtemp(prefix="ray-search-")
-            self.cluster = start_cluster(self.temp, head_cpus=cpus, workers=0)
-            address = self.cluster.address
         try:
-            ray.init(address=address, logging_level="WARNING", log_to_driver=False)
-        except Exception as exc:  # noqa: BLE001
+            if address:
+                ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+            else:
+                # single-machine Ray otherwise advertises the host's network address, not loopback
+                os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+                os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
+                os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+                self.temp = tempfile.mkdtemp(prefix="ray-search-")
+                ray.init(num_cpus=self.cfg.ray_cpus or os.cpu_count() or 1, include_dashboard=False,
+                         _node_ip_address="127.0.0.1", _temp_dir=self.temp, logging_level="WARNING",
+                         log_to_driver=False)
+        except Exception as exc:  # noqa: BLE001 - an unreachable cluster is bad input
             self.__exit__(None, None, None)
-            raise UserError(f"ray_address={address!r}: cannot connect ({' '.join(str(exc).split())[:200]})") \
-                from None
+            raise UserError(f"ray_address={address or '(local)'}: cannot start or connect to Ray "
+                            f"({' '.join(str(exc).split())[:200]})") from None
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -497,10 +504,9 @@ class _RayContext:
 
         if ray.is_initialized():
             ray.shutdown()
-        if self.cluster is not None:
-            self.cluster.stop()
+        if self.temp is not None:
             shutil.rmtree(self.temp, ignore_errors=True)
-            self.cluster = None
+            self.temp = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -575,7 +581,7 @@ def _search_one_budget(cfg: SearchConfig, steps: int, rungs: tuple[int, ...], pr
                  if len(rungs) > 1 else FIFOScheduler())
     setup = TrialSetup(checkpoint=cfg.checkpoint, steps=steps, length=cfg.length, rungs=rungs, seed=cfg.seed,
                        mauve_seeds=tuple(MAUVE_SEED0 + i for i in range(cfg.mauve_seeds)), band=tuple(cfg.rewrite_target),
-                       penalty=cfg.penalty, sampling=C.to_dict(cfg.sampling))
+                       penalty=cfg.penalty, judge=cfg.judge, sampling=C.to_dict(cfg.sampling))
     trainable = tune.with_resources(tune.with_parameters(_trainable, setup=setup, pool=pool,
                                                          reference=reference), resources)
     tuner = tune.Tuner(
@@ -617,7 +623,14 @@ def _write_outputs(cfg: SearchConfig, prepared: Prepared, out: Path, rungs: tupl
 
 
 def _public(record: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in record.items() if isinstance(v, (int, float, str, bool))}
+    """JSON-safe scalars; a non-finite metric (GenPPL of all-impossible samples) becomes null."""
+    out = {}
+    for k, v in record.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            out[k] = None
+        elif isinstance(v, (int, float, str, bool)):
+            out[k] = v
+    return out
 
 
 __all__ = ["SearchConfig", "load_search_config", "run_search", "prepare", "search_space", "trial_resources",

@@ -37,6 +37,7 @@ class TrialSetup:
     mauve_seeds: tuple[int, ...]
     band: tuple[float, float]
     penalty: float
+    judge: str = ""                   # GenPPL judge: '' = exact source likelihood (oracles only)
     sampling: dict[str, Any] = field(default_factory=dict)   # base SamplingConfig as a dict
 
 
@@ -59,17 +60,32 @@ def _decode(denoiser: Any, ids: np.ndarray) -> list[str]:
     return [decode(row) for row in ids]
 
 
-def _genppl(denoiser: Any, ids: np.ndarray, texts: list[str]) -> float:
-    """GenPPL: the exact source likelihood for an oracle (no AR judge needed), else dsl.eval.genppl."""
+_JUDGES: dict[str, Any] = {}
+
+
+def _genppl(denoiser: Any, judge: str, ids: np.ndarray, texts: list[str]) -> dict[str, float]:
+    """GenPPL under ``judge``: '' = the exact source likelihood of an oracle checkpoint (NaN for a model
+    checkpoint: no AR judge is downloaded implicitly), else a local/hub causal LM scoring the texts.
+
+    Parallel unmasking from exact per-position conditionals can still produce sequences the source
+    cannot emit (log P = −∞). Their share is reported as ``impossible``; GenPPL is over the others,
+    so one impossible sample does not make every trial's GenPPL infinite.
+    """
     import torch
 
-    source = getattr(denoiser, "source", None)
-    if source is not None and hasattr(source, "log_prob"):
-        logp = source.log_prob(torch.as_tensor(ids, dtype=torch.long))  # (n,) nats per sequence
-        return float(math.exp(-float(torch.as_tensor(logp, dtype=torch.float64).mean()) / ids.shape[1]))
-    from dsl.eval import genppl
+    from dsl.eval.genppl import CausalLMOracle, genppl
 
-    return float(genppl.generative_perplexity(texts)["genppl"])
+    if not judge:
+        source = getattr(denoiser, "source", None)
+        if source is None or not hasattr(source, "log_prob"):
+            return {"genppl": math.nan}
+        logp = source.log_prob(torch.as_tensor(ids, dtype=torch.long)).double()   # (n,) exact, nats
+        ok = torch.isfinite(logp)
+        nll = float(-logp[ok].sum() / (int(ok.sum()) * ids.shape[1])) if ok.any() else math.inf
+        return {"genppl": math.exp(nll), "impossible": float(1.0 - ok.double().mean())}
+    if judge not in _JUDGES:
+        _JUDGES[judge] = CausalLMOracle.load(judge)
+    return {"genppl": float(genppl(_JUDGES[judge], texts)["genppl"])}
 
 
 def _summarise_diagnostics(diagnostics: dict[str, Any]) -> dict[str, float]:
@@ -113,15 +129,14 @@ def run_trial(params: dict[str, Any], setup: TrialSetup, denoiser: Any, mauve: C
         texts = _decode(denoiser, ids)
         scored = mauve(texts, reference, list(setup.mauve_seeds))
         mean_rewrites = float(np.concatenate(rewrites_parts).mean())   # eq. 25, averaged over samples
-        entropy = sentence_entropy(torch.as_tensor(ids, dtype=torch.long))
         metrics = {
             "score": penalised_score(scored["mean"], mean_rewrites, setup.band, setup.penalty),
             "mauve": float(scored["mean"]),
             "mauve_std": float(scored["std"]),
             "mean_rewrites": mean_rewrites,
             "band_distance": band_distance(mean_rewrites, setup.band),
-            "genppl": _genppl(denoiser, ids, texts),
-            "entropy": float(np.mean(np.asarray(torch.as_tensor(entropy, dtype=torch.float64)))),
+            **_genppl(denoiser, setup.judge, ids, texts),
+            "entropy": float(sentence_entropy(ids.tolist())),
             "nfe": float(np.concatenate(nfe_parts).mean()),
             "samples": int(target),
             "steps": int(setup.steps),
