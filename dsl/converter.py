@@ -54,10 +54,10 @@ class _ChunkedConvert(torch.autograd.Function):
     def forward(ctx, z, weight, beta, bias, trans, chunk):
         ctx.save_for_backward(z, weight, beta, bias, trans)
         ctx.chunk = chunk
+        scaled = beta * weight  # (V, d): β folded into W_token once
         out = z.new_empty(z.shape[0], trans.shape[1])
         for start in range(0, z.shape[0], chunk):
-            zc = z[start:start + chunk]  # (n, d)
-            probs = torch.softmax(beta * (zc @ weight.T) + bias, dim=-1)  # (n, V)
+            probs = torch.softmax(z[start:start + chunk] @ scaled.T + bias, dim=-1)  # (n, V)
             out[start:start + chunk] = probs @ trans
         return out
 
@@ -65,31 +65,28 @@ class _ChunkedConvert(torch.autograd.Function):
     def backward(ctx, grad_out):
         z, weight, beta, bias, trans = ctx.saved_tensors
         chunk = ctx.chunk
-        need = ctx.needs_input_grad
-        grad_z = torch.zeros_like(z) if need[0] else None
-        grad_w = torch.zeros_like(weight)
-        grad_beta = torch.zeros_like(beta)
+        grad_z = torch.zeros_like(z) if ctx.needs_input_grad[0] else None
+        grad_t = torch.zeros_like(trans) if ctx.needs_input_grad[4] else None
+        grad_scaled = torch.zeros_like(weight)  # dℓ/d(βW)
         grad_b = torch.zeros_like(bias)
-        grad_t = torch.zeros_like(trans) if need[4] else None
         with torch.autocast(device_type=z.device.type, enabled=False):
+            scaled = beta * weight
             for start in range(0, z.shape[0], chunk):
                 zc = z[start:start + chunk]  # (n, d)
                 gh = grad_out[start:start + chunk]  # (n, H)
-                probs = torch.softmax(beta * (zc @ weight.T) + bias, dim=-1)  # (n, V), recomputed
+                probs = torch.softmax(zc @ scaled.T + bias, dim=-1)  # (n, V), recomputed
                 if grad_t is not None:
                     grad_t += probs.T @ gh
                 grad_p = gh @ trans.T  # (n, V)
-                # softmax backward: dℓ/da = p ⊙ (g − Σ p g)
+                # softmax backward: dℓ/da = p ⊙ (g − Σ p g), a = z (βW)ᵀ + b
                 grad_a = probs * (grad_p - (probs * grad_p).sum(-1, keepdim=True))
                 del probs, grad_p
                 grad_b += grad_a.sum(0)
-                ga_w = grad_a @ weight  # (n, d) = dℓ/d(βz)
-                # a = β z Wᵀ + b, so dβ = Σ (z Wᵀ) ⊙ grad_a = Σ z ⊙ (grad_a W)
-                grad_beta += (zc * ga_w).sum()
+                grad_scaled += grad_a.T @ zc
                 if grad_z is not None:
-                    grad_z[start:start + chunk] = beta * ga_w
-                grad_w += beta * (grad_a.T @ zc)
-        return grad_z, grad_w, grad_beta, grad_b, grad_t, None
+                    grad_z[start:start + chunk] = grad_a @ scaled
+        # βW: dℓ/dW = β dℓ/d(βW), dℓ/dβ = Σ W ⊙ dℓ/d(βW)
+        return grad_z, beta * grad_scaled, (weight * grad_scaled).sum(), grad_b, grad_t, None
 
 
 class SoftmaxConverter(nn.Module):
@@ -149,7 +146,7 @@ class SoftmaxConverter(nn.Module):
         return torch.softmax(self.logits(z), dim=-1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """h (B, L, hidden) from z (B, L, d), fp32 (fp64 for an fp64 module); never keeps B×L×V for backward."""
+        """h (B, L, hidden) from z (B, L, d), fp32 (fp64 for an fp64 module); keeps no B×L×V for backward."""
         if z.shape[-1] != self.embed_dim:
             raise ValueError(f"converter expects z (..., {self.embed_dim}), got {tuple(z.shape)}")
         lead = z.shape[:-1]
@@ -158,8 +155,9 @@ class SoftmaxConverter(nn.Module):
         dtype = torch.float64 if self.trans.dtype == torch.float64 else torch.float32
         with torch.autocast(device_type=z.device.type, enabled=False):
             # Sec 4.2 with b inside the softmax: Convert(z) = softmax(β z W_tokenᵀ + b) W_trans
-            h = _ChunkedConvert.apply(z.reshape(-1, self.embed_dim).to(dtype), self.token_embeddings().to(dtype),
-                                      self.beta.to(dtype), self.bias.to(dtype), self.trans.to(dtype), chunk)
+            h = _ChunkedConvert.apply(z.reshape(-1, self.embed_dim).to(dtype),
+                                      self.token_embeddings().to(dtype), self.beta.to(dtype),
+                                      self.bias.to(dtype), self.trans.to(dtype), chunk)
         return h.reshape(*lead, self.hidden)
 
     def dense_forward(self, z: torch.Tensor) -> torch.Tensor:

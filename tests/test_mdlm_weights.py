@@ -38,7 +38,8 @@ def mdlm_layout(vocab=V, dim=D, blocks=BLOCKS, cond=COND, mlp=MLP):
         layout[p + "norm2.weight"] = (dim,)
         layout[p + "mlp.0.weight"], layout[p + "mlp.0.bias"] = (mlp * dim, dim), (mlp * dim,)
         layout[p + "mlp.2.weight"], layout[p + "mlp.2.bias"] = (dim, mlp * dim), (dim,)
-        layout[p + "adaLN_modulation.weight"], layout[p + "adaLN_modulation.bias"] = (6 * dim, cond), (6 * dim,)
+        layout[p + "adaLN_modulation.weight"] = (6 * dim, cond)
+        layout[p + "adaLN_modulation.bias"] = (6 * dim,)
     layout["output_layer.norm_final.weight"] = (dim,)
     layout["output_layer.linear.weight"], layout["output_layer.linear.bias"] = (vocab, dim), (vocab,)
     layout["output_layer.adaLN_modulation.weight"] = (2 * dim, cond)
@@ -50,10 +51,12 @@ def random_params(seed):
     gen = torch.Generator().manual_seed(seed)
     out = OrderedDict()
     for name, shape in mdlm_layout().items():
-        fan_in = shape[1] if len(shape) == 2 else 1
-        scale = 1.0 if name == "vocab_embed.embedding" else (0.5 / math.sqrt(fan_in) if len(shape) == 2 else 0.1)
+        if name == "vocab_embed.embedding":
+            scale = 1.0
+        else:
+            scale = 0.5 / math.sqrt(shape[1]) if len(shape) == 2 else 0.1
         t = torch.randn(shape, generator=gen) * scale
-        if name.endswith("norm1.weight") or name.endswith("norm2.weight") or name.endswith("norm_final.weight"):
+        if name.endswith(("norm1.weight", "norm2.weight", "norm_final.weight")):
             t = t + 1.0
         out[name] = t
     return out
@@ -222,7 +225,8 @@ def test_lightning_ckpt_loads_ema_weights_without_running_pickled_code(tmp_path,
     path = write_lightning_ckpt(tmp_path / "mdlm.ckpt", raw_params, ema_params)
     model = W.load_mdlm_dit(path)
     assert TRIGGERED == []
-    assert (model.cfg.hidden, model.cfg.blocks, model.cfg.heads, model.cfg.vocab_size) == (D, BLOCKS, HEADS, V)
+    shape = (model.cfg.hidden, model.cfg.blocks, model.cfg.heads, model.cfg.vocab_size)
+    assert shape == (D, BLOCKS, HEADS, V)
     assert torch.equal(model.vocab_embed.embedding, ema_params["vocab_embed.embedding"])
     assert_matches_reference(model, ema_params)
     ckpt = W.load_pickled_checkpoint(path)
@@ -249,7 +253,8 @@ def test_lightning_ckpt_without_ema_falls_back_to_raw_with_a_warning(tmp_path, r
 def test_ema_list_of_the_wrong_length_is_one_error(tmp_path, raw_params, ema_params):
     ema_params.pop("output_layer.adaLN_modulation.bias")
     path = write_lightning_ckpt(tmp_path / "mdlm.ckpt", raw_params, ema_params)
-    with pytest.raises(UserError, match=r"shadow_params'\] has 29 tensors but .* 30 parameters; pass use_ema=False"):
+    # 5 + 2 blocks × 10 + 5 = 30 parameters in the DiT
+    with pytest.raises(UserError, match=r"shadow_params'\] has 29 tensors but .* 30 parameters"):
         W.read_mdlm_weights(path)
 
 

@@ -28,7 +28,8 @@ def resolve_vocab(run_cfg: RunConfig, vocab_size: int | None) -> None:
     if model.mask_id == -1:
         model.mask_id = model.vocab_size - 1
     if not 0 <= model.mask_id < model.vocab_size:
-        raise ConfigError(f"model.mask_id={model.mask_id} must lie in [0, model.vocab_size={model.vocab_size})")
+        raise ConfigError(f"model.mask_id={model.mask_id} must lie in "
+                          f"[0, model.vocab_size={model.vocab_size})")
 
 
 def build_model(run_cfg: RunConfig, vocab_size: int | None = None) -> nn.Module:

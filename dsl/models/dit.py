@@ -54,7 +54,8 @@ class TimestepEmbedder(nn.Module):
 
     def __init__(self, cond_dim: int):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(FREQ_EMBED_DIM, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+        self.mlp = nn.Sequential(nn.Linear(FREQ_EMBED_DIM, cond_dim), nn.SiLU(),
+                                 nn.Linear(cond_dim, cond_dim))
 
     def forward(self, sigma: torch.Tensor) -> torch.Tensor:
         return self.mlp(timestep_features(sigma).to(self.mlp[0].weight.dtype))
@@ -76,7 +77,8 @@ class Rotary(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Half-split rotation of x (B, H, L, d_h): (x_j, x_{j+d/2}) -> (x_j c − x_{j+d/2} s, x_{j+d/2} c + x_j s)."""
+    """Half-split rotation of x (B, H, L, d_h), pairs (x_j, x_{j+d/2}) for j < d/2:
+    (x_j, x_{j+d/2}) -> (x_j cos θ − x_{j+d/2} sin θ, x_{j+d/2} cos θ + x_j sin θ)."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # MDLM casts cos/sin to the qkv dtype

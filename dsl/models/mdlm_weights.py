@@ -116,7 +116,7 @@ restricted_pickle.loads = lambda data, **kw: _restricted_load(io.BytesIO(data), 
 
 
 def load_pickled_checkpoint(path: str | Path) -> dict:
-    """``torch.load`` of a Lightning checkpoint through :data:`restricted_pickle` (never runs pickled code)."""
+    """``torch.load`` of a Lightning checkpoint via :data:`restricted_pickle` (never runs pickled code)."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=restricted_pickle)
     except Exception as exc:  # zip/pickle/storage errors: a corrupt or truncated file
@@ -337,7 +337,7 @@ def load_into_dit(dit: DiT, state: dict[str, torch.Tensor], label: str = "weight
 
 
 def load_mdlm_dit(source: str | Path, *, use_ema: bool = True, cfg: ModelConfig | None = None) -> DiT:
-    """A DiT holding the weights of ``source``; its shape is inferred from the file unless ``cfg`` is given."""
+    """A DiT holding the weights of ``source``; its shape comes from the file unless ``cfg`` is given."""
     weights = read_mdlm_weights(source, use_ema=use_ema)
     cfg = cfg or dit_config_from_state(weights.state, weights.hf_config)
     return load_into_dit(DiT(cfg), weights.state, weights.source)
