@@ -29,6 +29,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -529,10 +530,14 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
             pool = MauvePool(cfg.featurizer, cfg.mauve_workers, cfg.max_length)
             reference = pool.featurize(prepared.reference_texts)   # reference features: computed once
             resources, slots = trial_resources(ray.cluster_resources(), _pool_cpus(pool, cfg), cfg)
-            for steps in cfg.steps:
-                _search_one_budget(cfg, steps, rungs, prepared, pool, reference, resources, slots, tracking)
+            started = time.perf_counter()
+            ran = sum(_search_one_budget(cfg, steps, rungs, prepared, pool, reference, resources, slots, tracking)
+                      for steps in cfg.steps)
+            trial_seconds = time.perf_counter() - started
             _shutdown_pool(pool)
         summary = _write_outputs(cfg, prepared, out, rungs)
+        summary.update(trials_run=ran, trial_seconds=round(trial_seconds, 3), concurrent_trials=slots,
+                       trial_resources=resources)
         status = "FINISHED"
         tracking.finish(summary, [out / "eta_cap_table.json", out / "eta_cap_rule.json",
                                   out / "mauve_vs_rewrites.png", out / "search_summary.json"], status)
@@ -555,7 +560,8 @@ def _shutdown_pool(pool: Any) -> None:
 
 
 def _search_one_budget(cfg: SearchConfig, steps: int, rungs: tuple[int, ...], prepared: Prepared, pool: Any,
-                       reference: Any, resources: dict, slots: int, tracking: _Tracking) -> None:
+                       reference: Any, resources: dict, slots: int, tracking: _Tracking) -> int:
+    """Run the trials T still lacks; returns how many were started."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from tqdm import tqdm
@@ -564,7 +570,7 @@ def _search_one_budget(cfg: SearchConfig, steps: int, rungs: tuple[int, ...], pr
     done, stored = prepare_study(prepared.storage, name)
     remaining = cfg.trials - done
     if remaining <= 0:
-        return
+        return 0
     # eq. (Sec 5.2) protocol is per T; the TPE seed moves with the study size so a resumed search
     # does not re-draw the start-up configurations it already evaluated (optuna#3255).
     sampler_seed = derive_seed(cfg.seed, "tpe", steps, stored) % (2**32)
@@ -596,6 +602,7 @@ def _search_one_budget(cfg: SearchConfig, steps: int, rungs: tuple[int, ...], pr
         tuner.fit()
     finally:
         bar.close()
+    return remaining
 
 
 def _write_outputs(cfg: SearchConfig, prepared: Prepared, out: Path, rungs: tuple[int, ...]) -> dict[str, Any]:
