@@ -56,12 +56,12 @@ def dsl_loss(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, cfg:
     with torch.no_grad():
         scored = mask.bool().cpu()
         roar = is_roar & scored
-        stats = {
-            "loss": float(loss_sum.detach()) / max(1, int(n_tokens)),
-            "roar_fraction": float(roar.sum()) / max(1, int(scored.sum())),
-            "ce_roar": _mean_over(nll.detach().cpu(), roar),
-            "ce_continuous": _mean_over(nll.detach().cpu(), ~is_roar & scored),
-        }
+        stats = {"loss": float(loss_sum.detach()) / max(1, int(n_tokens)),
+                 "roar_fraction": float(roar.sum()) / max(1, int(scored.sum()))}
+        nll_cpu = nll.detach().cpu()
+        for key, select in (("ce_roar", roar), ("ce_continuous", ~is_roar & scored)):
+            if select.any():  # left out rather than NaN when the batch has no such token
+                stats[key] = float(nll_cpu[select].mean())
     return loss_sum, n_tokens, stats
 
 
@@ -75,7 +75,7 @@ def mdlm_times(gens: Sequence[torch.Generator], rows: Sequence[int] | torch.Tens
     """
     u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in gens])
     if cfg.stratified:
-        rows_t = torch.as_tensor(rows, dtype=torch.float64)
+        rows_t = torch.as_tensor(rows).to("cpu", torch.float64)
         u = torch.remainder((u + rows_t) / global_batch, 1.0)
     return (1.0 - cfg.sampling_eps) * u + cfg.sampling_eps
 
@@ -195,11 +195,6 @@ def _check_batch(ids: torch.Tensor, mask: torch.Tensor, gens: Sequence[torch.Gen
         raise ValueError(f"ids {tuple(ids.shape)} and mask {tuple(mask.shape)} must have the same shape")
     if len(gens) != ids.shape[0]:
         raise ValueError(f"got {len(gens)} generators for a batch of {ids.shape[0]} rows (one per row)")
-
-
-def _mean_over(values: torch.Tensor, select: torch.Tensor) -> float:
-    n = int(select.sum())
-    return float(values[select].sum()) / n if n else float("nan")
 
 
 def _resolve_mask_id(model: torch.nn.Module) -> int:

@@ -80,7 +80,7 @@ def test_dsl_loss_is_alg1_cross_entropy_over_the_padding_mask():
     torch.testing.assert_close(loss_sum, expected)
     assert int(n_tokens) == int(mask.sum()) == 4 * L - 3 - 6
     assert math.isfinite(float(loss_sum.detach()))  # padded positions hold the mask id (-inf logit): excluded
-    assert stats["loss"] == pytest.approx(float(expected) / int(n_tokens), rel=1e-6)
+    assert stats["loss"] == pytest.approx(float(expected.detach()) / int(n_tokens), rel=1e-6)
     loss_sum.backward()
     assert model.emb.grad is not None and model.emb.grad.abs().sum() > 0  # W_token is trained (line 20)
 
