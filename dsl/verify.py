@@ -46,23 +46,29 @@ class VerifyConfig:
     log_t_loc: float | None = C.num(None, help="proposal location of log t; none = per source "
                                                   "(hmm 1.5, cyclic 0)")
     log_t_scale: float = C.num(1.0, 1.0, help="proposal scale of log t (>= 1 keeps weights bounded)")
-    data: DataConfig = C.section(DataConfig)
+    hmm_states: int = C.num(DataConfig.hmm_states, 2, help="hidden states of the HMM language")
+    hmm_words: int = C.num(DataConfig.hmm_words, 4, help="word vocabulary of the HMM language")
+    hmm_seed: int = C.num(DataConfig.hmm_seed, 0, help="seed that fixes the HMM's parameters")
+    cyclic_k: int = C.num(DataConfig.cyclic_k, 2, 26, help="K of the cyclic toy (App B)")
+
+    def data_config(self) -> DataConfig:
+        return DataConfig(source=self.source, hmm_states=self.hmm_states, hmm_words=self.hmm_words,
+                          hmm_seed=self.hmm_seed, cyclic_k=self.cyclic_k)
 
 
-ALIASES = {"states": "data.hmm_states", "words": "data.hmm_words", "hmm_seed": "data.hmm_seed",
-           "k": "data.cyclic_k"}
+ALIASES = {"states": "hmm_states", "words": "hmm_words", "k": "cyclic_k"}
 _DEFAULT_LOC = {"hmm": 1.5, "cyclic": 0.0}
 _DEFAULT_HMM_LENGTH = 32
 
 
 def path_integral(cfg: VerifyConfig, progress: bool = True) -> dict:
     """Exact vs path-integral -log P(x) on ``cfg.n`` sequences of ``cfg.source`` (see module doc)."""
-    length = cfg.length or (_DEFAULT_HMM_LENGTH if cfg.source == "hmm" else cfg.data.cyclic_k)
-    source = build_source(cfg.source, cfg.data, length)
+    length = cfg.length or (_DEFAULT_HMM_LENGTH if cfg.source == "hmm" else cfg.cyclic_k)
+    source = build_source(cfg.source, cfg.data_config(), length)
     use_circle = cfg.embedding == "circle" or (cfg.embedding == "auto" and cfg.source == "cyclic"
-                                               and cfg.data.cyclic_k <= 7)
+                                               and cfg.cyclic_k <= 7)
     if use_circle:
-        if cfg.source != "cyclic" or cfg.data.cyclic_k > 7:
+        if cfg.source != "cyclic" or cfg.cyclic_k > 7:
             raise ConfigError("embedding=circle needs source=cyclic with k <= 7 (App B); use spherical")
         emb = source.circle_embeddings(torch.float64)
     else:

@@ -83,6 +83,7 @@ def test_dsl_loss_is_alg1_cross_entropy_over_the_padding_mask():
     assert stats["loss"] == pytest.approx(float(expected.detach()) / int(n_tokens), rel=1e-6)
     loss_sum.backward()
     assert model.emb.grad is not None and model.emb.grad.abs().sum() > 0  # W_token is trained (line 20)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())  # pads at -inf logits: no NaN
 
 
 def test_dsl_loss_ignores_padded_tokens():
