@@ -1,0 +1,363 @@
+"""Distributed fine-tuning on Ray Train (V2): ``TorchTrainer`` + DDP, the core ``dsl.train.Trainer``
+unchanged inside every worker, checkpoints in our own storage, rank-0 MLflow logging.
+
+Semantics that do not depend on the worker count W:
+- ``train.batch_size`` is the GLOBAL batch in sequences; each rank takes its own rows of it
+  (``Data.batch(..., rank, world)``), and the gradient is divided by the global token count, so
+  ``train.lr`` means the same for any W (W workers == 1 process with the same global batch).
+- Corruption noise is keyed by (seed, step, global row), so the data order and noise are identical.
+
+Resume contract: a run has a stable name (``name=``, else the Ray job submission id, else a hash of
+the config); its checkpoints live under ``<storage>/<name>/step-<N>/``. Any start of the worker group
+— first run, a Ray ``FailureConfig`` restart after a lost worker, a re-submitted job — restores the
+latest *complete* checkpoint there, and the driver re-opens the MLflow run tagged with that name.
+Ray's own checkpoint machinery is not used for weights (``ray.train.report`` carries only metrics and
+our checkpoint URI), so the run's state has one source of truth that sampling/eval jobs also read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dsl.config import ConfigError, RunConfig, from_dict, num, section, text, to_dict
+from dsl.errors import UserError
+
+
+@dataclass
+class ServiceConfig:
+    """Where and how a training run executes (not part of the science config saved in checkpoints)."""
+
+    workers: int = num(1, 1, help="Ray Train workers (DDP ranks)")
+    gpus_per_worker: float = num(0.0, 0.0, help="GPUs per worker; > 0 selects NCCL, else Gloo on CPU")
+    cpus_per_worker: float = num(1.0, 0.0, lo_open=True, help="logical CPUs per worker")
+    threads_per_worker: int = num(0, 0, help="torch threads per worker; 0 = cpus_per_worker rounded")
+    storage: str = text("", "checkpoint root: '' = <out_dir> | a (shared) directory | s3://bucket/prefix; "
+                            "the run lives under <storage>/<name>")
+    storage_endpoint: str = text("", "S3-compatible endpoint URL (MinIO, moto); '' = AWS_ENDPOINT_URL or AWS")
+    tracking_uri: str = text("", "MLflow tracking URI; '' = MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db")
+    experiment: str = text("dsl", "MLflow experiment")
+    max_failures: int = num(2, -1, help="Ray FailureConfig: worker-group restarts (-1 = unlimited)")
+    ray_address: str = text("", "'' = RAY_ADDRESS if set (e.g. inside `ray job submit`), else start a "
+                                "local Ray on 127.0.0.1")
+    system_metrics: bool = field(default=True, metadata={"help": "MLflow system metrics from rank 0"})
+    log_to_mlflow: bool = field(default=True, metadata={"help": "track the run in MLflow"})
+
+
+@dataclass
+class FinetuneConfig(RunConfig):
+    """The run's science config plus the ``service`` section (``jobs/finetune.py`` parses this)."""
+
+    embedded: bool = field(default=False, metadata={
+        "help": "the offline demo: pretrain a tiny MDLM on the synthetic HMM, then DSL-fine-tune it"})
+    service: ServiceConfig = section(ServiceConfig)
+
+
+ALIASES = {k: f"service.{k}" for k in ("workers", "gpus_per_worker", "cpus_per_worker", "storage",
+                                       "storage_endpoint", "tracking_uri", "experiment", "max_failures",
+                                       "ray_address")}
+ALIASES.update({"steps": "train.steps", "lr": "train.lr", "batch_size": "train.batch_size"})
+
+
+def run_config_of(cfg: FinetuneConfig) -> RunConfig:
+    """The science part of ``cfg`` as a plain :class:`RunConfig` (what checkpoints store)."""
+    d = to_dict(cfg)
+    d.pop("service")
+    d.pop("embedded")
+    return from_dict(RunConfig, d)
+
+
+def submission_id() -> str | None:
+    """The Ray job submission id when running as a ``ray job submit`` entrypoint."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return None
+    try:
+        return json.loads(raw).get("metadata", {}).get("job_submission_id") or None
+    except ValueError:
+        return None
+
+
+def resolve_name(cfg: FinetuneConfig) -> str:
+    from dsl.train import run_name
+
+    name = cfg.name or submission_id() or run_name(run_config_of(cfg))
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", name):
+        raise ConfigError(f"name={name!r}: use letters, digits, '.', '_' and '-' (it becomes a storage prefix)")
+    return name
+
+
+def storage_root(cfg: FinetuneConfig, name: str) -> str:
+    """Absolute checkpoint root of run ``name`` (workers run in other directories than the driver)."""
+    from dsl.checkpoint import join_uri
+
+    base = cfg.service.storage
+    if base.startswith("s3://"):
+        return join_uri(base, name)
+    if "://" in base and not base.startswith("file://"):
+        raise ConfigError(f"service.storage={base!r}: accepted: a directory, file://..., or s3://bucket/prefix")
+    base = base.removeprefix("file://") or cfg.out_dir
+    return str(Path(base).expanduser().resolve() / name)
+
+
+def check_storage(root: str, endpoint: str) -> None:
+    """Fail early with one line if the checkpoint storage cannot be listed."""
+    from dsl.checkpoint import open_storage
+
+    if root.startswith("s3://"):
+        from dsl.service.storage_s3 import set_default_endpoint
+
+        set_default_endpoint(endpoint or None)
+    open_storage(root).list("")
+
+
+def check_init(init: str) -> None:
+    """Resolve ``init`` before any worker starts, so a bad or offline source is one clear line."""
+    if init == "scratch":
+        return
+    if init.startswith("hf:"):
+        from dsl.models.mdlm_weights import download_hub
+
+        download_hub(init[3:])  # cached for the workers on this node; raises one line when offline
+        return
+    if init.startswith("s3://"):
+        from dsl.checkpoint import MANIFEST, latest_complete, open_storage
+
+        st = open_storage(init)
+        if not st.exists(MANIFEST) and latest_complete(st) is None:
+            raise UserError(f"init={init}: no complete checkpoint there")
+        return
+    if not Path(init).expanduser().exists():
+        raise UserError(f"init={init}: no such file or directory; accepted: scratch | a checkpoint dir | "
+                        "s3://... | hf:kuleshov-group/mdlm-owt | an MDLM .ckpt/.safetensors")
+
+
+# ----------------------------------------------------------------------------------------------
+# Inside each Ray Train worker.
+
+
+def train_worker(payload: dict[str, Any]) -> None:
+    """Ray Train per-worker function: build the core Trainer, resume, fit, report to Ray and MLflow."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from dsl.train import Trainer
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(payload["threads"])))
+    if payload["storage_endpoint"]:
+        from dsl.service.storage_s3 import set_default_endpoint
+
+        set_default_endpoint(payload["storage_endpoint"])
+    run_cfg = from_dict(RunConfig, payload["run"])
+    device = ray.train.torch.get_device() if payload["gpus_per_worker"] > 0 else torch.device("cpu")
+    logger = None
+    if rank == 0 and payload["mlflow_run_id"]:
+        from dsl.service.tracking import RunLogger
+
+        logger = RunLogger(payload["mlflow_run_id"], payload["tracking_uri"],
+                           system_metrics=payload["system_metrics"], node_id=f"rank0@{socket.gethostname()}")
+
+    def on_metrics(metrics: dict, step: int) -> None:
+        shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+        print(f"[{run_cfg.name}] step {step}/{run_cfg.train.steps} {shown}", flush=True)
+        if logger is not None:
+            logger.log_metrics(metrics, step)
+
+    class ReportingTrainer(Trainer):
+        """The core Trainer; each save (all ranks reach it together) is also reported to Ray/MLflow."""
+
+        def save(self, step: int | None = None) -> str | None:
+            uri = super().save(step)
+            if logger is not None and uri:
+                logger.log_checkpoint(uri, self.step_count)
+            ray.train.report({"step": self.step_count, "checkpoint_uri": uri or ""})
+            return uri
+
+    wrap = (lambda m: ray.train.torch.prepare_model(m, move_to_device=False)) if world > 1 else None
+    trainer = ReportingTrainer(run_cfg, rank=rank, world_size=world, wrap_model=wrap,
+                               storage=payload["storage_root"], on_metrics=on_metrics, device=device)
+    trainer.resume()
+    if rank == 0:
+        # one point per (re)start of the worker group: where it resumed from (0 = fresh)
+        print(f"[{run_cfg.name}] rank 0 of {world} starting at step {trainer.step_count}", flush=True)
+        if logger is not None:
+            logger.log_metrics({"resumed_from_step": trainer.step_count}, trainer.step_count)
+    try:
+        final = trainer.fit()
+    except BaseException:
+        if logger is not None:
+            logger.close()
+        raise
+    if logger is not None:
+        logger.log_metrics({k: v for k, v in final.items() if k.startswith("valid_")}, trainer.step_count)
+        logger.close()
+    ray.train.report({"step": trainer.step_count, "done": 1.0})
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver side.
+
+
+@dataclass
+class FinetuneResult:
+    name: str
+    step: int
+    checkpoint: str | None
+    storage_root: str
+    mlflow_run_id: str | None
+    tracking_uri: str | None
+    resumed: bool
+    metrics: dict = field(default_factory=dict)
+
+
+def _connect_ray(address: str, cpus_needed: float) -> bool:
+    """Connect to the given/ambient cluster or start a local one on loopback. True if we started it."""
+    from dsl.service.local_cluster import LOOPBACK_ENV
+
+    for k, v in LOOPBACK_ENV.items():
+        os.environ.setdefault(k, v)
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return False
+    # plain `python jobs/finetune.py`: a private local instance; ports are picked free by Ray (6379 may be
+    # a Redis), everything on 127.0.0.1, no dashboard needed
+    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
+             num_cpus=max(2, int(cpus_needed + 0.999) + 1), object_store_memory=200 * 1024 * 1024,
+             log_to_driver=True)
+    return True
+
+
+def user_error_in(exc: BaseException) -> str | None:
+    """The one-line UserError/ConfigError message somewhere inside a Ray failure, if any."""
+    from dsl.errors import one_line
+
+    seen: set[int] = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, (UserError, ConfigError)):
+            return one_line(e)
+        stack.extend([e.__cause__, e.__context__, getattr(e, "cause", None),
+                      getattr(e, "controller_failure", None)])
+        failures = getattr(e, "worker_failures", None)
+        if isinstance(failures, dict):
+            stack.extend(failures.values())
+    m = re.search(r"(?:dsl\.errors\.UserError|dsl\.config\.ConfigError|UserError|ConfigError): ([^\n]+)", str(exc))
+    return m.group(1).strip() if m else None
+
+
+def run_finetune(cfg: FinetuneConfig, *, name: str | None = None) -> FinetuneResult:
+    """Run (or resume) one training run on Ray and return where its checkpoint and MLflow run are."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from dsl.checkpoint import latest_complete
+    from dsl.service import tracking
+
+    svc = cfg.service
+    name = name or resolve_name(cfg)
+    cfg.name = name
+    run_cfg = run_config_of(cfg)
+    if svc.workers > 1 and run_cfg.train.batch_size % svc.workers:
+        raise ConfigError(f"train.batch_size={run_cfg.train.batch_size} must be divisible by "
+                          f"workers={svc.workers} (it is the global batch)")
+    root = storage_root(cfg, name)
+    check_storage(root, svc.storage_endpoint)
+    check_init(run_cfg.init)
+
+    run_id = tracking_uri = None
+    resumed = latest_complete(root) is not None
+    if svc.log_to_mlflow:
+        tracking_uri = svc.tracking_uri or tracking.default_tracking_uri()
+        params = {**tracking.flat_params(run_cfg), **{f"service.{k}": v for k, v in tracking.flat_params(
+            {k: v for k, v in to_dict(svc).items() if k not in ("ray_address", "tracking_uri")}).items()}}
+        tags = {"dsl.storage_root": root, "dsl.workers": str(svc.workers)}
+        if submission_id():
+            tags["dsl.ray_submission_id"] = submission_id()
+        run_id, _ = tracking.ensure_training_run(name, params=params, tags=tags, tracking_uri=tracking_uri,
+                                                 experiment=svc.experiment)
+
+    threads = svc.threads_per_worker or max(1, int(round(svc.cpus_per_worker)))
+    payload = {"run": to_dict(run_cfg), "storage_root": root, "storage_endpoint": svc.storage_endpoint,
+               "mlflow_run_id": run_id, "tracking_uri": tracking_uri, "system_metrics": svc.system_metrics,
+               "threads": threads, "gpus_per_worker": svc.gpus_per_worker}
+    env_vars = {"RAY_CHDIR_TO_TRIAL_DIR": "0", "OMP_NUM_THREADS": str(threads)}
+    for key in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
+                "MLFLOW_S3_ENDPOINT_URL"):
+        if os.environ.get(key):  # endpoints and regions only: credentials come from each node's chain
+            env_vars[key] = os.environ[key]
+
+    started = _connect_ray(svc.ray_address, svc.workers * svc.cpus_per_worker)
+    try:
+        resources = {"CPU": svc.cpus_per_worker}
+        if svc.gpus_per_worker > 0:
+            resources["GPU"] = svc.gpus_per_worker
+        trainer = TorchTrainer(
+            train_worker, train_loop_config=payload,
+            scaling_config=ray.train.ScalingConfig(num_workers=svc.workers, use_gpu=svc.gpus_per_worker > 0,
+                                                   resources_per_worker=resources),
+            run_config=ray.train.RunConfig(
+                name=name, storage_path=str(Path(cfg.out_dir).expanduser().resolve() / "_ray"),
+                failure_config=ray.train.FailureConfig(max_failures=svc.max_failures),
+                worker_runtime_env={"env_vars": env_vars}))
+        try:
+            trainer.fit()
+        except Exception as exc:
+            if run_id:
+                tracking.RunLogger(run_id, tracking_uri, system_metrics=False).close("FAILED")
+            msg = user_error_in(exc)
+            if msg:
+                raise UserError(msg) from None
+            raise
+    finally:
+        if started:
+            ray.shutdown()
+
+    from dsl.checkpoint import load_checkpoint
+
+    latest = latest_complete(root)
+    step, metrics = 0, {}
+    if latest:
+        ckpt = load_checkpoint(latest)
+        step, metrics = ckpt.step, ckpt.metrics
+    if run_id:
+        log = tracking.RunLogger(run_id, tracking_uri, system_metrics=False)
+        if latest:
+            log.log_checkpoint(latest, step)
+        log.close("FINISHED")
+    return FinetuneResult(name=name, step=step, checkpoint=latest, storage_root=root, mlflow_run_id=run_id,
+                          tracking_uri=tracking_uri, resumed=resumed, metrics=metrics)
+
+
+def print_progress_note(result: FinetuneResult, stream: Any = None) -> None:
+    """Where the checkpoint and the MLflow run are, and the one command that opens the UI on them."""
+    from dsl.service.tracking import scrub, ui_command
+
+    out = stream or sys.stdout
+    print(f"checkpoint: {result.checkpoint}", file=out)
+    if result.mlflow_run_id:
+        print(f"mlflow run: {result.mlflow_run_id} (experiment tracked at {scrub(result.tracking_uri)})", file=out)
+        print(f"open the UI: {ui_command(result.tracking_uri)}", file=out)
+
+
+__all__ = ["ServiceConfig", "FinetuneConfig", "FinetuneResult", "ALIASES", "run_config_of", "resolve_name",
+           "storage_root", "run_finetune", "train_worker", "submission_id", "user_error_in",
+           "print_progress_note", "check_init", "check_storage"]
