@@ -347,6 +347,11 @@ class Trainer:
         from tqdm import tqdm
 
         tc = self.cfg.train
+        ahead = [s for s in list_checkpoints(self.storage)
+                 if s > self.step_count and self.storage.exists(f"step-{s}/{MANIFEST}")]
+        if ahead:  # training on would collide with (and must never replace) what is already saved
+            raise UserError(f"{self.storage.uri} already holds checkpoints up to step {max(ahead)} of run "
+                            f"{self.name}; call resume() first, or give a new run name / storage")
         bar = tqdm(total=tc.steps, initial=self.step_count, desc=f"train {self.name}",
                    disable=self.rank != 0, leave=False)
         last_eval = last_ckpt = -1

@@ -255,16 +255,46 @@ def test_unknown_tokenizer_and_bad_overrides(corpus: Path) -> None:
         build_data(_cfg("data.source=hf:c4"))
 
 
-def test_hugging_face_corpus_offline_is_one_line(tmp_path: Path) -> None:
-    import os
-    import subprocess
-    import sys
+def test_hugging_face_corpora_use_mdlm_splits_and_fail_in_one_line(monkeypatch) -> None:
+    import datasets
 
-    code = ("from dsl.config import RunConfig, load\n"
-            "from dsl.data import build_data\n"
-            "build_data(load(RunConfig, ['model=toy', 'data.source=hf:wikitext-103', 'data.tokenizer=char']))\n")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    last = proc.stderr.strip().splitlines()[-1]
-    assert proc.returncode != 0
-    assert last.startswith("dsl.errors.UserError: data.source=hf:wikitext-103: cannot load Hugging Face dataset")
+    calls: list[tuple] = []
+
+    def offline(path, name=None, split=None, **kwargs):
+        calls.append((path, name, split))
+        raise ConnectionError("Couldn't reach 'openwebtext' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    for source, expected in [("hf:openwebtext", ("openwebtext", None, "train[:-100000]")),
+                             ("hf:wikitext-103", ("wikitext", "wikitext-103-raw-v1", "train")),
+                             ("hf:lm1b", ("lm1b", None, "train"))]:
+        with pytest.raises(UserError) as err:
+            build_data(_cfg(f"data.source={source}", "data.tokenizer=char"))
+        assert calls[-1] == expected
+        assert _one_line(err).startswith(f"data.source={source}: cannot load Hugging Face dataset")
+        assert "offline?" in str(err.value)
+    corpus = build_data.__globals__["open_corpus"]("hf:openwebtext", _cfg().data, 16)
+    with pytest.raises(UserError):
+        next(corpus.documents("valid"))
+    assert calls[-1] == ("openwebtext", None, "train[-100000:]")  # MDLM: the last 100k documents
+
+
+def test_gpt2_tokenizer_from_a_local_directory(tmp_path: Path) -> None:
+    """MDLM's GPT-2 conventions on a small GPT-2-format tokenizer: mask = vocab_size, V = vocab_size + 1."""
+    from transformers import GPT2TokenizerFast
+
+    from dsl.data import GPT2Tokenizer
+
+    docs = (SHARED / "owt_valid_sample.txt").read_text()[:20_000].split("<|endoftext|>")
+    base = BPETokenizer.train(docs, vocab_size=320)._tok
+    hf = GPT2TokenizerFast(tokenizer_object=base, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    hf.save_pretrained(tmp_path / "gpt2")
+    tok = GPT2Tokenizer.from_pretrained(str(tmp_path / "gpt2"))
+    assert tok.mask_id == hf.vocab_size and tok.vocab_size == hf.vocab_size + 1
+    assert tok.bos_id == tok.eos_id == hf.convert_tokens_to_ids("<|endoftext|>")
+    text = "LOUISVILLE, Ky. — A few reviews"
+    assert tok.decode(tok.encode(text)) == text
+    tok.save(tmp_path / "saved")
+    again = load_tokenizer(tmp_path / "saved")
+    assert isinstance(again, GPT2Tokenizer) and again.encode(text) == tok.encode(text)
+    assert again.vocab_size == tok.vocab_size

@@ -131,6 +131,19 @@ def test_resume_with_wrong_shapes_fails_cleanly(tmp_path: Path) -> None:
     assert _snapshot(tmp_path) == before
 
 
+def test_fit_refuses_to_retrain_over_saved_checkpoints(tmp_path: Path) -> None:
+    cfg = _cfg("mdlm", "train.steps=2")
+    Trainer(cfg, storage=tmp_path).fit()
+    before = _snapshot(tmp_path)
+    with pytest.raises(UserError, match="call resume"):
+        Trainer(cfg, storage=tmp_path).fit()
+    assert _snapshot(tmp_path) == before
+    again = Trainer(cfg, storage=tmp_path)
+    assert again.resume()
+    again.fit()  # nothing left to do: validates, saves nothing new
+    assert _snapshot(tmp_path) == before
+
+
 def test_corrupt_latest_checkpoint_falls_back(tmp_path: Path) -> None:
     cfg = _cfg("ar", "train.steps=4", "train.ckpt_every=2", "train.keep_last=3")
     Trainer(cfg, storage=tmp_path).fit()
