@@ -22,8 +22,9 @@ import math
 import torch
 from torch import nn
 
-# Elements of one (chunk, V) logits block: 2**22 fp32 = 16 MiB, i.e. 83 positions per chunk at V=50258.
-DEFAULT_CHUNK_ELEMS = 1 << 22
+# Elements of one (chunk, V) block: 2**24 fp32 = 64 MiB, 333 positions per chunk at V=50258. Larger chunks
+# mean fewer passes over the (V, hidden) gradient of W_trans; two such blocks are alive at a time.
+DEFAULT_CHUNK_ELEMS = 1 << 24
 
 
 def resolve_mask_bias(mask_bias: float, vocab_size: int) -> float:
@@ -44,26 +45,34 @@ def unit_rows(raw: torch.Tensor, mask_id: int) -> torch.Tensor:
     return raw / raw.norm(dim=1, keepdim=True).clamp_min(1e-12) * keep
 
 
+def _chunk_probs(zc: torch.Tensor, scaled: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """softmax(zc (βW)ᵀ + b) (n, V), computed in place in one (n, V) buffer."""
+    probs = torch.addmm(bias, zc, scaled.T)
+    probs.sub_(probs.amax(-1, keepdim=True)).exp_()
+    return probs.div_(probs.sum(-1, keepdim=True))
+
+
 class _ChunkedConvert(torch.autograd.Function):
     """h = softmax(β z Wᵀ + b) @ T over positions in chunks; backward recomputes each chunk's softmax.
 
-    Inputs: z (N, d), W (V, d), beta () , b (V,), T (V, H), chunk (int). Output: h (N, H).
+    Inputs: z (N, d), W (V, d), beta (), b (V,), T (V, H), chunk (int). Output: h (N, H).
+    Saved for backward: the inputs and h (N, H), never an (N, V) tensor.
     """
 
     @staticmethod
     def forward(ctx, z, weight, beta, bias, trans, chunk):
-        ctx.save_for_backward(z, weight, beta, bias, trans)
-        ctx.chunk = chunk
         scaled = beta * weight  # (V, d): β folded into W_token once
         out = z.new_empty(z.shape[0], trans.shape[1])
         for start in range(0, z.shape[0], chunk):
-            probs = torch.softmax(z[start:start + chunk] @ scaled.T + bias, dim=-1)  # (n, V)
-            out[start:start + chunk] = probs @ trans
+            probs = _chunk_probs(z[start:start + chunk], scaled, bias)  # (n, V)
+            torch.mm(probs, trans, out=out[start:start + chunk])
+        ctx.save_for_backward(z, weight, beta, bias, trans, out)
+        ctx.chunk = chunk
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        z, weight, beta, bias, trans = ctx.saved_tensors
+        z, weight, beta, bias, trans, out = ctx.saved_tensors
         chunk = ctx.chunk
         grad_z = torch.zeros_like(z) if ctx.needs_input_grad[0] else None
         grad_t = torch.zeros_like(trans) if ctx.needs_input_grad[4] else None
@@ -74,17 +83,18 @@ class _ChunkedConvert(torch.autograd.Function):
             for start in range(0, z.shape[0], chunk):
                 zc = z[start:start + chunk]  # (n, d)
                 gh = grad_out[start:start + chunk]  # (n, H)
-                probs = torch.softmax(zc @ scaled.T + bias, dim=-1)  # (n, V), recomputed
+                probs = _chunk_probs(zc, scaled, bias)  # (n, V), recomputed
                 if grad_t is not None:
-                    grad_t += probs.T @ gh
-                grad_p = gh @ trans.T  # (n, V)
-                # softmax backward: dℓ/da = p ⊙ (g − Σ p g), a = z (βW)ᵀ + b
-                grad_a = probs * (grad_p - (probs * grad_p).sum(-1, keepdim=True))
-                del probs, grad_p
+                    grad_t.addmm_(probs.T, gh)
+                # softmax backward, a = z(βW)ᵀ + b, g = gh Tᵀ: dℓ/da = p ⊙ (g − Σ_v p_v g_v), where
+                # Σ_v p_v g_v = gh · (p T) = gh · h, so no second (n, V) reduction is needed
+                row_dot = (gh * out[start:start + chunk]).sum(-1, keepdim=True)  # (n, 1)
+                grad_a = torch.addmm(-row_dot, gh, trans.T).mul_(probs)  # (n, V)
+                del probs
                 grad_b += grad_a.sum(0)
-                grad_scaled += grad_a.T @ zc
+                grad_scaled.addmm_(grad_a.T, zc)
                 if grad_z is not None:
-                    grad_z[start:start + chunk] = grad_a @ scaled
+                    torch.mm(grad_a, scaled, out=grad_z[start:start + chunk])
         # βW: dℓ/dW = β dℓ/d(βW), dℓ/dβ = Σ W ⊙ dℓ/d(βW)
         return grad_z, beta * grad_scaled, (weight * grad_scaled).sum(), grad_b, grad_t, None
 

@@ -97,8 +97,8 @@ def test_chunked_path_saves_far_less_than_dense_for_backward():
     one_activation = n * vocab * 4  # a single fp32 (B·L, V) tensor
     print(f"saved for backward: dense {dense / 2**20:.2f} MiB, chunked {chunked / 2**20:.2f} MiB")
     assert dense >= one_activation  # dense keeps at least the probabilities
-    # chunked keeps z (B·L, d), the normalised W_token (V, d) and per-row norms: nothing of size B·L·V
-    assert chunked <= 4 * (n * 16 + vocab * (16 + 4))
+    # chunked keeps z (B·L, d), h (B·L, hidden), W_token (V, d) and row norms: nothing of size B·L·V
+    assert chunked <= 4 * (n * (16 + 32) + vocab * (16 + 4))
     assert chunked * 10 < dense
 
 
