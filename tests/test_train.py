@@ -184,3 +184,13 @@ def test_dsl_on_cyclic_toy_gets_within_5_percent_of_the_oracle(tmp_path: Path) -
         oracle_ce = -source.dsl_posterior(z, emb).gather(-1, ids[..., None]).log().mean()
     assert oracle_ce > 0.3  # the held-out corruptions are genuinely ambiguous
     assert model_ce <= 1.05 * oracle_ce, (float(model_ce), float(oracle_ce))
+
+
+@pytest.mark.parametrize("objective", ["dsl", "mdlm"])
+def test_bf16_autocast_trains(objective: str, tmp_path: Path) -> None:
+    trainer = Trainer(_cfg(objective, "train.precision=bf16", "model.dropout=0"), storage=tmp_path)
+    before = {n: p.detach().clone() for n, p in trainer.raw_model.named_parameters()}
+    metrics = trainer.step()
+    assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
+    assert all(p.dtype == torch.float32 for p in trainer.raw_model.parameters())  # fp32 master weights
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.raw_model.named_parameters())
