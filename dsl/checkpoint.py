@@ -362,6 +362,16 @@ def load_checkpoint(uri: str | os.PathLike | Storage, prefix: str = "") -> Loade
         tokenizer_files={k[len("tokenizer/"):]: v for k, v in files.items() if k.startswith("tokenizer/")})
 
 
+def read_tokenizer(uri: str | os.PathLike | Storage, prefix: str = "") -> Any:
+    """The tokenizer saved with a checkpoint (its files verified), or None if it has none."""
+    storage, prefix = _split_uri(uri, prefix)
+    manifest = read_manifest(storage, prefix)
+    names = {k: v for k, v in manifest["files"].items() if k.startswith("tokenizer/")}
+    files = _verified_files(storage, prefix, {"files": names})
+    return LoadedCheckpoint(join_uri(storage.uri, prefix), int(manifest["step"]), manifest["config"], {}, {},
+                            None, None, {}, {k[len("tokenizer/"):]: v for k, v in files.items()}).tokenizer()
+
+
 def list_checkpoints(root: str | os.PathLike | Storage) -> list[int]:
     """Steps that have a ``step-<N>/`` entry under ``root`` (complete or not), ascending."""
     storage = open_storage(root)
@@ -462,5 +472,5 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], where
 
 __all__ = ["FORMAT", "Storage", "LocalStorage", "register_storage", "open_storage", "LoadedCheckpoint",
            "save_checkpoint", "load_checkpoint", "verify_checkpoint", "read_manifest", "list_checkpoints",
-           "latest_complete", "apply_retention", "load_run", "load_weights", "step_dir", "join_uri",
+           "latest_complete", "apply_retention", "load_run", "read_tokenizer", "load_weights", "step_dir", "join_uri",
            "tensors_to_bytes", "tensors_from_bytes", "encode_rng", "decode_rng"]

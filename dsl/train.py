@@ -37,10 +37,11 @@ from dsl.checkpoint import (
     load_checkpoint,
     load_weights,
     open_storage,
+    read_tokenizer,
     save_checkpoint,
 )
 from dsl.config import ConfigError, RunConfig, dumps, to_dict
-from dsl.data import build_data
+from dsl.data import SYNTHETIC, build_data
 from dsl.errors import UserError
 from dsl.seeding import derive_seed, sample_generator
 
@@ -105,12 +106,18 @@ class Trainer:
                               f"{self.micro} x {world_size} workers")
         self.accum = tc.batch_size // (self.micro * world_size)
 
-        self.data = build_data(cfg)
+        self.name = run_name(run_cfg)
+        self.storage = open_storage(storage if storage is not None else Path(cfg.out_dir) / self.name)
+        # a tokenizer trained on the corpus is reused from the run's checkpoint, never re-trained
+        saved_tokenizer = None
+        if cfg.data.tokenizer in ("auto", "bpe") and cfg.data.source not in SYNTHETIC:
+            latest = latest_complete(self.storage)
+            saved_tokenizer = read_tokenizer(latest) if latest else None
+        self.data = build_data(cfg, tokenizer=saved_tokenizer)
         if cfg.model.mask_id == -1 and self.data.mask_id != self.data.vocab_size - 1:
             cfg.model.mask_id = self.data.mask_id  # e.g. text8's [MASK]=4 is not the last id
         self.raw_model = build_model(cfg, self.data.vocab_size)  # fills model.vocab_size / mask_id
         self.cfg = cfg
-        self.name = run_name(cfg)
         self._init_weights(cfg.init)
         self.raw_model.to(self.device)
         self.model = wrap_model(self.raw_model) if wrap_model else self.raw_model
@@ -127,7 +134,6 @@ class Trainer:
         self.metrics: dict[str, float] = {}
         # dropout is the one consumer of the global RNG: seed it per rank, save and restore it
         torch.manual_seed(derive_seed(cfg.seed, "dropout", rank))
-        self.storage = open_storage(storage if storage is not None else Path(cfg.out_dir) / self.name)
 
     # ------------------------------------------------------------------------------------------
     def _init_weights(self, init: str) -> None:

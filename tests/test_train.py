@@ -194,3 +194,25 @@ def test_bf16_autocast_trains(objective: str, tmp_path: Path) -> None:
     assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
     assert all(p.dtype == torch.float32 for p in trainer.raw_model.parameters())  # fp32 master weights
     assert any(not torch.equal(p, before[n]) for n, p in trainer.raw_model.named_parameters())
+
+
+def test_text_run_reuses_its_saved_bpe_tokenizer(tmp_path: Path, monkeypatch) -> None:
+    from dsl.data import BPETokenizer
+
+    corpus = tmp_path / "owt.txt"
+    corpus.write_text(Path("/work/shared/data/owt_valid_sample.txt").read_text()[:40_000]
+                      if Path("/work/shared/data/owt_valid_sample.txt").is_file()
+                      else "<|endoftext|>".join(f"document {i} about cats and dogs" for i in range(200)))
+    cfg = _cfg("mdlm", f"data.source={corpus}", "data.tokenizer=bpe", "data.bpe_vocab=300",
+               "data.valid_fraction=0.2", "train.steps=2")
+    first = Trainer(cfg, storage=tmp_path / "run")
+    first.fit()
+
+    def no_training(*a, **k):
+        raise AssertionError("the BPE must come from the checkpoint, not be re-trained")
+
+    monkeypatch.setattr(BPETokenizer, "train", no_training)
+    again = Trainer(cfg, storage=tmp_path / "run")
+    sample = "The quick brown fox."
+    assert again.data.tokenizer.encode(sample) == first.data.tokenizer.encode(sample)
+    assert again.resume() and again.step_count == 2
