@@ -150,7 +150,17 @@ class Trainer:
                 raise UserError(f"init={init}: no complete checkpoint there")
             ckpt = load_checkpoint(uri)
             weights = ckpt.ema_state if ckpt.ema_state is not None else ckpt.model_state
-            load_weights(self.raw_model, weights, f"init={ckpt.uri}")
+            source_objective = ckpt.config.get("objective")
+            if source_objective == "mdlm" and self.cfg.objective == "dsl":
+                # Sec 6.1: DSL fine-tuning starts from an MDLM run (backbone + W_trans from vocab_embed)
+                from dsl.models.mdlm_weights import init_dsl_from_mdlm
+
+                init_dsl_from_mdlm(self.raw_model, weights, f"init={ckpt.uri}")
+            elif source_objective not in (None, self.cfg.objective):
+                raise UserError(f"init={ckpt.uri}: a {source_objective} checkpoint cannot initialise "
+                                f"objective={self.cfg.objective} (accepted: the same objective, or mdlm for dsl)")
+            else:
+                load_weights(self.raw_model, weights, f"init={ckpt.uri}")
             return
         from dsl.models.mdlm_weights import init_from_mdlm
 

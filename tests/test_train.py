@@ -120,6 +120,16 @@ def test_load_run_and_init_use_ema_weights(tmp_path: Path) -> None:
         assert torch.equal(p, trainer.ema[name])
 
 
+def test_dsl_run_initialised_from_an_mdlm_run(tmp_path: Path) -> None:
+    mdlm = Trainer(_cfg("mdlm", "train.steps=1"), storage=tmp_path / "mdlm")
+    mdlm.fit()
+    dsl = Trainer(_cfg("dsl", f"init={tmp_path / 'mdlm'}"), storage=tmp_path / "dsl")
+    for name, p in dsl.raw_model.backbone.named_parameters():
+        assert torch.equal(p, mdlm.ema[name]), name
+    with pytest.raises(UserError, match="cannot initialise objective=ar"):
+        Trainer(_cfg("ar", f"init={tmp_path / 'mdlm'}"), storage=tmp_path / "ar")
+
+
 def test_resume_with_wrong_shapes_fails_cleanly(tmp_path: Path) -> None:
     Trainer(_cfg("mdlm", "train.steps=1"), storage=tmp_path).fit()
     before = _snapshot(tmp_path)
