@@ -137,45 +137,69 @@ def ar_loss(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> Lo
 @torch.no_grad()
 def path_integral_nll(denoise_mean: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, n_mc: int,
                       gen: torch.Generator, *, log_t_loc: float = 1.0, log_t_scale: float = 1.0,
+                      t_end: float | None = None,
+                      end_log_prob: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                       draws_per_call: int = 8, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Monte Carlo -log P(x) of each sequence from a denoiser: (nll (B,), stderr (B,)) in nats.
 
-    eq. 3 on the linear contour γ_i = t (the C* of eq. 4 taken to t* → ∞, where the eq. 10 term
-    -E log P(x | z_t*) vanishes): -log P(x) = ½ ∫₀^∞ f(t) dt with f(t) = Σ_i E_{z|x} ‖x_i - x̂_i(z_t)‖²
-    and z_t = t x + √t ε. ``denoise_mean(z (N, L, d)) -> x̂ (N, L, d)`` is any denoiser (a model's
-    ``posterior_mean`` or an exact oracle's); ``x`` (B, L, d) are the clean embeddings.
+    Contour γ_i = t (the C* of eq. 4), z_t = t x + √t ε, f(t) = Σ_i E_{z|x} ‖x_i - x̂_i(z_t)‖²:
+    * ``t_end=None``: eq. 3, -log P(x) = ½ ∫₀^∞ f(t) dt (the eq. 10 end term vanishes as t* → ∞);
+    * ``t_end=t*``: eq. 10, -log P(x) = ½ ∫₀^t* f(t) dt - E log P(x | z_t*), with
+      ``end_log_prob(z (N, L, d), rows (N,)) -> log P(x_rows | z) (N,)`` where ``rows`` index the B
+      sequences of ``x`` (exact for a source's ``log_posterior``; with a model's factorised
+      Σ_i log p_θ(x_i | z) it is eq. 4's upper bound).
+    ``denoise_mean(z (N, L, d)) -> x̂ (N, L, d)`` is any denoiser (a model's ``posterior_mean`` or an
+    exact oracle's); ``x`` (B, L, d) are the clean embeddings.
 
     Proposal (our choice): log t ~ Logistic(log_t_loc, log_t_scale), i.e. t = e^loc (u/(1-u))^scale
-    with u ~ U(0, 1). Each draw contributes ½ f̂(t) t / q(log t) with q(log t) = u(1-u)/scale and f̂ a
-    one-z estimate of f. Since f(t) → f(0) as t → 0 and decays exponentially as t → ∞, these weights
-    are bounded for scale >= 1 (a Gaussian on log t would have unbounded weights at small t), so the
-    estimator is unbiased with finite variance; stderr is the sample std over ``n_mc`` draws / √n_mc.
+    with u ~ U(0, 1) (u ~ U(0, u*) with t(u*) = t* when truncated). A draw contributes
+    ½ f̂(t) t / q(log t), q(log t) = u(1-u)/scale (/u* when truncated), with f̂ a one-z estimate of f.
+    Since f(t) → f(0) as t → 0 and decays exponentially as t → ∞, these weights are bounded for
+    scale >= 1 (a Gaussian on log t would have unbounded weights at small t), so the estimator is
+    unbiased with finite variance; stderr is the sample std over ``n_mc`` draws / √n_mc.
     """
     if n_mc < 2:
         raise ValueError(f"n_mc={n_mc} must be >= 2 to estimate a standard error")
     if log_t_scale < 1.0:
         raise ValueError(f"log_t_scale={log_t_scale} must be >= 1 (bounded importance weights at t → 0)")
+    if (t_end is None) != (end_log_prob is None):
+        raise ValueError("t_end and end_log_prob go together (eq. 10); give both or neither (eq. 3)")
+    if t_end is not None and t_end <= 0:
+        raise ValueError(f"t_end={t_end} must be > 0")
+    # u* = the logistic CDF at log t*: draws u ~ U(0, u*) cover exactly t ∈ (0, t*)
+    u_end = 1.0 if t_end is None else 1.0 / (1.0 + math.exp(-(math.log(t_end) - log_t_loc) / log_t_scale))
     b = x.shape[0]
     x64 = x.to(torch.float64)
+    rows = torch.arange(b)
     draws: list[torch.Tensor] = []
     bar = _progress(n_mc, progress, "path integral")
     done = 0
     while done < n_mc:
         c = min(draws_per_call, n_mc - done)
-        u = torch.rand(c, b, generator=gen, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)  # (c, B)
+        u = u_end * torch.rand(c, b, generator=gen, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)  # (c, B)
         t = math.exp(log_t_loc) * (u / (1 - u)) ** log_t_scale
-        eps = torch.randn((c,) + tuple(x.shape), generator=gen, dtype=torch.float64)
-        t_dev = t.to(x.device)[..., None, None]
-        z = t_dev * x64 + t_dev.sqrt() * eps.to(x.device)  # (c, B, L, d): eq. 3's z_t = t x + √t ε
+        z = _linear_contour(x64, t, gen)  # (c, B, L, d)
         x_hat = denoise_mean(z.reshape((c * b,) + tuple(x.shape[1:])).to(x.dtype))
         err = (x64 - x_hat.reshape(z.shape).to(torch.float64)).pow(2).sum(dim=(-1, -2)).cpu()  # (c, B)
-        density = u * (1 - u) / log_t_scale  # logistic density of log t
-        draws.append(0.5 * err * t / density)  # eq. 3: ½ Σ_i ‖x_i - x̂_i‖² dt / q
+        density = u * (1 - u) / (log_t_scale * u_end)  # proposal density of log t
+        value = 0.5 * err * t / density  # eq. 3/10: ½ Σ_i ‖x_i - x̂_i‖² dt / q
+        if t_end is not None:
+            z_end = _linear_contour(x64, torch.full((c, b), float(t_end), dtype=torch.float64), gen)
+            log_p = end_log_prob(z_end.reshape((c * b,) + tuple(x.shape[1:])).to(x.dtype), rows.repeat(c))
+            value = value - log_p.reshape(c, b).to(torch.float64).cpu()  # eq. 10: - E log P(x | z_t*)
+        draws.append(value)
         done += c
         bar.update(c)
     bar.close()
     values = torch.cat(draws)  # (n_mc, B)
     return values.mean(0), values.std(0) / math.sqrt(n_mc)
+
+
+def _linear_contour(x64: torch.Tensor, t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """z_t = t x + √t ε on γ_i = t for every token: t (c, B) → z (c, B, L, d) float64."""
+    eps = torch.randn((t.shape[0],) + tuple(x64.shape), generator=gen, dtype=torch.float64)
+    t_dev = t.to(x64.device)[..., None, None]
+    return t_dev * x64 + t_dev.sqrt() * eps.to(x64.device)
 
 
 def nll_to_bits(nll_nats: float | torch.Tensor, n_tokens: int | float,

@@ -1,7 +1,7 @@
 """Numerical checks of the paper's identities against exactly solvable sources.
 
     python -m dsl.verify path-integral source=hmm n=64 seed=0
-    python -m dsl.verify path-integral source=cyclic n=64 seed=0 [n_mc=128 length=32 dim=64 ...]
+    python -m dsl.verify path-integral source=cyclic n=64 seed=0 [n_mc=128 length=32 dim=64 t_end=5 ...]
 
 ``path-integral`` draws ``n`` sequences from the source, estimates each -log P(x) with the SNR path
 integral (eq. 3, ``dsl.objectives.path_integral_nll``) using the source's exact DSL denoiser
@@ -46,6 +46,8 @@ class VerifyConfig:
     log_t_loc: float | None = C.num(None, help="proposal location of log t; none = per source "
                                                   "(hmm 1.5, cyclic 0)")
     log_t_scale: float = C.num(1.0, 1.0, help="proposal scale of log t (>= 1 keeps weights bounded)")
+    t_end: float | None = C.num(None, 0.0, lo_open=True,
+                                help="none: eq. 3 (t -> inf); t*: eq. 10 with the exact end term -E log P(x|z_t*)")
     hmm_states: int = C.num(DataConfig.hmm_states, 2, help="hidden states of the HMM language")
     hmm_words: int = C.num(DataConfig.hmm_words, 4, help="word vocabulary of the HMM language")
     hmm_seed: int = C.num(DataConfig.hmm_seed, 0, help="seed that fixes the HMM's parameters")
@@ -78,12 +80,15 @@ def path_integral(cfg: VerifyConfig, progress: bool = True) -> dict:
     ids = source.sample(cfg.n, sample_generator(cfg.seed, "verify", "sequences"))  # (n, L)
     exact = -source.log_prob(ids)  # (n,)
     loc = _DEFAULT_LOC[cfg.source] if cfg.log_t_loc is None else cfg.log_t_loc
-    print(f"path integral: source={cfg.source} n={cfg.n} length={length} d={emb.shape[1]} "
+    contour = "eq. 3, t in (0, inf)" if cfg.t_end is None else f"eq. 10, t in (0, {cfg.t_end:g}] + end term"
+    print(f"path integral ({contour}): source={cfg.source} n={cfg.n} length={length} d={emb.shape[1]} "
           f"n_mc={cfg.n_mc} proposal log t ~ Logistic({loc:g}, {cfg.log_t_scale:g})", flush=True)
     start, cpu_start = time.perf_counter(), time.process_time()
+    end_log_prob = None if cfg.t_end is None else (lambda z, rows: source.log_posterior(ids[rows], z, emb))
     estimate, stderr = path_integral_nll(lambda z: source.posterior_mean(z, emb), emb[ids], cfg.n_mc,
                                          sample_generator(cfg.seed, "verify", "monte-carlo"),
-                                         log_t_loc=loc, log_t_scale=cfg.log_t_scale, progress=progress)
+                                         log_t_loc=loc, log_t_scale=cfg.log_t_scale, t_end=cfg.t_end,
+                                         end_log_prob=end_log_prob, progress=progress)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     exact_mean = float(exact.mean())
     estimate_mean = float(estimate.mean())
@@ -97,6 +102,7 @@ def path_integral(cfg: VerifyConfig, progress: bool = True) -> dict:
         "n": cfg.n,
         "length": length,
         "n_mc": cfg.n_mc,
+        "t_end": cfg.t_end,
         "exact_bits_per_token": float(nll_to_bits(exact_mean, length)),
         "estimate_bits_per_token": float(nll_to_bits(estimate_mean, length)),
         "seconds": round(seconds, 3),

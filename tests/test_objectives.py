@@ -216,6 +216,22 @@ def test_path_integral_with_exact_denoiser_recovers_exact_nll(name):
     assert se < 0.05 * float(exact.mean())  # precise enough to catch a wrong factor
 
 
+@pytest.mark.parametrize("t_end", [0.5, 4.0])
+def test_eq10_truncated_path_plus_end_term_recovers_exact_nll(t_end):
+    """eq. 10: ½ ∫₀^t* f dt - E log P(x | z_t*) = -log P(x) for any t*, with the exact end term."""
+    source = HMMSource(4, 8, 2, 6)
+    emb = spherical_embeddings(9, 8, 8, sample_generator(0, "eq10-emb"), dtype=torch.float64)
+    ids = source.sample(16, sample_generator(0, "eq10-ids"))
+    nll, stderr = path_integral_nll(lambda z: source.posterior_mean(z, emb), emb[ids], 256,
+                                    sample_generator(0, "eq10-mc", str(t_end)), t_end=t_end,
+                                    end_log_prob=lambda z, rows: source.log_posterior(ids[rows], z, emb))
+    exact = -source.log_prob(ids)
+    se = float(stderr.pow(2).sum().sqrt()) / 16
+    assert abs(float(nll.mean() - exact.mean())) < 3 * se and se < 0.05 * float(exact.mean())
+    with pytest.raises(ValueError, match="together"):
+        path_integral_nll(lambda z: z, emb[ids], 4, sample_generator(0), t_end=t_end)
+
+
 def test_path_integral_of_a_mismatched_denoiser_exceeds_the_nll():
     """The exact denoiser is the MMSE one: any other x̂ integrates to more than -log P(x)."""
     source = CyclicSource(5)

@@ -213,6 +213,22 @@ def test_dsl_posterior_matches_gaussian_bayes_at_mixed_snrs(name):
     torch.testing.assert_close(source.posterior_mean(z, emb), probs @ emb)
 
 
+@pytest.mark.parametrize("name", SOURCES)
+def test_log_posterior_is_the_normalised_gaussian_bayes_posterior(name):
+    source = SOURCES[name]()
+    emb = spherical_embeddings(source.vocab_size, 3, source.mask_id, gen("lp-emb"), dtype=torch.float64)
+    seqs, log_p = all_sequences(source)
+    ids = source.sample(3, gen("lp", name))
+    gamma = torch.exp(torch.randn(3, source.length, generator=gen("lp-gamma", name), dtype=torch.float64))
+    z = corrupt(emb[ids], gamma, gen("lp-z", name))  # (3, L, d)
+    every = source.log_posterior(seqs.repeat(3, 1), z.repeat_interleave(len(seqs), 0), emb).view(3, -1)
+    torch.testing.assert_close(torch.logsumexp(every, -1), torch.zeros(3, dtype=torch.float64))
+    sq = ((z[:, None] - gamma[:, None, :, None] * emb[seqs][None]) ** 2).sum(-1)  # (3, N, L)
+    bayes = torch.log_softmax(log_p[None] - (sq / (2 * gamma[:, None])).sum(-1), dim=-1)
+    possible = torch.isfinite(log_p)
+    torch.testing.assert_close(every[:, possible], bayes[:, possible], rtol=0, atol=1e-9)
+
+
 def test_single_token_uniform_prior_posterior_is_softmax():
     source = CyclicSource(6, length=1)  # one position: the uniform prior over six words
     emb = spherical_embeddings(7, 4, 6, gen("one"), dtype=torch.float64)

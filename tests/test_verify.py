@@ -56,6 +56,14 @@ def test_bad_input_exit_status_of_the_command():
     assert proc.returncode == 2 and proc.stderr.startswith("error: n_mc=1") and proc.stdout == ""
 
 
+def test_function_with_a_finite_end_snr_uses_eq10():
+    cfg = C.load(VerifyConfig, ["source=cyclic", "k=5", "n=16", "n_mc=128", "t_end=1.5"], aliases=ALIASES,
+                 presets={})
+    result = path_integral(cfg, progress=False)
+    assert result["t_end"] == 1.5 and result["exact_nll"] == pytest.approx(math.log(5))
+    assert abs(result["z_score"]) < 3 and result["stderr"] < 0.1 * result["exact_nll"]
+
+
 def test_function_is_deterministic_given_the_seed():
     cfg = C.load(VerifyConfig, ["source=cyclic", "k=5", "n=4", "n_mc=16"], aliases=ALIASES, presets={})
     a, b = path_integral(cfg, progress=False), path_integral(cfg, progress=False)

@@ -77,6 +77,20 @@ class ExactSource:
         log_ev = z.to(torch.float64) @ word_emb.T  # (B, L, W): App A.1, exp(x · z) evidence
         return self._with_mask_column(self._log_marginals(log_ev).exp())
 
+    def log_posterior(self, ids: torch.Tensor, z: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """Exact log P(x = ids | z) = log P(x) + Σ_i x_i · z_i - log Σ_x' P(x') e^{Σ_i x'_i · z_i}: (B,).
+
+        The end term of eq. 10 (App A.2): -E log P(x | z_t*) closes a path integral stopped at t*.
+        """
+        ids = self._check_ids(ids, allow_mask=False, what="ids")
+        log_ev = z.to(torch.float64) @ emb[: self.n_words].to(torch.float64).T  # (B, L, W)
+        tilt = log_ev.gather(-1, ids.unsqueeze(-1)).squeeze(-1).sum(-1)  # Σ_i x_i · z_i
+        return self.log_prob(ids) + tilt - self._log_partition(log_ev)
+
+    def _log_partition(self, log_evidence: torch.Tensor) -> torch.Tensor:
+        """log Σ_x P(x) Π_i exp(e_i(x_i)): (B,)."""
+        raise NotImplementedError
+
     def posterior_mean(self, z: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """The exact DSL denoiser x̂(z) = E[x | z] = Σ_v p(v | z) x_v (Sec 3): (B, L, d) float64."""
         return self.dsl_posterior(z, emb) @ emb.to(torch.float64)

@@ -58,11 +58,18 @@ class CyclicSource(ExactSource):
         word_rows = torch.stack([angle.cos(), angle.sin()], dim=-1)
         return torch.cat([word_rows, torch.zeros(1, 2, dtype=torch.float64)]).to(dtype)
 
-    def _log_marginals(self, log_evidence: torch.Tensor) -> torch.Tensor:
+    def _shift_scores(self, log_evidence: torch.Tensor) -> torch.Tensor:
+        """score[b, i] = log P(shift i) + Σ_j e_j(x_j of shift i): (B, K)."""
         b, length, k = log_evidence.shape
         seqs = self.sequences(length)  # (K, L)
-        # score[b, i] = log P(shift i) + Σ_j e_j(x_j of shift i)
         per_pos = torch.gather(log_evidence, 2, seqs.T.unsqueeze(0).expand(b, length, k))  # (B, L, K)
-        log_post = torch.log_softmax(per_pos.sum(1) - math.log(k), dim=-1)  # (B, K) over shifts
-        one_hot = torch.nn.functional.one_hot(seqs, k).to(torch.float64)  # (K, L, W)
+        return per_pos.sum(1) - math.log(k)
+
+    def _log_partition(self, log_evidence: torch.Tensor) -> torch.Tensor:
+        return torch.logsumexp(self._shift_scores(log_evidence), dim=-1)
+
+    def _log_marginals(self, log_evidence: torch.Tensor) -> torch.Tensor:
+        seqs = self.sequences(log_evidence.shape[1])  # (K, L)
+        log_post = torch.log_softmax(self._shift_scores(log_evidence), dim=-1)  # (B, K) over shifts
+        one_hot = torch.nn.functional.one_hot(seqs, self.k).to(torch.float64)  # (K, L, W)
         return torch.einsum("bs,slw->blw", log_post.exp(), one_hot).log()

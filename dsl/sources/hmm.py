@@ -106,6 +106,9 @@ class HMMSource(ExactSource):
             beta[:, i] = self._trans_backward(nxt)  # log Σ_s' P(s' | s) exp(nxt(s'))
         return beta
 
+    def _log_partition(self, log_evidence: torch.Tensor) -> torch.Tensor:
+        return self._forward(self._emit_by_state(log_evidence))[1]
+
     def _log_marginals(self, log_evidence: torch.Tensor) -> torch.Tensor:
         b, length, w = log_evidence.shape
         # φ_i(s) = log Σ_w P(w | s) exp(e_i(w)): the evidence of position i given its state
