@@ -508,6 +508,56 @@ def describe(cls: type) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------------
+# Evaluation job (jobs/evaluate.py; issue 4).
+
+
+@dataclass
+class EvalConfig:
+    """MAUVE / GenPPL / sentence entropy of a sample file; calibration (Fig 4); likelihood (Table 3)."""
+
+    samples: str = text("", "samples: JSON lines with 'text' (+ 'ids') as jobs/sample.py writes, or .txt")
+    reference: str = text("", "reference texts: a .jsonl/.txt file or hf:<dataset>[:<config>]")
+    reference_split: str = text("validation", "split of an hf: reference (MDLM's OWT valid: train[-100000:])")
+    text_field: str = text("text", "JSON field / dataset column holding the text")
+    n_reference: int = num(0, 0, help="references drawn without replacement; 0 = as many as samples")
+    reference_seed: int = num(1, 0, help="seed of the reference draw (MDLM/ReMDM loader seed: 1)")
+    words_per_reference: int = num(0, 0, help="cut the reference corpus into chunks of N words; 0 = as stored")
+    featurizer: str = text("minilm", "minilm (offline) | gpt2-large (the paper's) | <local HF model dir>")
+    max_length: int = num(0, 0, help="featurizer max tokens; 0 = its default (minilm 128, gpt2-large 1024)")
+    featurize_batch: int = num(32, 1, help="texts per featurizer forward")
+    seeds: tuple[int, ...] = field(default=(25, 26, 27), metadata={
+        "help": "k-means seeds MAUVE is averaged over (mauve-text's default seed is 25)"})
+    num_buckets: str = text("auto", "k-means buckets K: auto = n/10 (K=500 for 5k samples) or an integer")
+    match_length: bool = field(default=True, metadata={
+        "help": "cut samples and references to one token budget (recorded as length_budget)"})
+    length_budget: int = num(0, 0, help="token budget when matching lengths; 0 = the shorter set's longest text")
+    cache: str = text("runs/feature-cache", "reference-feature cache: local dir or s3://...; '' = off")
+    workers: int = num(0, 0, help="0 = featurize in this process; N = a MauvePool of N Ray actors")
+    gpus_per_worker: float = num(0.0, 0.0, help="GPUs per MAUVE actor")
+    ray_address: str = text("", "Ray cluster address for workers > 0; '' = a private local Ray on 127.0.0.1")
+    device: str = text("cpu", "torch device of in-process featurizer / oracle")
+    oracle: str = text("none", "GenPPL oracle: none | gpt2-large | <local HF causal LM dir> | "
+                               "<AR checkpoint dir or s3:// URI> | oracle:hmm | oracle:cyclic (exact)")
+    oracle_max_length: int = num(1024, 1, help="re-tokenisation max length of an HF oracle (ReMDM: 1024)")
+    genppl_batch: int = num(8, 1, help="samples per oracle forward")
+    checkpoint: str = text("", "calibration/likelihood: checkpoint dir(s)/URI(s), comma-separated; "
+                                "label=uri names a curve (e.g. atomic=runs/a,smoothed=runs/b)")
+    snr: tuple[float, ...] = field(default=(1.0, 5.0, 10.0, 20.0, 50.0, 70.0, 80.0, 90.0, 95.0, 100.0),
+                                   metadata={"help": "calibration SNR grid (Fig 4a: the near-clean end 70..100)"})
+    calibration_bins: int = num(15, 2, help="equal-width confidence bins of the token ECE (paper: unstated)")
+    reliability_snr: float = num(100.0, 0.0, lo_open=True, help="SNR of the reliability diagram (Fig 4b: 100)")
+    batches: int = num(4, 1, help="held-out batches for calibration / likelihood")
+    batch_size: int = num(8, 1, help="held-out sequences per batch")
+    n_mc: int = num(32, 2, help="likelihood: Monte Carlo draws of the path integral per sequence")
+    chunk: int = num(256, 1, help="likelihood: characters per text8-style chunk (App C.3: 256)")
+    heldout: str = text("", "likelihood: held-out text file ('' = the run's own validation split)")
+    out: str = text("", "directory for plots and JSON results ('' = print only; calibration: '.')")
+    seed: int = num(0, 0, help="seed of the corruption noise / Monte Carlo draws")
+    progress: bool = field(default=True, metadata={"help": "tqdm progress bars on long work"})
+    data: DataConfig = section(DataConfig)
+
+
 __all__ = [
     "ConfigError", "ModelConfig", "ChannelConfig", "MDLMLossConfig", "DataConfig", "TrainConfig",
     "SamplingConfig", "RunConfig", "MODEL_PRESETS", "RUN_PRESETS", "apply_overrides", "load",

@@ -186,6 +186,12 @@ def _check_texts(texts: list[str], name: str) -> list[str]:
     return texts
 
 
+def hub_offline() -> bool:
+    """True when the environment forbids the Hugging Face hub (read at call time, unlike huggingface_hub)."""
+    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DSL_OFFLINE"))
+
+
 def _offline_hint(spec: FeaturizerSpec, exc: Exception) -> UserError:
     return UserError(f"featurizer {spec.name}: cannot load {spec.model_path!r} ({type(exc).__name__}); "
                      f"offline, use featurizer=minilm or a local model directory "
@@ -196,7 +202,7 @@ def _load_tokenizer(spec: FeaturizerSpec):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(spec.model_path)
+        tok = AutoTokenizer.from_pretrained(spec.model_path, local_files_only=hub_offline())
     except Exception as exc:  # hub unreachable, missing files: one line for the user
         raise _offline_hint(spec, exc) from None
     if not getattr(tok, "is_fast", False):
@@ -214,9 +220,10 @@ def _load_model(spec: FeaturizerSpec):
     from transformers import AutoConfig, AutoModel
 
     transformers.logging.set_verbosity_error()  # the partial-load report of a truncated encoder is expected
+    transformers.logging.disable_progress_bar()
 
     try:
-        config = AutoConfig.from_pretrained(spec.model_path)
+        config = AutoConfig.from_pretrained(spec.model_path, local_files_only=hub_offline())
         if spec.layer >= 0:
             n_layers = getattr(config, "num_hidden_layers", None)
             if n_layers is not None and spec.layer > n_layers:
@@ -225,7 +232,8 @@ def _load_model(spec: FeaturizerSpec):
                 # hidden_states[k] needs only the first k blocks: run no more (exactly the same values;
                 # BERT has no final norm that would move onto the new last layer, unlike GPT-2's ln_f)
                 config.num_hidden_layers = max(spec.layer, 1)
-        model = AutoModel.from_pretrained(spec.model_path, config=config, dtype=torch.float32)
+        model = AutoModel.from_pretrained(spec.model_path, config=config, dtype=torch.float32,
+                                          local_files_only=hub_offline())
     except UserError:
         raise
     except Exception as exc:
@@ -238,4 +246,4 @@ def get_featurizer(name: str, max_length: int = 0, device: str = "cpu", batch_si
     return HFFeaturizer(resolve_spec(name), max_length=max_length, device=device, batch_size=batch_size)
 
 
-__all__ = ["FeaturizerSpec", "HFFeaturizer", "MINILM_LAYER", "get_featurizer", "resolve_spec"]
+__all__ = ["FeaturizerSpec", "HFFeaturizer", "MINILM_LAYER", "get_featurizer", "hub_offline", "resolve_spec"]

@@ -114,8 +114,11 @@ class CausalLMOracle:
         try:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            tok = AutoTokenizer.from_pretrained(name_or_path)
-            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
+            from dsl.eval.featurizers import hub_offline
+
+            offline = hub_offline()
+            tok = AutoTokenizer.from_pretrained(name_or_path, local_files_only=offline)
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32, local_files_only=offline)
         except Exception as exc:
             raise UserError(f"oracle={name_or_path!r}: cannot load the causal LM ({type(exc).__name__}); offline, "
                             f"pass a local model directory (e.g. a saved gpt2-large) or oracle=none") from None

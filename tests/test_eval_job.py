@@ -1,0 +1,119 @@
+"""jobs/evaluate.py end to end, in process: the JSON summary, the cache, calibration, bad input."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsl.config import DataConfig, RunConfig, load, to_dict
+from dsl.eval.entropy import sentence_entropy
+from dsl.sources import build_source
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("evaluate_job", REPO / "jobs" / "evaluate.py")
+evaluate_job = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(evaluate_job)
+
+LENGTH = 24
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Samples (ids + text, as jobs/sample.py writes them) and references from the default HMM source."""
+    root = tmp_path_factory.mktemp("eval")
+    source = build_source("hmm", DataConfig(), LENGTH)
+    samples = source.sample(30, torch.Generator().manual_seed(0))
+    refs = source.sample(40, torch.Generator().manual_seed(1))
+    with open(root / "samples.jsonl", "w") as fh:
+        for row in samples.tolist():
+            fh.write(json.dumps({"ids": row, "text": source.decode(row)}) + "\n")
+    with open(root / "refs.jsonl", "w") as fh:
+        for row in refs.tolist():
+            fh.write(json.dumps({"text": source.decode(row)}) + "\n")
+    (root / "empty.jsonl").write_text("")
+    return root, source, samples
+
+
+def _run(capsys, *args):
+    rc = evaluate_job.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_samples_summary_is_the_last_json_line(files, capsys, tmp_path):
+    root, source, samples = files
+    base = [f"samples={root / 'samples.jsonl'}", f"reference={root / 'refs.jsonl'}", "featurizer=minilm",
+            "max_length=64", "seeds=25,26", "num_buckets=4", "oracle=oracle:hmm", f"cache={tmp_path / 'cache'}",
+            "progress=false"]
+    rc, out, _ = _run(capsys, *base)
+    assert rc == 0
+    summary = json.loads(out.strip().splitlines()[-1])
+    for key in ("mauve_mean", "mauve_std", "genppl", "sentence_entropy", "n_samples", "n_reference", "featurizer"):
+        assert key in summary
+    assert summary["n_samples"] == 30 and summary["n_reference"] == 30 and summary["featurizer"] == "minilm"
+    assert 0.0 <= summary["mauve_mean"] <= 1.0 and len(summary["mauve_values"]) == 2
+    exact = math.exp(float(-source.log_prob(samples).sum()) / samples.numel())
+    assert summary["genppl"] == pytest.approx(exact, rel=1e-9)
+    assert summary["sentence_entropy"] == pytest.approx(sentence_entropy(samples.tolist()))
+    assert summary["reference_features_computed"] == 1
+    # a second run finds the reference features in the cache
+    rc, out, _ = _run(capsys, *base, f"out={tmp_path / 'out'}")
+    again = json.loads(out.strip().splitlines()[-1])
+    assert rc == 0 and again["reference_features_computed"] == 0
+    assert again["mauve_values"] == summary["mauve_values"]
+    assert json.loads((tmp_path / "out" / "samples.json").read_text())["genppl"] == summary["genppl"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["samples={root}/missing.jsonl", "reference={root}/refs.jsonl"], "file not found"),
+    (["samples={root}/empty.jsonl", "reference={root}/refs.jsonl"], "holds no texts"),
+    (["samples={root}/samples.jsonl", "reference={root}/refs.jsonl", "n_reference=20"], "at least as large"),
+    (["samples={root}/samples.jsonl", "reference={root}/refs.jsonl", "n_reference=41"], "fewer than the 41"),
+    (["samples={root}/samples.jsonl", "reference={root}/refs.jsonl", "featurizer=bert-huge"], "unknown featurizer"),
+    (["samples={root}/samples.jsonl", "reference={root}/refs.jsonl", "oracle=gpt2-large"], "offline"),
+    (["samples={root}/samples.jsonl", "reference={root}/refs.jsonl", "featurizer=gpt2-large"], "offline"),
+    (["samples={root}/samples.jsonl", "reference={root}/refs.jsonl", "seeds=x"], "seeds"),
+    (["calibration", "checkpoint={root}/nope"], "no such directory"),
+    (["frobnicate"], "unknown mode"),
+])
+def test_bad_input_is_one_error_line_and_exit_2(files, capsys, monkeypatch, tmp_path, args, message):
+    root = files[0]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache = tmp_path / "cache"
+    rc, out, err = _run(capsys, *[a.format(root=root) for a in args], f"cache={cache}", "progress=false")
+    assert rc == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+    assert not cache.exists() or not any(cache.rglob("*.safetensors"))
+
+
+def _toy_checkpoint(root: Path, roar: str) -> str:
+    from dsl.checkpoint import save_checkpoint
+    from dsl.models import build_model
+
+    cfg = load(RunConfig, ["preset=embedded", "model=toy", f"model.length={LENGTH}", f"channel.roar={roar}",
+                           "train.batch_size=8"])
+    model = build_model(cfg, build_source("hmm", cfg.data, LENGTH).vocab_size)
+    return save_checkpoint(str(root / roar), 0, config=to_dict(cfg), model_state=model.state_dict())
+
+
+def test_calibration_compares_two_checkpoints_in_one_command(capsys, tmp_path):
+    atomic, smoothed = _toy_checkpoint(tmp_path, "atomic"), _toy_checkpoint(tmp_path, "smoothed")
+    rc, out, err = _run(capsys, "calibration", f"checkpoint=atomic={atomic},smoothed={smoothed}",
+                        "snr=1,70,100", "batches=1", "batch_size=4", f"out={tmp_path / 'fig'}", "progress=false")
+    assert rc == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert set(summary["checkpoints"]) == {"atomic", "smoothed"}
+    assert summary["checkpoints"]["atomic"]["roar"] == "atomic"
+    for row in summary["checkpoints"].values():
+        assert set(row["ece"]) == {"1", "70", "100"} and all(0.0 <= v <= 1.0 for v in row["ece"].values())
+    assert (tmp_path / "fig" / "calibration.png").read_bytes()[:4] == b"\x89PNG"
+    details = json.loads((tmp_path / "fig" / "calibration.json").read_text())
+    assert sum(details["atomic"]["100.0"]["bin_counts"]) == 4 * LENGTH
+    assert not [p for p in os.listdir(tmp_path / "fig") if p.startswith(".tmp")]
