@@ -215,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "start":
             c = start_cluster(args.temp_dir, head_cpus=args.head_cpus, workers=args.workers,
                               worker_cpus=args.cpus, object_store_mb=args.object_store_mb)
+            for k, v in LOOPBACK_ENV.items():
+                print(f"export {k}={v}")
             print(f"export RAY_ADDRESS={c.address}")
             print(f"export RAY_API_SERVER_ADDRESS={c.dashboard_url}")
             print(f"# dashboard: {c.dashboard_url}   stop: python -m dsl.service.local_cluster stop "

@@ -142,6 +142,21 @@ def check_init(init: str) -> None:
 # Inside each Ray Train worker.
 
 
+def _untrust_corrupt(storage: Any, step: int) -> None:
+    """A run that fell back past a corrupt ``step-<N>`` must be able to write step N again: drop the
+    corrupt one's manifest (it was never trusted), so the core save treats its files as debris."""
+    from dsl.checkpoint import MANIFEST, step_dir, verify_checkpoint
+
+    key = f"{step_dir(step)}/{MANIFEST}"
+    if not storage.exists(key):
+        return
+    try:
+        verify_checkpoint(storage, step_dir(step))
+    except UserError as exc:
+        print(f"warning: replacing corrupt checkpoint ({' '.join(str(exc).split())})", flush=True)
+        storage.delete(key)
+
+
 def train_worker(payload: dict[str, Any]) -> None:
     """Ray Train per-worker function: build the core Trainer, resume, fit, report to Ray and MLflow."""
     import ray.train
@@ -176,6 +191,8 @@ def train_worker(payload: dict[str, Any]) -> None:
         """The core Trainer; each save (all ranks reach it together) is also reported to Ray/MLflow."""
 
         def save(self, step: int | None = None) -> str | None:
+            if self.rank == 0:
+                _untrust_corrupt(self.storage, self.step_count if step is None else step)
             uri = super().save(step)
             if logger is not None and uri:
                 logger.log_checkpoint(uri, self.step_count)

@@ -1,0 +1,287 @@
+"""jobs/finetune.py through `ray job submit` on a real two-node local Ray cluster: DDP equivalence,
+S3 + MLflow server, worker and driver faults, corruption fallback, credential scan, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import psutil
+import pytest
+import torch
+
+from dsl.checkpoint import MANIFEST, load_checkpoint
+from dsl.config import RunConfig, load
+from dsl.service.local_cluster import cluster_pids, free_port
+from dsl.service.tracking import TAG_RUN_NAME
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["model=toy", "model.length=32", "train.batch_size=8", "train.eval_every=0", "train.eval_batches=1",
+        "train.ema=0.9", "data.source=hmm", "train.log_every=1", "train.lr=1e-3"]
+SECRET = "testing-secret-9f3c1e"  # tests/conftest.py FAKE_AWS
+
+
+def ray_cmd(*args: str) -> list[str]:
+    return [str(Path(sys.executable).with_name("ray")), *args]
+
+
+def submit(cluster, env, args: list[str], *, wait: bool = True, timeout: float = 400) -> subprocess.CompletedProcess:
+    cmd = ray_cmd("job", "submit", "--address", cluster.dashboard_url, "--working-dir", str(REPO),
+                  *([] if wait else ["--no-wait"]), "--", "python", "jobs/finetune.py", *args)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def summary_of(out: subprocess.CompletedProcess) -> dict:
+    assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    return json.loads(lines[-1])
+
+
+def wait_for(cond, timeout: float, what: str, every: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def complete_steps(root: Path) -> list[int]:
+    return sorted(int(p.parent.name.split("-")[1]) for p in root.glob(f"step-*/{MANIFEST}"))
+
+
+def runs_named(tracking_uri: str, name: str) -> list:
+    client = mlflow.MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name("dsl")
+    return client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_RUN_NAME}` = '{name}'")
+
+
+def steps_of(tracking_uri: str, run_id: str, metric: str) -> list[tuple[int, float]]:
+    hist = mlflow.MlflowClient(tracking_uri).get_metric_history(run_id, metric)
+    return sorted((m.step, m.value) for m in hist)
+
+
+def train_workers(cluster) -> list[psutil.Process]:
+    out = []
+    for pid in cluster_pids(cluster.temp_dir, cluster.address):
+        try:
+            p = psutil.Process(pid)
+            if "RayTrainWorker" in p.name() or "RayTrainWorker" in " ".join(p.cmdline()):
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def job_drivers(cluster, name: str) -> list[psutil.Process]:
+    out = []
+    for pid in cluster_pids(cluster.temp_dir, cluster.address):
+        try:
+            p = psutil.Process(pid)
+            cmd = " ".join(p.cmdline())
+            if "jobs/finetune.py" in cmd and f"name={name}" in cmd and "job submit" not in cmd:
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# without a cluster: errors that must be one clear line before any Ray starts
+
+
+def run_plain(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "jobs/finetune.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=180, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["workers=0"], "service.workers=0 is out of range"),
+    (["storage=gs://bucket/x"], "service.storage='gs://bucket/x'"),
+    (["init=/no/such/ckpt"], "init=/no/such/ckpt: no such file or directory"),
+    (["train.batch_size=9", "workers=2"], "train.batch_size=9 must be divisible by workers=2"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, needle, tmp_path):
+    out = run_plain([*args, f"out_dir={tmp_path}", "service.log_to_mlflow=false"])
+    assert out.returncode == 2, out.stderr[-2000:]
+    err = out.stderr.strip().splitlines()
+    assert err[-1].startswith("error: ") and needle in err[-1], err[-3:]
+
+
+def test_hf_init_offline_is_one_clear_line(tmp_path):
+    out = run_plain(["init=hf:kuleshov-group/mdlm-owt", f"out_dir={tmp_path}", "service.log_to_mlflow=false"],
+                    env={"HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 2
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: hf:kuleshov-group/mdlm-owt:") and "local directory" in last
+
+
+def test_unreachable_s3_storage_fails_after_retries_with_one_line(tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}"
+    out = run_plain(["storage=s3://bucket/runs", f"storage_endpoint={dead}", f"out_dir={tmp_path}",
+                     "service.log_to_mlflow=false"],
+                    env={"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y", "AWS_DEFAULT_REGION": "us-east-1"})
+    assert out.returncode == 2
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: s3://bucket/runs/") and "attempts" in last and dead in last
+
+
+def test_config_keys_and_names():
+    from dsl.service.ray_train import ALIASES, FinetuneConfig, resolve_name, run_config_of, storage_root
+
+    cfg = load(FinetuneConfig, ["workers=4", "gpus_per_worker=1", "train.lr=1e-4", "model=toy",
+                                "storage=s3://b/runs"], aliases=ALIASES)
+    assert (cfg.service.workers, cfg.service.gpus_per_worker, cfg.train.lr) == (4, 1.0, 1e-4)
+    run = run_config_of(cfg)
+    assert type(run) is RunConfig and run.model.hidden == 32
+    name = resolve_name(cfg)
+    assert name == resolve_name(cfg) and name.startswith("dsl-")  # stable without a timestamp
+    assert storage_root(cfg, name) == f"s3://b/runs/{name}"
+    os.environ["RAY_JOB_CONFIG_JSON_ENV_VAR"] = json.dumps({"metadata": {"job_submission_id": "raysubmit_abc"}})
+    try:
+        assert resolve_name(load(FinetuneConfig, [], aliases=ALIASES)) == "raysubmit_abc"
+    finally:
+        del os.environ["RAY_JOB_CONFIG_JSON_ENV_VAR"]
+
+
+# ----------------------------------------------------------------------------------------------
+# on the cluster, through `ray job submit`
+
+
+@pytest.mark.integration
+def test_two_worker_ddp_equals_one_process(ray_cluster, ray_env, tmp_path):
+    from dsl.train import Trainer
+
+    steps = ["train.steps=3", "train.ckpt_every=0", "name=ddp2"]
+    out = submit(ray_cluster, ray_env, [*TINY, *steps, "workers=2", f"storage={tmp_path / 'ray'}",
+                                        f"tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    summary = summary_of(out)
+    assert summary["step"] == 3
+    distributed = load_checkpoint(summary["checkpoint"])
+    assert "world_size=2" in out.stdout + out.stderr or "rank 0 of 2" in out.stdout + out.stderr
+
+    torch.set_num_threads(1)
+    cfg = load(RunConfig, [*TINY, *steps])
+    single = Trainer(cfg, storage=str(tmp_path / "single"))
+    single.fit()
+    ref = single.raw_model.state_dict()
+    assert set(ref) == set(distributed.model_state)
+    for k, v in ref.items():
+        torch.testing.assert_close(distributed.model_state[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    start = Trainer(cfg, storage=str(tmp_path / "unused")).raw_model.state_dict()
+    assert any(not torch.equal(start[k], v) for k, v in ref.items())  # training moved the weights
+
+
+@pytest.mark.integration
+def test_s3_storage_and_mlflow_server_run(ray_cluster, ray_env, s3_server, s3_bucket, mlflow_server, tmp_path):
+    args = [*TINY, "train.steps=4", "train.ckpt_every=2", "name=s3run", "workers=2",
+            f"storage={s3_bucket}/runs", f"tracking_uri={mlflow_server.tracking_uri}"]
+    out = submit(ray_cluster, ray_env, args)
+    summary = summary_of(out)
+    assert summary["checkpoint"] == f"{s3_bucket}/runs/s3run/step-4"
+    bucket = s3_bucket.removeprefix("s3://")
+    keys = {o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket).get("Contents", [])}
+    for f in ("model.safetensors", "ema.safetensors", "optim.safetensors", "state.json", MANIFEST):
+        assert f"runs/s3run/step-4/{f}" in keys
+    assert "runs/s3run/step-2/manifest.json" in keys
+
+    (run,) = runs_named(mlflow_server.tracking_uri, "s3run")
+    assert run.data.params["train.steps"] == "4" and run.data.params["service.workers"] == "2"
+    assert run.data.tags["dsl.checkpoint"] == summary["checkpoint"]
+    assert run.data.tags["dsl.checkpoint.step-2"] == f"{s3_bucket}/runs/s3run/step-2"
+    assert run.data.tags.get("mlflow.source.git.commit")
+    assert [s for s, _ in steps_of(mlflow_server.tracking_uri, run.info.run_id, "loss")] == [1, 2, 3, 4]
+    assert {"lr", "grad_norm", "tokens_per_s", "valid_nll"} <= set(run.data.metrics)
+
+    # the checkpoint URI is all the sampling job needs
+    sample = subprocess.run([sys.executable, "jobs/sample.py", f"checkpoint={summary['checkpoint']}", "n=2",
+                             "steps=4", "sampler=mdlm", f"out={tmp_path / 's.jsonl'}"], cwd=REPO,
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, **s3_server.env, "MLFLOW_TRACKING_URI": mlflow_server.tracking_uri})
+    assert sample.returncode == 0, sample.stderr[-2000:]
+    assert len((tmp_path / "s.jsonl").read_text().splitlines()) == 2
+
+    # no credentials in MLflow params/tags or in the job's logs
+    job_id = re.search(r"raysubmit_[A-Za-z0-9]+", out.stdout + out.stderr).group(0)
+    logs = subprocess.run(ray_cmd("job", "logs", "--address", ray_cluster.dashboard_url, job_id),
+                          env=ray_env, capture_output=True, text=True, timeout=60).stdout
+    assert "step 4/4" in logs  # progress is visible in the job logs
+    blobs = [json.dumps(run.data.params), json.dumps(run.data.tags), out.stdout, out.stderr, logs]
+    for blob in blobs:
+        assert SECRET not in blob
+
+
+def _fault_args(name: str, root: Path, tracking: str, steps: int) -> list[str]:
+    return [*TINY, f"train.steps={steps}", "train.ckpt_every=5", "train.keep_last=10", f"name={name}",
+            "workers=2", f"storage={root.parent}", f"tracking_uri={tracking}", "max_failures=2"]
+
+
+@pytest.mark.integration
+def test_killed_worker_restarts_from_last_checkpoint(ray_cluster, ray_env, tmp_path):
+    name, steps, every = "wkill", 60, 5
+    root, tracking = tmp_path / "runs" / name, f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = submit(ray_cluster, ray_env, _fault_args(name, root, tracking, steps), wait=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    wait_for(lambda: [s for s in complete_steps(root) if s >= every], 300, "a first checkpoint")
+    victims = wait_for(lambda: train_workers(ray_cluster), 60, "training worker processes")
+    assert len(victims) == 2
+    killed_after = max(complete_steps(root))
+    victims[-1].send_signal(signal.SIGKILL)
+    wait_for(lambda: complete_steps(root) and max(complete_steps(root)) == steps, 400, "the run to finish", every=2)
+
+    (run,) = runs_named(tracking, name)  # exactly one MLflow run
+    starts = [v for _, v in steps_of(tracking, run.info.run_id, "resumed_from_step")]
+    assert starts[0] == 0 and len(starts) == 2, starts
+    assert starts[1] >= killed_after and starts[1] % every == 0
+    loss_steps = [s for s, _ in steps_of(tracking, run.info.run_id, "loss")]
+    assert sorted(set(loss_steps)) == list(range(1, steps + 1))
+    redone = len(loss_steps) - len(set(loss_steps))
+    assert redone <= every  # lost work: at most one checkpoint interval
+    assert load_checkpoint(str(root / f"step-{steps}")).step == steps
+
+
+@pytest.mark.integration
+def test_killed_driver_then_resubmitted_resumes(ray_cluster, ray_env, tmp_path):
+    name, steps, every = "dkill", 40, 5
+    root, tracking = tmp_path / "runs" / name, f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = _fault_args(name, root, tracking, steps)
+    assert submit(ray_cluster, ray_env, args, wait=False).returncode == 0
+    wait_for(lambda: [s for s in complete_steps(root) if s >= every], 300, "a first checkpoint")
+    (driver,) = wait_for(lambda: job_drivers(ray_cluster, name), 30, "the job driver")
+    driver.send_signal(signal.SIGKILL)
+    wait_for(lambda: not train_workers(ray_cluster), 120, "the killed job's workers to go")
+    before = max(complete_steps(root))
+    assert before < steps
+
+    summary = summary_of(submit(ray_cluster, ray_env, args))
+    assert summary["resumed"] is True and summary["step"] == steps
+    (run,) = runs_named(tracking, name)
+    starts = [v for _, v in steps_of(tracking, run.info.run_id, "resumed_from_step")]
+    assert starts[0] == 0 and starts[-1] == before  # resumed, not restarted
+    assert summary["mlflow_run_id"] == run.info.run_id
+
+
+@pytest.mark.integration
+def test_corrupt_latest_checkpoint_falls_back_to_previous(ray_cluster, ray_env, tmp_path):
+    name = "corrupt"
+    root, tracking = tmp_path / "runs" / name, f"sqlite:///{tmp_path / 'mlflow.db'}"
+    base = [*TINY, "train.ckpt_every=3", "train.keep_last=5", f"name={name}", f"storage={root.parent}",
+            f"tracking_uri={tracking}"]
+    assert summary_of(submit(ray_cluster, ray_env, [*base, "train.steps=6"]))["step"] == 6
+    blob = root / "step-6" / "model.safetensors"
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0x01
+    blob.write_bytes(bytes(data))
+    summary = summary_of(submit(ray_cluster, ray_env, [*base, "train.steps=9"]))
+    assert summary["step"] == 9
+    (run,) = runs_named(tracking, name)
+    starts = [v for _, v in steps_of(tracking, run.info.run_id, "resumed_from_step")]
+    assert starts == [0, 3]  # the flipped byte made step 6 untrusted
