@@ -552,6 +552,8 @@ class EvalConfig:
     n_mc: int = num(32, 2, help="likelihood: Monte Carlo draws of the path integral per sequence")
     chunk: int = num(256, 1, help="likelihood: characters per text8-style chunk (App C.3: 256)")
     heldout: str = text("", "likelihood: held-out text file ('' = the run's own validation split)")
+    t_end: float = num(0.0, 0.0, help="likelihood: 0 = eq. 3 (integral to ∞); t* > 0 = eq. 10/4, integral to "
+                                      "t* + the model's factorised -log p(x | z_t*) (an upper bound)")
     out: str = text("", "directory for plots and JSON results ('' = print only; calibration: '.')")
     seed: int = num(0, 0, help="seed of the corruption noise / Monte Carlo draws")
     progress: bool = field(default=True, metadata={"help": "tqdm progress bars on long work"})

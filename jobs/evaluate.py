@@ -235,7 +235,7 @@ def evaluate_calibration(job: EvalConfig) -> dict[str, Any]:
 
 
 def evaluate_likelihood(job: EvalConfig) -> dict[str, Any]:
-    from dsl.eval.likelihood import path_integral_likelihood, text8_chunks
+    from dsl.eval.likelihood import factorised_log_prob, path_integral_likelihood, text8_chunks
 
     rows = {}
     for label, uri in _checkpoints(job.checkpoint):
@@ -252,10 +252,15 @@ def evaluate_likelihood(job: EvalConfig) -> dict[str, Any]:
             parts = [b["ids"] for b in _heldout_batches(run_cfg, tokenizer, job)]
             ids = torch.cat(parts)
             n_chars = sum(len(tokenizer.decode(r)) for r in ids.tolist()) if tokenizer is not None else ids.numel()
+        stopped = job.t_end > 0
         res = path_integral_likelihood(model.posterior_mean, model.embed, ids, job.n_mc,
-                                       torch.Generator().manual_seed(job.seed), job.batch_size, n_chars, job.progress)
+                                       torch.Generator().manual_seed(job.seed), job.batch_size, n_chars, job.progress,
+                                       t_end=job.t_end if stopped else None,
+                                       end_log_prob=factorised_log_prob(model) if stopped else None)
         rows[label] = {"checkpoint": uri, **res}
-    return {"mode": "likelihood", "n_mc": job.n_mc, "checkpoints": rows}
+    return {"mode": "likelihood", "n_mc": job.n_mc, "t_end": job.t_end or None,
+            "estimator": "eq. 10 (factorised end term: upper bound)" if job.t_end > 0 else "eq. 3",
+            "checkpoints": rows}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,12 +281,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"unknown mode {mode!r}: use key=value arguments (samples), or the first word "
                               f"calibration or likelihood")
         job = load(EvalConfig, argv, presets={})
-        if mode == "calibration":
-            summary = evaluate_calibration(job)
-        elif mode == "likelihood":
-            summary = evaluate_likelihood(job)
-        else:
-            summary = evaluate_samples(job)
+        from dsl.service.tracking import tracked_job  # one MLflow run per invocation, if tracking is on
+
+        evaluate = {"calibration": evaluate_calibration, "likelihood": evaluate_likelihood}.get(mode, evaluate_samples)
+        summary = tracked_job(f"evaluate-{mode}", job, job.checkpoint.split(",")[0] or None, lambda: evaluate(job),
+                              tags={"dsl.samples": job.samples} if job.samples else None)
         if job.out and mode != "calibration":
             _write_json_atomic(os.path.join(job.out, f"{mode}.json"), summary)
     except (ConfigError, UserError) as exc:

@@ -117,3 +117,15 @@ def test_calibration_compares_two_checkpoints_in_one_command(capsys, tmp_path):
     details = json.loads((tmp_path / "fig" / "calibration.json").read_text())
     assert sum(details["atomic"]["100.0"]["bin_counts"]) == 4 * LENGTH
     assert not [p for p in os.listdir(tmp_path / "fig") if p.startswith(".tmp")]
+
+
+@pytest.mark.parametrize("t_end", ["0", "5"])
+def test_likelihood_reports_bits_with_stderr(capsys, tmp_path, t_end):
+    ckpt = _toy_checkpoint(tmp_path, "smoothed")
+    rc, out, err = _run(capsys, "likelihood", f"checkpoint={ckpt}", "batches=1", "batch_size=2", "n_mc=4",
+                        f"t_end={t_end}", "progress=false")
+    assert rc == 0, err
+    row = json.loads(out.strip().splitlines()[-1])["checkpoints"]["step-0"]
+    assert row["n_tokens"] == 2 * LENGTH and row["stderr_per_token"] > 0
+    assert math.isfinite(row["bits_per_char"]) and row["bits_per_token"] == pytest.approx(
+        row["nll_per_token"] / math.log(2))

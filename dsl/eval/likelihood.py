@@ -31,13 +31,31 @@ def text8_chunks(text: str, encode: Callable[[str], list[int]], length: int = 25
     return torch.tensor(rows, dtype=torch.long)
 
 
+def factorised_log_prob(logits_fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+    """``(ids, z) -> Σ_i log p_θ(x_i | z)``: a model's end term of eq. 10 (factorised, so eq. 4's bound)."""
+
+    def end_log_prob(ids: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(logits_fn(z).double(), dim=-1)  # (N, L, V)
+        return logp.gather(-1, ids.to(logp.device).unsqueeze(-1)).squeeze(-1).sum(-1)
+
+    return end_log_prob
+
+
 def path_integral_likelihood(denoise_mean: Callable[[torch.Tensor], torch.Tensor],
                              embed: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, n_mc: int,
                              gen: torch.Generator, batch_size: int = 8, n_chars: int | None = None,
-                             progress: bool = False) -> dict[str, float]:
+                             progress: bool = False, t_end: float | None = None,
+                             end_log_prob: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                             ) -> dict[str, float]:
     """Pooled NLL of ``ids`` (N, L): ``{nll_per_token, stderr_per_token, bits_per_token, bits_per_char,
     nll_per_sequence, n_sequences, n_tokens}`` (nats unless named bits). ``n_chars`` defaults to the
-    token count (character tokenizer)."""
+    token count (character tokenizer).
+
+    ``t_end=None``: eq. 3, the integral to ∞. ``t_end=t*`` with ``end_log_prob(ids, z) -> log P(ids | z)``:
+    eq. 10, the integral to t* plus -E log P(x | z_t*) (with :func:`factorised_log_prob` of a model this is
+    the upper bound of eq. 4, the "≤" of Table 3)."""
+    if (t_end is None) != (end_log_prob is None):
+        raise UserError("likelihood: t_end and end_log_prob go together (eq. 10) or not at all (eq. 3)")
     from dsl.objectives import nll_to_bits, path_integral_nll
 
     if ids.dim() != 2 or ids.numel() == 0:
@@ -49,9 +67,14 @@ def path_integral_likelihood(denoise_mean: Callable[[torch.Tensor], torch.Tensor
         starts = tqdm(starts, desc="likelihood", unit="batch")
     total, var = 0.0, 0.0
     for s in starts:
+        batch = ids[s:s + batch_size]
         with torch.no_grad():
-            x = embed(ids[s:s + batch_size])  # (b, L, d)
-        nll, stderr = path_integral_nll(denoise_mean, x, n_mc, gen)  # (b,), (b,): eq. 3
+            x = embed(batch)  # (b, L, d)
+        end = None
+        if end_log_prob is not None:
+            def end(z: torch.Tensor, rows: torch.Tensor, batch: torch.Tensor = batch) -> torch.Tensor:
+                return end_log_prob(batch[rows.cpu()], z)
+        nll, stderr = path_integral_nll(denoise_mean, x, n_mc, gen, t_end=t_end, end_log_prob=end)  # eq. 3 / 10
         total += float(nll.double().sum())
         var += float(stderr.double().pow(2).sum())
     n_tokens = ids.numel()
@@ -63,4 +86,4 @@ def path_integral_likelihood(denoise_mean: Callable[[torch.Tensor], torch.Tensor
             "nll_per_sequence": total / ids.shape[0], "n_sequences": int(ids.shape[0]), "n_tokens": n_tokens}
 
 
-__all__ = ["path_integral_likelihood", "text8_chunks"]
+__all__ = ["factorised_log_prob", "path_integral_likelihood", "text8_chunks"]
