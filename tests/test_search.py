@@ -280,3 +280,47 @@ def test_plot_is_a_png(tmp_path):
     chosen = best_per_steps(records, (1, 2))
     path = plot_mauve_vs_rewrites(records, chosen, (1, 2), tmp_path / "p.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# Preflight: a bad checkpoint, reference or storage fails before Ray or any trial starts
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["checkpoint=/nonexistent/ckpt"], "checkpoint=/nonexistent/ckpt"),
+    (["checkpoint=oracle:nope"], "checkpoint='oracle:nope'"),
+    (["reference=/nonexistent/refs.txt"], "reference='/nonexistent/refs.txt' is not a file"),
+    (["storage=postgresql://postgres@127.0.0.1:1/x"], "storage=postgresql://***@127.0.0.1:1/x cannot be opened "
+                                                      "(OperationalError"),
+])
+def test_bad_input_fails_before_any_trial(tmp_path, monkeypatch, args, needle):
+    import ray
+
+    cfg = S.load_search_config(["length=16", "samples=8", "min_samples=8", "references=8",
+                                f"out_dir={tmp_path / 'out'}", "tracking_uri=none", *args])
+    with pytest.raises((UserError, ConfigError)) as err:
+        S.run_search(cfg)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+    assert not ray.is_initialized()
+    assert not (tmp_path / "out" / "eta_cap_table.json").exists()
+
+
+def test_reference_file_is_read_and_too_few_texts_rejected(tmp_path):
+    cfg = S.load_search_config(["length=16", "samples=4", "min_samples=4", "references=4",
+                                f"reference={tmp_path / 'refs.jsonl'}"])
+    (tmp_path / "refs.jsonl").write_text('{"text": "one"}\n\n{"text": "two"}\n{"text": "three"}\n')
+    from dsl.sampling import load_denoiser
+
+    den = load_denoiser("oracle:hmm", cfg.sampling, length=16)
+    assert S._load_reference_texts(cfg, den) == ["one", "two", "three"]
+    (tmp_path / "refs.jsonl").write_text('{"text": "only"}\n')
+    with pytest.raises(UserError, match="holds 1 non-empty texts; need at least 2"):
+        S._load_reference_texts(cfg, den)
+    src = S.load_search_config(["length=16", "samples=4", "min_samples=4", "references=6"])
+    texts = S._load_reference_texts(src, den)
+    assert len(texts) == 6 and texts == S._load_reference_texts(src, den)   # seeded, reproducible
+
+
+def test_references_fewer_than_samples_is_a_config_error():
+    with pytest.raises(ConfigError, match="references=16 < samples=32"):
+        S.load_search_config(["references=16"])

@@ -125,6 +125,9 @@ class SearchConfig:
             raise ConfigError("study= is empty: name the study (re-using a name continues that search)")
         if self.min_samples > self.samples:
             raise ConfigError(f"min_samples={self.min_samples} > samples={self.samples}")
+        if self.references < self.samples:
+            raise ConfigError(f"references={self.references} < samples={self.samples}: MAUVE needs at least as "
+                              f"many reference texts as samples")
 
 
 def _fmt(values: tuple) -> str:
@@ -189,11 +192,22 @@ def open_storage(url: str | None):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     kwargs = {"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        return optuna.storages.RDBStorage(_with_installed_driver(url), engine_kwargs=kwargs)
     except Exception as exc:  # noqa: BLE001 - every failure to open the URL is the user's to fix
         raise UserError(f"storage={_redact(url)} cannot be opened ({type(exc).__name__}: "
                         f"{' '.join(str(exc).split())[:200]}); expected sqlite:///<path> or "
                         f"postgresql://user@host:port/db, or storage=none") from None
+
+
+def _with_installed_driver(url: str) -> str:
+    """SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3; use psycopg2 when only it is installed."""
+    for bare in ("postgresql://", "postgres://"):
+        if url.startswith(bare):
+            try:
+                import psycopg  # noqa: F401
+            except ImportError:
+                return "postgresql+psycopg2://" + url[len(bare):]
+    return url
 
 
 def _redact(url: str) -> str:
@@ -593,7 +607,9 @@ def _search_one_budget(cfg: SearchConfig, steps: int, rungs: tuple[int, ...], pr
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(metric=METRIC, mode="max", search_alg=searcher, scheduler=scheduler,
-                                    num_samples=remaining, max_concurrent_trials=slots),
+                                    num_samples=remaining, max_concurrent_trials=slots,
+                                    # one trial process loads torch, the denoiser and the tokenizer once
+                                    reuse_actors=True),
         run_config=tune.RunConfig(name=f"{cfg.study}-T{steps}-from{stored}",
                                   storage_path=str((Path(cfg.out_dir) / "tune").resolve()), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=0)),
