@@ -200,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if not job.checkpoint:
                 raise ConfigError("checkpoint='' : give checkpoint=<dir|s3://...|oracle:hmm|oracle:cyclic>")
-            summary = run_sampling(job)
+            from dsl.service.tracking import tracked_job  # one MLflow run per invocation, if tracking is on
+
+            summary = tracked_job("sample", job, job.checkpoint, lambda: run_sampling(job))
     except (ConfigError, UserError) as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2

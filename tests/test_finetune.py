@@ -208,6 +208,11 @@ def test_s3_storage_and_mlflow_server_run(ray_cluster, ray_env, s3_server, s3_bu
                             env={**os.environ, **s3_server.env, "MLFLOW_TRACKING_URI": mlflow_server.tracking_uri})
     assert sample.returncode == 0, sample.stderr[-2000:]
     assert len((tmp_path / "s.jsonl").read_text().splitlines()) == 2
+    client = mlflow.MlflowClient(mlflow_server.tracking_uri)
+    exp = client.get_experiment_by_name("dsl").experiment_id
+    (sampled,) = client.search_runs([exp], filter_string="tags.`dsl.kind` = 'sample'")
+    assert sampled.data.tags["dsl.training_run_id"] == run.info.run_id  # side by side with its fine-tune
+    assert sampled.data.tags["dsl.checkpoint"] == summary["checkpoint"]
 
     # no credentials in MLflow params/tags or in the job's logs
     job_id = re.search(r"raysubmit_[A-Za-z0-9]+", out.stdout + out.stderr).group(0)

@@ -119,3 +119,26 @@ def test_against_mlflow_server_with_postgres_and_s3_artifacts(mlflow_server, s3_
     bucket, prefix = mlflow_server.artifacts_uri.removeprefix("s3://").split("/", 1)
     keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]
     assert any(k.endswith(f"{run_id}/artifacts/curve.txt") for k in keys), keys
+
+
+def test_sample_job_logs_one_run_per_invocation_when_tracking_is_on(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**__import__("os").environ, "MLFLOW_TRACKING_URI": uri}
+    cmd = [sys.executable, "jobs/sample.py", "checkpoint=oracle:hmm", "n=2", "steps=4", "sampler=mdlm",
+           f"out={tmp_path / 's.jsonl'}"]
+    out = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("dsl").experiment_id])
+    assert run.data.tags[tracking.TAG_KIND] == "sample" and run.data.tags[tracking.TAG_CHECKPOINT] == "oracle:hmm"
+    assert run.data.params["sampling.sampler"] == "mdlm" and run.info.status == "FINISHED"
+    # without a tracking URI or a local mlflow.db nothing is logged
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DSL_MLFLOW", raising=False)
+    monkeypatch.chdir(tmp_path / "..")
+    assert not tracking.tracking_enabled() or Path("mlflow.db").is_file()

@@ -267,6 +267,59 @@ def job_run(kind: str, params: Mapping[str, Any] | Any, checkpoint_uri: str | No
     logger.close("FINISHED")
 
 
-__all__ = ["DEFAULT_EXPERIMENT", "TAG_RUN_NAME", "TAG_KIND", "TAG_CHECKPOINT", "TAG_TRAINING_RUN", "scrub",
+def tracking_enabled() -> bool:
+    """Sampling/evaluation jobs log when a tracking URI is configured or a local ``mlflow.db`` (the
+    fine-tune's default store) sits in the working directory; ``DSL_MLFLOW=0``/``1`` forces it."""
+    forced = os.environ.get("DSL_MLFLOW")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return bool(os.environ.get("MLFLOW_TRACKING_URI")) or Path("mlflow.db").is_file()
+
+
+def tracked_job(kind: str, params: Any, checkpoint_uri: str | None, body: Any, *,
+                tags: Mapping[str, str] | None = None) -> Any:
+    """Run ``body()`` inside :func:`job_run` when tracking is enabled and log the numbers of its summary.
+
+    Tracking trouble (a locked SQLite file, an unreachable server) never fails the job: it is reported
+    as one warning line on stderr and the job's own result stands.
+    """
+    import sys
+
+    if not tracking_enabled():
+        return body()
+    try:
+        ctx = job_run(kind, params, checkpoint_uri)
+        logger = ctx.__enter__()
+        if tags:
+            logger.set_tags(tags)
+    except Exception as exc:  # noqa: BLE001 - see docstring
+        print(f"warning: MLflow tracking off for this {kind} job ({type(exc).__name__}: "
+              f"{scrub(' '.join(str(exc).split()))[:200]})", file=sys.stderr)
+        return body()
+    try:
+        summary = body()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            ctx.__exit__(*sys.exc_info())
+        raise
+    try:
+        if isinstance(summary, Mapping):
+            logger.log_metrics({k: float(v) for k, v in flat_params(summary).items() if _is_number(v)}, step=0)
+        ctx.__exit__(None, None, None)
+        print(f"mlflow run: {logger.run_id} ({scrub(logger.tracking_uri)})", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001
+        print(f"warning: MLflow logging of this {kind} job failed ({type(exc).__name__})", file=sys.stderr)
+    return summary
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return text.lower() not in ("true", "false", "nan", "inf", "-inf")
+
+
+__all__ = ["tracking_enabled", "tracked_job", "DEFAULT_EXPERIMENT", "TAG_RUN_NAME", "TAG_KIND", "TAG_CHECKPOINT", "TAG_TRAINING_RUN", "scrub",
            "flat_params", "default_tracking_uri", "ui_command", "git_commit", "find_run",
            "ensure_training_run", "RunLogger", "training_run_of", "job_run", "experiment_id"]
