@@ -10,6 +10,8 @@ from dsl.channel import corrupt, corrupt_rows, sample_snr, sample_snr_rows, sphe
 from dsl.config import ChannelConfig
 from dsl.seeding import sample_generator
 
+torch.set_num_threads(1)  # small ops: threads only add overhead on a shared machine
+
 N = 200_000
 
 

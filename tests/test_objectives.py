@@ -12,6 +12,8 @@ from dsl.objectives import ar_loss, dsl_loss, mdlm_loss, mdlm_times, nll_to_bits
 from dsl.seeding import sample_generator
 from dsl.sources import CyclicSource, HMMSource
 
+torch.set_num_threads(1)  # small ops: threads only add overhead on a shared machine
+
 V, MASK, L, D = 7, 6, 10, 4
 
 

@@ -11,6 +11,8 @@ from dsl.config import ConfigError, DataConfig
 from dsl.seeding import sample_generator
 from dsl.sources import CyclicSource, HMMSource, build_source
 
+torch.set_num_threads(1)  # small ops: threads only add overhead on a shared machine
+
 
 def gen(*keys):
     return sample_generator(0, "test-sources", *keys)
