@@ -15,11 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,7 +86,9 @@ def _wait_http(url: str, timeout: float) -> bool:
         try:
             with urllib.request.urlopen(url, timeout=2):
                 return True
-        except Exception:  # noqa: BLE001 - any failure means "not up yet"
+        except urllib.error.HTTPError:
+            return True  # it answered (401 without the cluster's auth token)
+        except Exception:  # noqa: BLE001 - any other failure means "not up yet"
             time.sleep(0.5)
     return False
 
@@ -103,6 +107,14 @@ def start_cluster(temp_dir: str, *, head_cpus: int = 2, workers: int = 1, worker
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     env.update(LOOPBACK_ENV)
     env.pop("RAY_ADDRESS", None)
+    # Ray 2.60 turns token auth on for a head when ~/.ray/auth_token exists (any local ray.init()
+    # creates it) but not for joining workers; give each cluster its own token, readable by us only
+    token_path = Path(temp_dir, "auth_token")
+    token_path.write_text(secrets.token_hex(32))
+    token_path.chmod(0o600)
+    auth_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)}
+    env.pop("RAY_AUTH_TOKEN", None)
+    env.update(auth_env)
     obj = str(object_store_mb * 1024 * 1024)
     head = [*_ray_cli(), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
             f"--temp-dir={temp_dir}", f"--num-cpus={head_cpus}", "--num-gpus=0",
@@ -123,7 +135,7 @@ def start_cluster(temp_dir: str, *, head_cpus: int = 2, workers: int = 1, worker
     except BaseException:
         stop_cluster(temp_dir, address)
         raise
-    child_env = {"RAY_ADDRESS": address, "RAY_API_SERVER_ADDRESS": dashboard_url, **LOOPBACK_ENV}
+    child_env = {"RAY_ADDRESS": address, "RAY_API_SERVER_ADDRESS": dashboard_url, **LOOPBACK_ENV, **auth_env}
     cluster = LocalCluster(address=address, dashboard_url=dashboard_url, temp_dir=temp_dir, env=child_env)
     Path(temp_dir, STATE_FILE).write_text(json.dumps({"address": address, "dashboard_url": dashboard_url}))
     return cluster
@@ -215,10 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "start":
             c = start_cluster(args.temp_dir, head_cpus=args.head_cpus, workers=args.workers,
                               worker_cpus=args.cpus, object_store_mb=args.object_store_mb)
-            for k, v in LOOPBACK_ENV.items():
+            for k, v in c.env.items():
                 print(f"export {k}={v}")
-            print(f"export RAY_ADDRESS={c.address}")
-            print(f"export RAY_API_SERVER_ADDRESS={c.dashboard_url}")
             print(f"# dashboard: {c.dashboard_url}   stop: python -m dsl.service.local_cluster stop "
                   f"--temp-dir {c.temp_dir}")
         else:
