@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -24,13 +26,19 @@ def pool(ray_cluster):
 
     from dsl.service.mauve_pool import MauvePool
 
+    saved = dict(os.environ)
+    os.environ.update(ray_cluster.env)  # the cluster's address and auth settings, as a driver there has
     ray.init(address=ray_cluster.address, logging_level="WARNING", log_to_driver=False)
-    p = MauvePool("minilm", num_workers=2, max_length=64, batch_size=16)
     try:
-        yield p
+        p = MauvePool("minilm", num_workers=2, max_length=64, batch_size=16)
+        try:
+            yield p
+        finally:
+            p.close()
     finally:
-        p.close()
         ray.shutdown()
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def test_two_actors_give_bit_identical_features_and_the_same_mauve(pool, texts, tmp_path):
