@@ -298,3 +298,11 @@ def test_gpt2_tokenizer_from_a_local_directory(tmp_path: Path) -> None:
     again = load_tokenizer(tmp_path / "saved")
     assert isinstance(again, GPT2Tokenizer) and again.encode(text) == tok.encode(text)
     assert again.vocab_size == tok.vocab_size
+
+
+def test_paragraph_documents_allow_whitespace_only_blank_lines(tmp_path: Path) -> None:
+    path = tmp_path / "wiki.txt"
+    path.write_text(" = Title = \n \n first paragraph . \n \n\t\nsecond one . \n\nthird\n")
+    docs = list(LocalCorpus(str(path), _cfg(f"data.source={path}", "data.valid_fraction=0.000001").data)
+                .documents("train"))
+    assert docs == ["= Title =", "first paragraph .", "second one .", "third"]

@@ -16,6 +16,7 @@ A corpus is named by ``data.source``:
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,8 +39,8 @@ def _split_txt(text: str, how: str) -> list[str]:
         how = "eot" if EOT in text else "paragraph"
     if how == "eot":
         parts = text.split(EOT)
-    elif how == "paragraph":
-        parts = text.split("\n\n")
+    elif how == "paragraph":  # blank lines may hold spaces (WikiText's are " \n")
+        parts = re.split(r"\n[ \t\r]*\n", text)
     elif how == "line":
         parts = text.split("\n")
     else:  # "file"
