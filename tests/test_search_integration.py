@@ -25,10 +25,14 @@ SMALL = ["checkpoint=oracle:hmm", "length=16", "samples=16", "min_samples=8", "r
          "mauve_seeds=2", "eta=0.002,1.0", "startup_trials=3", "progress=false"]
 
 
-def _run_search(args: list[str]):
+def _run_search(cluster, args: list[str]):
+    """The search in this process, as a driver of ``cluster`` (its env: address, auth token, S3)."""
     from dsl.service.search import load_search_config, run_search
 
-    return run_search(load_search_config(SMALL + args))
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in cluster.env.items():
+            mp.setenv(key, value)
+        return run_search(load_search_config(SMALL + args + [f"ray_address={cluster.address}"]))
 
 
 def _finished(storage_url: str, name: str):
@@ -42,8 +46,8 @@ def _finished(storage_url: str, name: str):
 @pytest.fixture(scope="module")
 def small_search(ray_cluster, tmp_path_factory):
     out = tmp_path_factory.mktemp("search")
-    summary = _run_search(["steps=8,16", "trials=5", f"out_dir={out}", f"ray_address={ray_cluster.address}",
-                           f"tracking_uri=sqlite:///{out / 'mlflow.db'}"])
+    summary = _run_search(ray_cluster, ["steps=8,16", "trials=5", f"out_dir={out}",
+                                        f"tracking_uri=sqlite:///{out / 'mlflow.db'}"])
     return out, summary
 
 
@@ -93,7 +97,7 @@ def test_rewrite_count_grows_with_eta_cap_at_fixed_steps(small_search):
         assert rewrites[-1] > rewrites[0]
 
 
-def _cli(args: list[str], env: dict) -> list[str]:
+def _cli(args: list[str]) -> list[str]:
     return [sys.executable, str(REPO / "tune" / "eta_cap_search.py"), *SMALL, *args]
 
 
@@ -103,7 +107,8 @@ def test_killed_search_continues_without_duplicates(ray_cluster, tmp_path):
     args = ["steps=8", "trials=5", "asha=false", "samples=8", "max_concurrent=1", f"out_dir={out}",
             f"ray_address={ray_cluster.address}", f"tracking_uri=sqlite:///{out / 'mlflow.db'}"]
     env = dict(os.environ, **ray_cluster.env)
-    proc = subprocess.Popen(_cli(args, env), env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    log = tmp_path / "killed.log"     # a file, not a pipe: a full pipe would stall the driver
+    proc = subprocess.Popen(_cli(args), env=env, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
         before = []
@@ -118,7 +123,7 @@ def test_killed_search_continues_without_duplicates(ray_cluster, tmp_path):
                 if len(before) >= 2:
                     break
             time.sleep(0.5)
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert proc.poll() is None, log.read_text()[-2000:]
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
         if proc.poll() is None:
@@ -127,7 +132,7 @@ def test_killed_search_continues_without_duplicates(ray_cluster, tmp_path):
     kept = {t.number: t.params for t in before}
     assert 2 <= len(kept) < 5
 
-    done = subprocess.run(_cli(args, env), env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(_cli(args), env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     finished, all_trials = _finished(db, "eta-cap:T=8")
     assert len(finished) == 5
@@ -149,9 +154,8 @@ def test_killed_search_continues_without_duplicates(ray_cluster, tmp_path):
 
 
 def test_postgres_storage_with_concurrent_trials(ray_cluster, postgres_url, tmp_path):
-    summary = _run_search(["steps=8", "trials=4", "asha=false", "samples=8", "max_concurrent=2",
-                           f"storage={postgres_url}", "tracking_uri=none", f"out_dir={tmp_path}",
-                           f"ray_address={ray_cluster.address}"])
+    summary = _run_search(ray_cluster, ["steps=8", "trials=4", "asha=false", "samples=8", "max_concurrent=2",
+                                        f"storage={postgres_url}", "tracking_uri=none", f"out_dir={tmp_path}"])
     finished, all_trials = _finished(postgres_url, "eta-cap:T=8")
     assert len(finished) == 4 and summary["trials"] == {"8": 4}
     ordered = sorted(finished, key=lambda t: t.datetime_start)
@@ -163,13 +167,12 @@ def test_postgres_storage_with_concurrent_trials(ray_cluster, postgres_url, tmp_
 
 def test_same_seed_storage_free_search_repeats_its_choice(ray_cluster, tmp_path):
     args = ["steps=8,16", "trials=3", "asha=false", "samples=8", "max_concurrent=1", "storage=none",
-            "tracking_uri=none", "seed=7", f"ray_address={ray_cluster.address}"]
-    first = _run_search(args + [f"out_dir={tmp_path / 'a'}"])
-    second = _run_search(args + [f"out_dir={tmp_path / 'b'}"])
+            "tracking_uri=none"]
+    first = _run_search(ray_cluster, args + ["seed=7", f"out_dir={tmp_path / 'a'}"])
+    second = _run_search(ray_cluster, args + ["seed=7", f"out_dir={tmp_path / 'b'}"])
     assert first["table"] == second["table"]
     assert not (tmp_path / "a" / "study.db").exists()
-    other = _run_search(args[:-2] + ["seed=8", f"ray_address={ray_cluster.address}",
-                                     f"out_dir={tmp_path / 'c'}"])
+    other = _run_search(ray_cluster, args + ["seed=8", f"out_dir={tmp_path / 'c'}"])
     assert other["table"] != first["table"]
 
 
