@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 python -m pip install -q --disable-pip-version-check "torch==2.13.0" 2>&1 | grep -v -E "^(WARNING|  Location)" || true
 python -m pip install -q --disable-pip-version-check -e ".[dev]" 2>&1 | grep -v -E "^(WARNING|  Location)" || true
 python -m ruff check .
+# tests never reach a model/dataset hub
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 set +e
 python -m pytest "$@"
 rc=$?
