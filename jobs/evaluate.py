@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 from typing import Any
@@ -131,24 +132,31 @@ def _featurizer_or_pool(job: EvalConfig):
     from dsl.service.mauve_pool import MauvePool
 
     owns_ray = not ray.is_initialized()
+    temp_dir = None
     if owns_ray:
         if job.ray_address:
             ray.init(address=job.ray_address, logging_level="WARNING", log_to_driver=False)
-        else:  # private, loopback-only; ray.shutdown stops exactly what it started
+        else:  # private, loopback-only, own temp dir; ray.shutdown stops exactly what it started
+            temp_dir = tempfile.mkdtemp(prefix="ray-eval-", dir="/tmp")  # short: unix socket path limit
             ray.init(num_cpus=max(1, job.workers), _node_ip_address="127.0.0.1", include_dashboard=False,
-                     logging_level="WARNING", log_to_driver=False)
+                     _temp_dir=temp_dir, logging_level="WARNING", log_to_driver=False)
+
+    def stop_ray() -> None:
+        if owns_ray:
+            ray.shutdown()
+        if temp_dir:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
     try:
         pool = MauvePool(job.featurizer, job.workers, job.max_length, job.gpus_per_worker,
                          batch_size=job.featurize_batch)
     except BaseException:
-        if owns_ray:
-            ray.shutdown()
+        stop_ray()
         raise
 
     def cleanup() -> None:
         pool.close()
-        if owns_ray:
-            ray.shutdown()
+        stop_ray()
 
     return pool, cleanup
 

@@ -50,21 +50,25 @@ def scores(feats):
     return {name: mauve_score(feats["web_a"], feats[name]) for name in ("web_b", "web_b_shuffled", "shakespeare")}
 
 
+@pytest.mark.slow
 def test_same_corpus_halves_score_high(scores):
     r = scores["web_b"]
     assert r["mean"] > 0.9
     assert len(r["values"]) == 3 and r["num_buckets"] == 50
 
 
+@pytest.mark.slow
 def test_word_shuffled_text_scores_low(scores):
     # the offline featurizer must see word order (measured.md: the last layer is blind to it)
     assert scores["web_b_shuffled"]["mean"] < 0.3
 
 
+@pytest.mark.slow
 def test_different_corpora_score_near_zero(scores):
     assert scores["shakespeare"]["mean"] < 0.1
 
 
+@pytest.mark.slow
 def test_std_over_seeds_is_reported(scores):
     for r in scores.values():
         assert r["std"] == pytest.approx(float(np.std(r["values"], ddof=1)))
@@ -72,11 +76,13 @@ def test_std_over_seeds_is_reported(scores):
     assert len(set(scores["web_b"]["values"])) > 1  # k-means seeds really differ
 
 
+@pytest.mark.slow
 def test_one_seed_reproduces_its_value_in_the_mean(feats, scores):
     one = mauve_score(feats["web_a"], feats["web_b"], seeds=(26,))
     assert one["values"] == [scores["web_b"]["values"][1]] and one["std"] == 0.0
 
 
+@pytest.mark.slow
 def test_num_buckets_rule_and_override(feats):
     assert mauve_score(feats["web_a"][:100], feats["web_b"][:80], seeds=(25,))["num_buckets"] == 8
     assert mauve_score(feats["web_a"][:100], feats["web_b"][:100], seeds=(25,), num_buckets=5)["num_buckets"] == 5
