@@ -21,7 +21,7 @@ import torch
 from dsl.config import DataConfig, SamplingConfig
 from dsl.sampling import generate
 from dsl.sampling.denoiser import OracleDenoiser
-from dsl.sampling.masked import apply_transition
+from dsl.sampling.masked import apply_transition, dense_candidates
 from dsl.sources import ExactSource, build_source
 
 torch.set_num_threads(1)
@@ -93,8 +93,8 @@ def _one_position_per_step(source, n: int, seed: int) -> torch.Tensor:
         unmask = torch.zeros(draft.shape, dtype=torch.float64)
         unmask[torch.arange(n), pick] = 1.0
         uniforms = torch.rand(n, 2, source.length, generator=gen, dtype=torch.float64)
-        draft, _, _ = apply_transition(draft, den(draft), unmask, torch.zeros_like(unmask), uniforms,
-                                       source.mask_id)
+        draft, _, _ = apply_transition(draft, *dense_candidates(den(draft)), unmask, torch.zeros_like(unmask),
+                                       uniforms, source.mask_id)
     assert (draft != source.mask_id).all()
     return draft
 

@@ -15,6 +15,7 @@ from dsl.sampling.denoiser import Denoiser
 from dsl.sampling.masked import (
     apply_transition,
     confidence_sigma,
+    dense_candidates,
     forward_backward_rule,
     mdlm_rule,
     remdm_cap_rule,
@@ -179,7 +180,8 @@ def test_transition_monte_carlo(name):
     drafts = draft.expand(MC_DRAWS, L)
     unmask, remask = transition_coefficients(drafts == MASK, step, sigma.expand(MC_DRAWS, L))
     uniforms = torch.rand(MC_DRAWS, 2, L, generator=gen, dtype=torch.float64)
-    new, _, _ = apply_transition(drafts, p.expand(MC_DRAWS, L, V), unmask, remask, uniforms, MASK)
+    new, _, _ = apply_transition(drafts, *dense_candidates(p.expand(MC_DRAWS, L, V)), unmask, remask, uniforms,
+                                 MASK)
     freq = torch.nn.functional.one_hot(new, V).double().mean(0)  # (L, V)
     se = (q * (1 - q) / MC_DRAWS).sqrt()
     assert ((freq - q).abs() <= 4.5 * se + 1e-12).all(), (freq - q).abs().max()

@@ -20,6 +20,8 @@ import torch
 from dsl.config import ConfigError, DataConfig, SamplingConfig
 from dsl.errors import UserError
 
+MASK_LOGIT = -1.0e30  # the mask id's logit: exp underflows to exactly 0, yet 0 · MASK_LOGIT = 0
+
 
 class Denoiser:
     """Base class: subclasses implement ``_scores`` (and, if continuous, ``posterior``)."""
@@ -34,27 +36,39 @@ class Denoiser:
         """Raw prediction (B, L, V) and its kind, "logits" or "probs"; rows at visible positions are ignored."""
         raise NotImplementedError
 
-    def __call__(self, draft: torch.Tensor) -> torch.Tensor:
-        """p(x_i | draft) (B, L, V) float64: zero mass on the mask, one-hot on visible tokens."""
-        masked = draft == self.mask_id
-        out = torch.zeros(*draft.shape, self.vocab_size, dtype=torch.float64)
-        out[~masked] = torch.nn.functional.one_hot(draft[~masked], self.vocab_size).double()
-        if masked.any():
-            scores, kind = self._scores(draft)
-            out[masked] = self._normalise_rows(scores[masked], kind)
-        return out
+    def masked_rows(self, draft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """(masked (B, L) bool, raw rows (N, V) at the masked positions in row-major order, kind).
 
-    def _normalise_rows(self, rows: torch.Tensor, kind: str) -> torch.Tensor:
-        """(N, V) scores at masked positions → float64 probabilities with p(mask) = 0 (SUBS, §2.3)."""
-        rows = rows.to(torch.float64)
+        The samplers' fast path: logits stay in their own precision (float32 for a model) with the mask
+        id set to ``MASK_LOGIT`` (finite, so p(mask) = 0 and no NaN in entropy sums); probabilities are
+        float64 with p(mask) = 0. Visible positions are never read (carry-over).
+        """
+        masked = draft == self.mask_id
+        if not masked.any():
+            return masked, torch.zeros(0, self.vocab_size, dtype=torch.float64), "probs"
+        scores, kind = self._scores(draft)
+        # all masked (step 0): a view, no copy; the scores tensor is ours to edit
+        rows = scores.reshape(-1, self.vocab_size) if masked.all() else scores[masked]
         if kind == "logits":
-            rows = rows.index_fill(-1, torch.tensor([self.mask_id]), -math.inf)
-            return torch.softmax(rows, dim=-1)
-        rows = rows.clamp(min=0).index_fill(-1, torch.tensor([self.mask_id]), 0.0)
+            if rows.dtype not in (torch.float32, torch.float64):
+                rows = rows.float()
+            rows[:, self.mask_id] = MASK_LOGIT
+            return masked, rows, kind
+        rows = rows.to(torch.float64).clamp(min=0)
+        rows[:, self.mask_id] = 0.0
         total = rows.sum(-1, keepdim=True)
         if not bool((total > 0).all()):
             raise UserError(f"{type(self).__name__} predicted zero mass on every non-mask token")
-        return rows / total
+        return masked, rows / total, kind
+
+    def __call__(self, draft: torch.Tensor) -> torch.Tensor:
+        """p(x_i | draft) (B, L, V) float64: zero mass on the mask, one-hot on visible tokens."""
+        masked, rows, kind = self.masked_rows(draft)
+        out = torch.zeros(*draft.shape, self.vocab_size, dtype=torch.float64)
+        out[~masked] = torch.nn.functional.one_hot(draft[~masked], self.vocab_size).double()
+        if rows.shape[0]:
+            out[masked] = torch.softmax(rows.double(), dim=-1) if kind == "logits" else rows
+        return out
 
     def visible_confidence(self, draft: torch.Tensor) -> torch.Tensor:
         """p(x_i = draft_i | draft) (B, L) from the raw prediction, before carry-over is enforced.
@@ -62,7 +76,13 @@ class Denoiser:
         Confidence-driven remasking (Fig 3) needs it at visible positions; masked positions get 1.
         """
         scores, kind = self._scores(draft)
-        probs = self._normalise_rows(scores.reshape(-1, self.vocab_size), kind).reshape(scores.shape)
+        scores = scores.to(torch.float64).clone()
+        if kind == "logits":
+            scores[..., self.mask_id] = -math.inf
+            probs = torch.softmax(scores, dim=-1)
+        else:
+            scores[..., self.mask_id] = 0.0
+            probs = scores.clamp(min=0) / scores.clamp(min=0).sum(-1, keepdim=True)
         conf = probs.gather(-1, draft.clamp(max=self.vocab_size - 1).unsqueeze(-1)).squeeze(-1)
         return torch.where(draft == self.mask_id, torch.ones_like(conf), conf)
 

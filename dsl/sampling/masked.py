@@ -29,7 +29,7 @@ import torch
 from dsl.config import ConfigError, SamplingConfig
 from dsl.sampling.denoiser import Denoiser
 from dsl.sampling.diagnostics import StepRecorder
-from dsl.sampling.nucleus import top_p_filter
+from dsl.sampling.nucleus import Nucleus, top_p_filter
 from dsl.sampling.schedules import OFFICIAL_CAP_ETA, OFFICIAL_LOOP, time_grid
 
 
@@ -168,10 +168,13 @@ def transition_probs(p_x0: torch.Tensor, draft: torch.Tensor, mask_id: int, rule
     return q
 
 
-def apply_transition(draft: torch.Tensor, p_x0: torch.Tensor, unmask: torch.Tensor, remask: torch.Tensor,
-                     uniforms: torch.Tensor, mask_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def apply_transition(draft: torch.Tensor, cand_ids: torch.Tensor, cand_probs: torch.Tensor,
+                     unmask: torch.Tensor, remask: torch.Tensor, uniforms: torch.Tensor, mask_id: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One draw from :func:`transition_probs` given uniforms (B, 2, L) float64.
 
+    p_x0 at masked positions is given sparsely: ``cand_ids`` (B, L, K) and their probabilities
+    ``cand_probs`` (B, L, K) float64 summing to 1 (a nucleus; :func:`dense_candidates` wraps a dense p_x0).
     Returns (new draft, revealed (B, L) bool, p_x0 of each revealed token (B, L), 0 elsewhere).
     """
     masked = draft == mask_id
@@ -181,13 +184,18 @@ def apply_transition(draft: torch.Tensor, p_x0: torch.Tensor, unmask: torch.Tens
     new[remasked] = mask_id
     chosen_prob = torch.zeros(draft.shape, dtype=torch.float64)
     if reveal.any():
-        rows = p_x0[reveal]  # (N, V): only the rows that reveal pay for a cumulative sum
+        rows = cand_probs[reveal]  # (N, K): only the rows that reveal pay for a cumulative sum
         cdf = rows.cumsum(-1)
-        target = uniforms[:, 1][reveal] * cdf[:, -1]
-        tokens = torch.searchsorted(cdf, target.unsqueeze(-1), right=True).squeeze(-1).clamp(max=rows.shape[-1] - 1)
-        new[reveal] = tokens
-        chosen_prob[reveal] = rows.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        target = (uniforms[:, 1][reveal] * cdf[:, -1]).unsqueeze(-1)
+        pick = torch.searchsorted(cdf, target, right=True).clamp(max=rows.shape[-1] - 1)  # (N, 1)
+        new[reveal] = cand_ids[reveal].gather(-1, pick).squeeze(-1)
+        chosen_prob[reveal] = rows.gather(-1, pick).squeeze(-1)
     return new, reveal, chosen_prob
+
+
+def dense_candidates(p_x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, probs) for :func:`apply_transition` from a dense p_x0 (B, L, V): every id is a candidate."""
+    return torch.arange(p_x0.shape[-1]).expand(p_x0.shape), p_x0
 
 
 def confidence_sigma(scores: torch.Tensor, masked: torch.Tensor, sigma_max: float) -> torch.Tensor:
@@ -211,11 +219,11 @@ class MaskedResult:
 def run_masked(denoiser: Denoiser, rule: Rule, cfg: SamplingConfig, gens: list[torch.Generator], length: int,
                recorder: StepRecorder, keep_trajectory: bool = False, progress: bool = False) -> MaskedResult:
     """Sample len(gens) sequences of ``length`` tokens with ``rule`` for ``cfg.steps`` steps."""
-    n, vocab, mask_id, steps = len(gens), denoiser.vocab_size, denoiser.mask_id, cfg.steps
+    n, mask_id, steps = len(gens), denoiser.mask_id, cfg.steps
     grid = time_grid(steps, cfg.eps).tolist()
     use_cache = cfg.cache and denoiser.time_invariant
     draft = torch.full((n, length), mask_id, dtype=torch.long)  # the prior: every position masked (§3.0)
-    p_x0 = torch.zeros(n, length, vocab, dtype=torch.float64)  # cached nucleus-filtered prediction
+    cache = NucleusCache(n, length)  # the nucleus-filtered p_x0 of each sample's last forward
     stats = torch.full((n, 3), float("nan"), dtype=torch.float64)  # per-sample u, H, k of that prediction
     forward_draft = torch.full_like(draft, -1)
     nfe = torch.zeros(n, dtype=torch.long)
@@ -237,9 +245,12 @@ def run_masked(denoiser: Denoiser, rule: Rule, cfg: SamplingConfig, gens: list[t
         stale &= masked.any(-1)  # nothing masked: the transition never reads p_x0
         if stale.any():
             rows = stale.nonzero().squeeze(-1)
-            pred = denoiser(draft[rows])  # (b, L, V), one-hot at visible positions
+            sub_masked, raw, kind = denoiser.masked_rows(draft[rows])  # one forward for the stale samples
             nfe[rows] += 1
-            _store_prediction(pred, masked[rows], cfg, rows, p_x0, stats)
+            nuc = top_p_filter(raw, cfg.top_p, cfg.diag_top_p, kind)
+            del raw
+            cache.write(rows, sub_masked, nuc)
+            stats[rows] = _per_sample_means(sub_masked, nuc)
             forward_draft[rows] = draft[rows]
         if step_rule.confidence:
             sigma = confidence_sigma(scores, masked, step_rule.sigma)
@@ -247,9 +258,9 @@ def run_masked(denoiser: Denoiser, rule: Rule, cfg: SamplingConfig, gens: list[t
             sigma = torch.full((n, length), step_rule.sigma, dtype=torch.float64)
         unmask, remask = transition_coefficients(masked, step_rule, sigma)
         uniforms = torch.stack([torch.rand(2, length, generator=g, dtype=torch.float64) for g in gens])
-        new, reveal, chosen = apply_transition(draft, p_x0, unmask, remask, uniforms, mask_id)
+        new, reveal, chosen = apply_transition(draft, cache.ids, cache.probs, unmask, remask, uniforms, mask_id)
         if k == steps - 1 and cfg.noise_removal:
-            new = _remove_noise(denoiser, new, p_x0, forward_draft, nfe, use_cache)
+            new = _remove_noise(denoiser, new, cache, forward_draft, nfe, use_cache)
         remasked = ~masked & (new == mask_id)
         scores = torch.where(reveal, -chosen, scores)  # §3.3: ψ = −p_x0(token) where revealed
         scores = torch.where(remasked, torch.full_like(scores, -torch.inf), scores)
@@ -267,26 +278,55 @@ def run_masked(denoiser: Denoiser, rule: Rule, cfg: SamplingConfig, gens: list[t
     return MaskedResult(ids=draft, nfe=nfe, rewrites=rewrites, trajectory=traj)
 
 
-def _store_prediction(pred: torch.Tensor, masked: torch.Tensor, cfg: SamplingConfig, rows: torch.Tensor,
-                      p_x0: torch.Tensor, stats: torch.Tensor) -> None:
-    """Nucleus-filter the masked rows of ``pred`` into the cache and record their sharpness statistics.
+class NucleusCache:
+    """Per-sample sparse p_x0: kept ids and probabilities (n, L, K), K = the widest cached nucleus.
 
-    Statistics are means over the masked positions of each sample (visible rows are one-hot by
-    carry-over and would only dilute them): u = 1 − max p, H = −Σ p log p (unfiltered), k = nucleus size.
+    Rows at positions that were visible at a sample's last forward are zero and never read: the cache
+    is only used while that sample's draft is unchanged (time-invariant denoiser, §3.0 caching).
     """
-    rows_probs = pred[masked]  # (N, V)
-    nuc = top_p_filter(rows_probs, cfg.top_p, cfg.diag_top_p)
-    pred[masked] = nuc.probs
-    p_x0[rows] = pred
-    entropy = torch.special.entr(rows_probs).sum(-1)
+
+    def __init__(self, n: int, length: int):
+        self.ids = torch.zeros(n, length, 1, dtype=torch.long)
+        self.probs = torch.zeros(n, length, 1, dtype=torch.float64)
+        self.kept = torch.zeros(n, length, dtype=torch.long)
+
+    def write(self, rows: torch.Tensor, masked: torch.Tensor, nuc: Nucleus) -> None:
+        b, length = masked.shape
+        width = nuc.ids.shape[1]
+        if width > self.ids.shape[2]:
+            pad = width - self.ids.shape[2]
+            self.ids = torch.nn.functional.pad(self.ids, (0, pad))
+            self.probs = torch.nn.functional.pad(self.probs, (0, pad))
+        full = self.ids.shape[2]
+        ids = torch.zeros(b, length, full, dtype=torch.long)
+        probs = torch.zeros(b, length, full, dtype=torch.float64)
+        ids[masked, :width] = nuc.ids
+        probs[masked, :width] = nuc.probs
+        self.ids[rows], self.probs[rows] = ids, probs
+        kept = torch.zeros(b, length, dtype=torch.long)
+        kept[masked] = torch.minimum(nuc.kept, torch.tensor(width))
+        self.kept[rows] = kept
+        need = max(int(self.kept.max()), 1)
+        if need < full:  # a broad early nucleus no longer cached: free its width
+            self.ids = self.ids[:, :, :need].contiguous()
+            self.probs = self.probs[:, :, :need].contiguous()
+
+    def top1(self) -> torch.Tensor:
+        return self.ids[:, :, 0]
+
+
+def _per_sample_means(masked: torch.Tensor, nuc: Nucleus) -> torch.Tensor:
+    """(b, 3): per-sample means over its masked positions of u = 1 − max p, H and the nucleus size.
+
+    Visible rows are one-hot by carry-over and would only dilute these (see ``diagnostics.py``).
+    """
     owner = masked.nonzero()[:, 0]  # (N,) which sample each masked row belongs to
-    counts = masked.sum(-1).clamp(min=1).double()
-    per_sample = torch.zeros(len(rows), 3, dtype=torch.float64)
-    per_sample.index_add_(0, owner, torch.stack([1 - nuc.max_prob, entropy, nuc.nucleus_size], dim=-1))
-    stats[rows] = per_sample / counts.unsqueeze(-1)
+    sums = torch.zeros(masked.shape[0], 3, dtype=torch.float64)
+    sums.index_add_(0, owner, torch.stack([1 - nuc.max_prob, nuc.entropy, nuc.nucleus_size], dim=-1))
+    return sums / masked.sum(-1).clamp(min=1).double().unsqueeze(-1)
 
 
-def _remove_noise(denoiser: Denoiser, draft: torch.Tensor, p_x0: torch.Tensor, forward_draft: torch.Tensor,
+def _remove_noise(denoiser: Denoiser, draft: torch.Tensor, cache: NucleusCache, forward_draft: torch.Tensor,
                   nfe: torch.Tensor, use_cache: bool) -> torch.Tensor:
     """§3.0 final noise removal: one greedy pass x ← argmax_v p(v | x) (no nucleus), +1 forward.
 
@@ -302,15 +342,18 @@ def _remove_noise(denoiser: Denoiser, draft: torch.Tensor, p_x0: torch.Tensor, f
     fresh = todo & ~reuse
     if fresh.any():
         rows = fresh.nonzero().squeeze(-1)
-        pred = denoiser(draft[rows])
+        sub_masked, raw, _ = denoiser.masked_rows(draft[rows])
         nfe[rows] += 1
-        out[rows] = torch.where(masked[rows], pred.argmax(-1), draft[rows])
+        sub = out[rows]
+        sub[sub_masked] = raw.argmax(-1)  # the mask id's row entry is MASK_LOGIT or 0: never chosen
+        out[rows] = sub
     if reuse.any():
         rows = reuse.nonzero().squeeze(-1)
-        out[rows] = torch.where(masked[rows], p_x0[rows].argmax(-1), draft[rows])
+        out[rows] = torch.where(masked[rows], cache.top1()[rows], draft[rows])
     return out
 
 
 __all__ = ["StepRule", "mdlm_rule", "remdm_cap_rule", "remdm_rescale_rule", "forward_backward_rule",
            "remdm_conf_rule", "remdm_loop_rule", "resolve_rule", "transition_coefficients",
-           "transition_probs", "apply_transition", "confidence_sigma", "run_masked", "MaskedResult"]
+           "transition_probs", "apply_transition", "dense_candidates", "confidence_sigma", "run_masked",
+           "MaskedResult", "NucleusCache"]
