@@ -1,13 +1,16 @@
 """η_cap(T) search throughput on CPU: trials per hour with 1 vs 2 MAUVE workers. One run, one table.
 
-    python bench/bench_search.py [--trials 6] [--samples 16] [--length 16] [--steps 16] [--ray-cpus 4]
+    python bench/bench_search.py [--trials 6] [--samples 16] [--length 16] [--steps 16] [--ray-cpus 4] \
+        [--concurrent 2] [--repeats 2]
 
 Each configuration is the real search (``dsl.service.search.run_search``) on the exact HMM oracle with the
 offline MiniLM featurizer, in a private local Ray instance, storage-free (in-memory study) and without
 MLflow, ASHA off so every trial does the same work. "Trials per hour" counts only the Tune phase
 (``trial_seconds`` in the summary): Ray start-up and the one-off reference featurisation are excluded and
 shown separately. ``--ray-cpus`` sets Ray's *logical* CPUs; the physical cores stay what the machine has,
-so on a 2-core box more workers only help if featurisation/k-means leave cores idle.
+so on a 2-core box more workers only help if featurisation/k-means leave cores idle. Both settings run
+the same number of concurrent trials (``--concurrent``), interleaved (1, 2, 1, 2, ...) so that warm caches
+and the load of a shared machine do not favour one; the best of ``--repeats`` is reported.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ def run_once(workers: int, args: argparse.Namespace) -> dict:
         "checkpoint=oracle:hmm", f"length={args.length}", f"steps={args.steps}", f"trials={args.trials}",
         f"samples={args.samples}", "asha=false", f"references={max(args.samples, 32)}", "mauve_seeds=3",
         f"mauve_workers={workers}", "storage=none", "tracking_uri=none", "progress=false",
-        f"ray_cpus={args.ray_cpus}", f"out_dir={out}", "study=bench"])
+        f"ray_cpus={args.ray_cpus}", f"max_concurrent={args.concurrent}", f"out_dir={out}", "study=bench"])
     start = time.perf_counter()
     summary = run_search(cfg)
     total = time.perf_counter() - start
@@ -44,11 +47,14 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=16)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--ray-cpus", type=int, default=4)
+    ap.add_argument("--concurrent", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
-    rows = [run_once(w, args) for w in (1, 2)]
+    runs = [run_once(w, args) for _ in range(args.repeats) for w in (1, 2)]
+    rows = [max((r for r in runs if r["workers"] == w), key=lambda r: r["per_hour"]) for w in (1, 2)]
     base = rows[0]["per_hour"]
     print(f"\nη_cap search, CPU ({os.cpu_count()} cores, Ray logical CPUs {args.ray_cpus}): T={args.steps}, "
-          f"L={args.length}, {args.samples} samples/trial, {args.trials} trials, ASHA off")
+          f"L={args.length}, {args.samples} samples/trial, {args.trials} trials, ASHA off, best of {args.repeats}")
     print(f"{'MAUVE workers':>13} {'concurrent':>10} {'trial phase s':>13} {'total s':>8} {'trials/hour':>11} "
           f"{'vs 1 worker':>11}")
     for r in rows:
