@@ -197,7 +197,8 @@ def evaluate_samples(job: EvalConfig) -> dict[str, Any]:
         "n_samples": len(texts), "n_reference": len(references), "featurizer": scored["featurizer"],
         "mauve_values": scored["values"], "num_buckets": scored["num_buckets"], "seeds": list(job.seeds),
         "length_budget": scored["length_budget"], "max_length": scored["max_length"],
-        "genppl_tokens": None if ppl is None else ppl["n_tokens"], "oracle": job.oracle,
+        "genppl_tokens": None if ppl is None else ppl["n_tokens"],
+        "genppl_impossible": None if ppl is None else ppl["impossible"], "oracle": job.oracle,
         "reference": job.reference, "reference_seed": job.reference_seed, "workers": job.workers,
         "reference_features_computed": references.computed,
     }

@@ -103,6 +103,20 @@ def test_causal_lm_genppl_matches_a_direct_computation(tiny_causal_lm):
     assert r["genppl"] == pytest.approx(math.exp(total / count), rel=1e-5)
 
 
+def test_impossible_samples_are_counted_and_left_out():
+    source = HMMSource(states=8, words=30, seed=0, length=16)
+    ids = source.sample(4, torch.Generator().manual_seed(3))
+    logp = source.log_prob(ids)
+    bad = ids[0].clone()
+    bad[:] = 0  # "." repeated: impossible in this HMM (a sentence end is never followed by an end)
+    assert torch.isinf(source.log_prob(bad[None])).all()
+    r = genppl(ExactSourceOracle(source), [bad.tolist()] + ids.tolist(), batch_size=3)
+    assert r["impossible"] == 1 and r["n_tokens"] == 4 * 16
+    assert r["genppl"] == pytest.approx(math.exp(float(-logp.sum()) / (4 * 16)), rel=1e-12)
+    with pytest.raises(UserError, match="impossible"):
+        genppl(ExactSourceOracle(source, skip_impossible=False), [bad.tolist()])
+
+
 def test_bad_inputs():
     source = HMMSource(states=8, words=30, seed=0, length=4)
     with pytest.raises(UserError, match="empty"):

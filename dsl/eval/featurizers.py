@@ -159,7 +159,7 @@ class HFFeaturizer:
 
     def featurize(self, texts: list[str], progress: bool = False) -> np.ndarray:
         """(n, d) float32 features in the order of ``texts``."""
-        texts = _check_texts(texts, self.name)
+        texts = check_texts(texts, self.name)
         plan = self.batch_plan(texts)
         feats: np.ndarray | None = None
         batches = plan
@@ -175,7 +175,8 @@ class HFFeaturizer:
         return feats
 
 
-def _check_texts(texts: list[str], name: str) -> list[str]:
+def check_texts(texts: list[str], name: str) -> list[str]:
+    """``texts`` as a list, or one UserError line when it is empty or holds an empty/non-string text."""
     texts = list(texts)
     if not texts:
         raise UserError(f"featurizer {name}: no texts to featurize (empty sample or reference set)")
@@ -246,4 +247,5 @@ def get_featurizer(name: str, max_length: int = 0, device: str = "cpu", batch_si
     return HFFeaturizer(resolve_spec(name), max_length=max_length, device=device, batch_size=batch_size)
 
 
-__all__ = ["FeaturizerSpec", "HFFeaturizer", "MINILM_LAYER", "get_featurizer", "hub_offline", "resolve_spec"]
+__all__ = ["FeaturizerSpec", "HFFeaturizer", "MINILM_LAYER", "check_texts", "get_featurizer", "hub_offline",
+           "resolve_spec"]

@@ -33,7 +33,8 @@ class Oracle(Protocol):
 
 
 def genppl(oracle: Oracle, items: Sequence[Any], batch_size: int = 8, progress: bool = False) -> dict[str, float]:
-    """``{genppl, nll_per_token, n_tokens, n_sequences}`` of ``items`` (texts or id lists, per oracle)."""
+    """``{genppl, nll_per_token, n_tokens, n_sequences, impossible}`` of ``items`` (texts or id lists, per
+    oracle); ``impossible`` counts samples an exact oracle left out (log P = -inf)."""
     items = list(items)
     if not items:
         raise UserError("generative perplexity: no samples to score (empty sample set)")
@@ -45,6 +46,7 @@ def genppl(oracle: Oracle, items: Sequence[Any], batch_size: int = 8, progress: 
 
         starts = tqdm(starts, desc="genppl", unit="batch")
     total_nll, total_tokens = 0.0, 0
+    impossible_before = getattr(oracle, "impossible", 0)
     for s in starts:
         nll, count = oracle.score(items[s:s + batch_size])
         total_nll += float(nll)
@@ -53,7 +55,7 @@ def genppl(oracle: Oracle, items: Sequence[Any], batch_size: int = 8, progress: 
         raise UserError("generative perplexity: no scorable tokens (every sample is one token or all EOS)")
     per_token = total_nll / total_tokens
     return {"genppl": math.exp(per_token), "nll_per_token": per_token, "n_tokens": total_tokens,
-            "n_sequences": len(items)}
+            "n_sequences": len(items), "impossible": getattr(oracle, "impossible", 0) - impossible_before}
 
 
 def _as_ids(batch: Sequence[Any]) -> torch.Tensor:
@@ -67,17 +69,27 @@ def _as_ids(batch: Sequence[Any]) -> torch.Tensor:
 
 
 class ExactSourceOracle:
-    """The synthetic source itself: -log P(x) exactly (forward algorithm), all L tokens counted."""
+    """The synthetic source itself: -log P(x) exactly (forward algorithm), all L tokens counted.
 
-    def __init__(self, source: Any):
+    Parallel unmasking can emit sequences the source cannot (log P = -inf). With ``skip_impossible``
+    they are left out of the pool and counted in ``impossible`` (else GenPPL would be infinite for one
+    such sample); without it they are an error.
+    """
+
+    def __init__(self, source: Any, skip_impossible: bool = True):
         self.source = source
+        self.skip_impossible = skip_impossible
+        self.impossible = 0
 
     def score(self, batch: Sequence[Any]) -> tuple[float, int]:
         ids = _as_ids(batch)
         logp = self.source.log_prob(ids)  # (B,) float64, exact
-        if torch.isinf(logp).any():
-            raise UserError("a sample is impossible under the exact source (log P = -inf): GenPPL is infinite")
-        return float(-logp.sum()), ids.numel()
+        ok = torch.isfinite(logp)
+        if not ok.all():
+            if not self.skip_impossible:
+                raise UserError("a sample is impossible under the exact source (log P = -inf): GenPPL is infinite")
+            self.impossible += int((~ok).sum())
+        return float(-logp[ok].sum()), int(ok.sum()) * ids.shape[1]
 
 
 class ARCheckpointOracle:

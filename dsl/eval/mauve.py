@@ -180,7 +180,7 @@ class ReferenceSet:
     def __init__(self, texts: Sequence[str], *, origin: str = "", seed: int | None = None, cache: str = ""):
         self.texts = list(texts)
         if not self.texts:
-            raise UserError(f"reference set {origin or ''} is empty".replace("  ", " "))
+            raise UserError(f"reference set {origin!r} is empty; give a file or dataset with texts")
         self.origin = origin
         self.seed = seed
         self.cache = cache
@@ -285,8 +285,7 @@ def evaluate_mauve(samples: Sequence[str], references: ReferenceSet, featurizer:
                    seeds: Sequence[int] = DEFAULT_SEEDS, num_buckets: int | str = "auto",
                    match_length: bool = True, n_tokens: int = 0, progress: bool = False,
                    **mauve_kwargs: Any) -> dict[str, Any]:
-    """MAUVE of ``samples`` against ``references`` (its first ``len(samples)`` are not taken: the
-    reference set is used whole, and must be at least as large as the sample set).
+    """MAUVE of ``samples`` against the whole reference set, which must be at least as large.
 
     ``n_tokens`` > 0 fixes the token budget; 0 with ``match_length`` = :func:`length_budget`; without
     ``match_length`` texts are only cut at the featurizer's max length.

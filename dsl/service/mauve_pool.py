@@ -112,9 +112,9 @@ class MauvePool:
         """(n, d) float32 features, rows in the order of ``texts``; bit-identical to one process."""
         import ray
 
-        from dsl.eval.featurizers import _check_texts
+        from dsl.eval.featurizers import check_texts
 
-        texts = _check_texts(list(texts), self.name)
+        texts = check_texts(list(texts), self.name)
         plan = self._tokenizer_side().batch_plan(texts)
         pending = {self._actors[i % self.num_workers].featurize_batch.remote([texts[j] for j in idx]): idx
                    for i, idx in enumerate(plan)}
