@@ -36,8 +36,11 @@ from dsl.service.ray_train import (  # noqa: E402
 )
 
 # the offline demo: pretrain, then DSL fine-tune from that checkpoint (App C.1 settings scaled down)
-EMBEDDED_PRETRAIN = ["preset=embedded", "objective=mdlm", "train.steps=300"]
-EMBEDDED_FINETUNE = ["preset=embedded", "objective=dsl", "train.steps=150", "train.warmup_steps=0"]
+# (sized for a few minutes on 2 shared CPU cores: 16 x 64-token sequences per step)
+EMBEDDED_PRETRAIN = ["preset=embedded", "objective=mdlm", "train.steps=200", "train.batch_size=16",
+                     "train.eval_every=50", "train.ckpt_every=50"]
+EMBEDDED_FINETUNE = ["preset=embedded", "objective=dsl", "train.steps=100", "train.batch_size=16",
+                     "train.eval_every=50", "train.ckpt_every=50", "train.warmup_steps=0"]
 
 
 def _summary(result: FinetuneResult) -> dict:

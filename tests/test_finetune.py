@@ -32,14 +32,17 @@ def ray_cmd(*args: str) -> list[str]:
     return [str(Path(sys.executable).with_name("ray")), *args]
 
 
-def submit(cluster, env, args: list[str], *, wait: bool = True, timeout: float = 400) -> subprocess.CompletedProcess:
-    cmd = ray_cmd("job", "submit", "--address", cluster.dashboard_url, "--working-dir", str(REPO),
+def submit(cluster, env, args: list[str], *, wait: bool = True, timeout: float = 400,
+           job_env: dict | None = None) -> subprocess.CompletedProcess:
+    extra = ["--runtime-env-json", json.dumps({"env_vars": job_env})] if job_env else []
+    cmd = ray_cmd("job", "submit", "--address", cluster.dashboard_url, "--working-dir", str(REPO), *extra,
                   *([] if wait else ["--no-wait"]), "--", "python", "jobs/finetune.py", *args)
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
 def summary_of(out: subprocess.CompletedProcess) -> dict:
-    assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
+    if out.returncode != 0:
+        pytest.fail(f"job failed (exit {out.returncode}):\n{out.stdout[-4000:]}\n{out.stderr[-2000:]}")
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
     return json.loads(lines[-1])
 
@@ -184,7 +187,8 @@ def test_two_worker_ddp_equals_one_process(ray_cluster, ray_env, tmp_path):
 def test_s3_storage_and_mlflow_server_run(ray_cluster, ray_env, s3_server, s3_bucket, mlflow_server, tmp_path):
     args = [*TINY, "train.steps=4", "train.ckpt_every=2", "name=s3run", "workers=2",
             f"storage={s3_bucket}/runs", f"tracking_uri={mlflow_server.tracking_uri}"]
-    out = submit(ray_cluster, ray_env, args)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    out = submit(ray_cluster, ray_env, args, job_env={"DSL_GIT_COMMIT": commit})
     summary = summary_of(out)
     assert summary["checkpoint"] == f"{s3_bucket}/runs/s3run/step-4"
     bucket = s3_bucket.removeprefix("s3://")
@@ -197,7 +201,7 @@ def test_s3_storage_and_mlflow_server_run(ray_cluster, ray_env, s3_server, s3_bu
     assert run.data.params["train.steps"] == "4" and run.data.params["service.workers"] == "2"
     assert run.data.tags["dsl.checkpoint"] == summary["checkpoint"]
     assert run.data.tags["dsl.checkpoint.step-2"] == f"{s3_bucket}/runs/s3run/step-2"
-    assert run.data.tags.get("mlflow.source.git.commit")
+    assert run.data.tags["mlflow.source.git.commit"] == commit and len(run.data.tags["dsl.code_digest"]) == 16
     assert [s for s, _ in steps_of(mlflow_server.tracking_uri, run.info.run_id, "loss")] == [1, 2, 3, 4]
     assert {"lr", "grad_norm", "tokens_per_s", "valid_nll"} <= set(run.data.metrics)
 
@@ -260,8 +264,8 @@ def test_killed_driver_then_resubmitted_resumes(ray_cluster, ray_env, tmp_path):
     args = _fault_args(name, root, tracking, steps)
     assert submit(ray_cluster, ray_env, args, wait=False).returncode == 0
     wait_for(lambda: [s for s in complete_steps(root) if s >= every], 300, "a first checkpoint")
-    (driver,) = wait_for(lambda: job_drivers(ray_cluster, name), 30, "the job driver")
-    driver.send_signal(signal.SIGKILL)
+    for proc in wait_for(lambda: job_drivers(ray_cluster, name), 30, "the job driver"):
+        proc.send_signal(signal.SIGKILL)  # the entrypoint's shell and its python
     wait_for(lambda: not train_workers(ray_cluster), 120, "the killed job's workers to go")
     before = max(complete_steps(root))
     assert before < steps
@@ -290,3 +294,27 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(ray_cluster, ray_env, 
     (run,) = runs_named(tracking, name)
     starts = [v for _, v in steps_of(tracking, run.info.run_id, "resumed_from_step")]
     assert starts == [0, 3]  # the flipped byte made step 6 untrusted
+    assert load_checkpoint(str(root / "step-9")).step == 9 and load_checkpoint(str(root / "step-6")).step == 6
+
+
+@pytest.mark.integration
+def test_embedded_default_pretrains_then_fine_tunes_offline(tmp_path):
+    """The no-argument demo path (here shortened by overrides), on a private local Ray."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_TRACKING_URI"))}
+    env["HF_HUB_OFFLINE"] = "1"
+    out = subprocess.run([sys.executable, str(REPO / "jobs" / "finetune.py"), "embedded=true", "model=toy",
+                          "model.length=32", "train.steps=3", "train.eval_batches=1", "service.system_metrics=false"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    summary = summary_of(out)
+    pre, fine = summary["pretrain"], summary["finetune"]
+    assert pre["name"] == "embedded-mdlm" and fine["name"] == "embedded-dsl"
+    assert pre["step"] == 3 and fine["step"] == 3
+    assert fine["checkpoint"] == str(tmp_path / "runs" / "embedded-dsl" / "step-3")
+    assert load_checkpoint(fine["checkpoint"]).config["init"] == pre["checkpoint"] + "/ema.safetensors"
+    assert load_checkpoint(fine["checkpoint"]).config["objective"] == "dsl"
+    db = tmp_path / "mlflow.db"
+    assert f"open the UI: mlflow ui --backend-store-uri sqlite:///{db} --host 127.0.0.1" in out.stdout
+    assert f"checkpoint: {fine['checkpoint']}" in out.stdout
+    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    names = {r.data.tags[TAG_RUN_NAME] for r in client.search_runs([client.get_experiment_by_name("dsl").experiment_id])}
+    assert names == {"embedded-mdlm", "embedded-dsl"}

@@ -142,19 +142,34 @@ def check_init(init: str) -> None:
 # Inside each Ray Train worker.
 
 
-def _untrust_corrupt(storage: Any, step: int) -> None:
-    """A run that fell back past a corrupt ``step-<N>`` must be able to write step N again: drop the
-    corrupt one's manifest (it was never trusted), so the core save treats its files as debris."""
-    from dsl.checkpoint import MANIFEST, step_dir, verify_checkpoint
+def latest_uri(storage: Any) -> str | None:
+    from dsl.checkpoint import latest_complete
 
-    key = f"{step_dir(step)}/{MANIFEST}"
-    if not storage.exists(key):
-        return
-    try:
-        verify_checkpoint(storage, step_dir(step))
-    except UserError as exc:
-        print(f"warning: replacing corrupt checkpoint ({' '.join(str(exc).split())})", flush=True)
-        storage.delete(key)
+    return latest_complete(storage)
+
+
+def untrust_corrupt_after_latest(storage: Any) -> list[int]:
+    """Drop the manifest of every checkpoint newer than the latest one that verifies.
+
+    Such a checkpoint (a missing, truncated or altered file) is never loaded; the run falls back to the
+    previous complete one and must be able to train through and re-save those steps. Removing only the
+    manifest leaves the files as debris that the next save of that step cleans up.
+    """
+    from dsl.checkpoint import MANIFEST, list_checkpoints, step_dir, verify_checkpoint
+
+    dropped = []
+    for step in reversed(list_checkpoints(storage)):
+        key = f"{step_dir(step)}/{MANIFEST}"
+        if not storage.exists(key):
+            continue
+        try:
+            verify_checkpoint(storage, step_dir(step))
+            break
+        except UserError as exc:
+            print(f"warning: not trusting {' '.join(str(exc).split())}; falling back", flush=True)
+            storage.delete(key)
+            dropped.append(step)
+    return dropped
 
 
 def train_worker(payload: dict[str, Any]) -> None:
@@ -188,20 +203,22 @@ def train_worker(payload: dict[str, Any]) -> None:
             logger.log_metrics(metrics, step)
 
     class ReportingTrainer(Trainer):
-        """The core Trainer; each save (all ranks reach it together) is also reported to Ray/MLflow."""
+        """The core Trainer; rank 0 also tags each checkpoint it writes in MLflow. (No Ray report here:
+        ranks may disagree on whether a final save is needed, and reports must pair up across ranks.)"""
 
         def save(self, step: int | None = None) -> str | None:
-            if self.rank == 0:
-                _untrust_corrupt(self.storage, self.step_count if step is None else step)
             uri = super().save(step)
             if logger is not None and uri:
                 logger.log_checkpoint(uri, self.step_count)
-            ray.train.report({"step": self.step_count, "checkpoint_uri": uri or ""})
             return uri
 
     wrap = (lambda m: ray.train.torch.prepare_model(m, move_to_device=False)) if world > 1 else None
     trainer = ReportingTrainer(run_cfg, rank=rank, world_size=world, wrap_model=wrap,
                                storage=payload["storage_root"], on_metrics=on_metrics, device=device)
+    if rank == 0:
+        untrust_corrupt_after_latest(trainer.storage)
+    if world > 1:
+        torch.distributed.barrier()  # every rank must see the same checkpoints before resuming
     trainer.resume()
     if rank == 0:
         # one point per (re)start of the worker group: where it resumed from (0 = fresh)
@@ -217,7 +234,9 @@ def train_worker(payload: dict[str, Any]) -> None:
     if logger is not None:
         logger.log_metrics({k: v for k, v in final.items() if k.startswith("valid_")}, trainer.step_count)
         logger.close()
-    ray.train.report({"step": trainer.step_count, "done": 1.0})
+    # one report per rank per attempt: the barrier that ends the attempt together
+    ray.train.report({"step": trainer.step_count,
+                      "checkpoint_uri": (latest_uri(trainer.storage) or "") if rank == 0 else ""})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -85,12 +85,39 @@ def ui_command(tracking_uri: str) -> str:
 
 
 def git_commit(path: str | os.PathLike | None = None) -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path or Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    """The code's git commit: ``DSL_GIT_COMMIT`` (set it when submitting a job: Ray's working-dir copy
+    has no repository), else ``git rev-parse HEAD`` beside the package, else in the working directory."""
+    if os.environ.get("DSL_GIT_COMMIT"):
+        return os.environ["DSL_GIT_COMMIT"]
+    for where in ([path] if path else [Path(__file__).resolve().parent, Path.cwd()]):
+        try:
+            out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True,
+                                 timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    return None
+
+
+def code_digest() -> str:
+    """sha256 (16 hex) of the ``dsl`` package's Python sources: identifies the code even without git."""
+    import hashlib
+
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _code_tags() -> dict[str, str]:
+    tags = {"dsl.code_digest": code_digest()}
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
 
 
 def _client(tracking_uri: str | None):
@@ -147,10 +174,7 @@ def ensure_training_run(run_name: str, *, params: Mapping[str, Any] | Any, tags:
     run_id = find_run(run_name, tracking_uri=tracking_uri, experiment=experiment, kind=kind)
     resumed = run_id is not None
     if run_id is None:
-        all_tags = {TAG_RUN_NAME: run_name, TAG_KIND: kind, "mlflow.runName": run_name}
-        commit = git_commit()
-        if commit:
-            all_tags["mlflow.source.git.commit"] = commit
+        all_tags = {TAG_RUN_NAME: run_name, TAG_KIND: kind, "mlflow.runName": run_name, **_code_tags()}
         all_tags.update({k: scrub(v) for k, v in (tags or {}).items()})
         run_id = client.create_run(experiment_id(client, experiment), tags=all_tags, run_name=run_name).info.run_id
     else:
@@ -244,10 +268,7 @@ def job_run(kind: str, params: Mapping[str, Any] | Any, checkpoint_uri: str | No
     """One MLflow run for one invocation of a job (``kind`` = sample/evaluate/...), tagged with the
     checkpoint and the training run that produced it; FAILED if the body raises, FINISHED otherwise."""
     client = _client(tracking_uri)
-    tags = {TAG_KIND: kind}
-    commit = git_commit()
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
+    tags = {TAG_KIND: kind, **_code_tags()}
     if checkpoint_uri:
         tags[TAG_CHECKPOINT] = scrub(checkpoint_uri)
         name, train_id = training_run_of(checkpoint_uri, tracking_uri=tracking_uri, experiment=experiment)
@@ -321,5 +342,5 @@ def _is_number(text: str) -> bool:
 
 
 __all__ = ["tracking_enabled", "tracked_job", "DEFAULT_EXPERIMENT", "TAG_RUN_NAME", "TAG_KIND", "TAG_CHECKPOINT", "TAG_TRAINING_RUN", "scrub",
-           "flat_params", "default_tracking_uri", "ui_command", "git_commit", "find_run",
+           "flat_params", "default_tracking_uri", "ui_command", "git_commit", "code_digest", "find_run",
            "ensure_training_run", "RunLogger", "training_run_of", "job_run", "experiment_id"]
