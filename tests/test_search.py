@@ -54,6 +54,12 @@ def test_bad_config_is_one_line_naming_the_key(arg, needle):
 def test_t_window_ranges_must_not_overlap():
     with pytest.raises(ConfigError, match="t_off=0.1,0.6 overlaps t_on=0.5,0.9"):
         S.load_search_config(["t_on=0.5,0.9", "t_off=0.1,0.6"])
+    with pytest.raises(ConfigError, match="t_off=0.05 overlaps t_on=0.01,0.9"):   # against the fixed t_off
+        S.load_search_config(["t_on=0.01,0.9"])
+    with pytest.raises(ConfigError, match="t_off=0.1,0.6 overlaps t_on=0.55"):
+        S.load_search_config(["t_off=0.1,0.6"])
+    with pytest.raises(ConfigError, match="the search always samples with remdm-loop"):
+        S.load_search_config(["sampling.sampler=mdlm"])
 
 
 def test_defaults_and_overrides_parse():

@@ -164,9 +164,15 @@ def test_killed_search_continues_without_duplicates(ray_cluster, tmp_path):
     assert len(tags) == len(set(tags)) == 5
 
 
-def test_postgres_storage_with_concurrent_trials(ray_cluster, postgres_url, tmp_path):
-    summary = _run_search(ray_cluster, ["steps=8", "trials=4", "asha=false", "samples=8", "max_concurrent=2",
-                                        f"storage={postgres_url}", "tracking_uri=none", f"out_dir={tmp_path}"])
+def test_postgres_storage_with_concurrent_trials_on_a_private_2_cpu_ray(postgres_url, tmp_path):
+    """No ``ray_address``: the search starts its own 2-CPU Ray. The MAUVE actor holds one CPU; half-CPU
+    trials make two run at once (derived, not configured), ASHA stops some, nothing deadlocks."""
+    from dsl.service.search import load_search_config, run_search
+
+    summary = run_search(load_search_config(SMALL + [
+        "steps=8", "trials=4", "ray_cpus=2", "trial_cpus=0.5", f"storage={postgres_url}", "tracking_uri=none",
+        f"out_dir={tmp_path}"]))
+    assert summary["concurrent_trials"] == 2 and summary["trial_resources"] == {"cpu": 0.5}
     finished, all_trials = _finished(postgres_url, "eta-cap:T=8")
     assert len(finished) == 4 and summary["trials"] == {"8": 4}
     ordered = sorted(finished, key=lambda t: t.datetime_start)

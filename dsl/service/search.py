@@ -7,7 +7,8 @@ prints two tables (Sec 6.1 / eq. 24 vs Table 4). This module measures it instead
 - per T, a Ray Tune ``Tuner`` with an ``OptunaSearch`` (seeded TPE) proposes η_cap (log-uniform) and
   optionally t_on, t_off, α_on, top-p; each trial samples with ReMDM-loop (``dsl.sampling.generate``) and
   is scored by ONE shared ``MauvePool`` whose reference features are computed once;
-- ASHA over the sample count stops weak settings early. ASHA-stopped trials would enter Optuna as
+- ASHA over the sample count stops weak settings early (single objective: Optuna multi-objective
+  studies get no intermediate values and cannot be combined with ASHA, so the band enters as a penalty). ASHA-stopped trials would enter Optuna as
   COMPLETE with a low-fidelity value (ecosystem.md §2); here they are told as PRUNED (their MAUVE
   stays an intermediate value) with ``samples``/``full_fidelity`` user attrs, and only full-fidelity
   trials can be chosen;
@@ -118,9 +119,14 @@ class SearchConfig:
         lo, hi = self.rewrite_target
         if lo < 0 or lo > hi:
             raise ConfigError(f"rewrite_target={_fmt(self.rewrite_target)}: need 0 <= lo <= hi (e.g. 1,2)")
-        if self.t_on and self.t_off and max(self.t_off) >= min(self.t_on):
-            raise ConfigError(f"t_off={_fmt(self.t_off)} overlaps t_on={_fmt(self.t_on)}: every t_off must "
-                              f"be < every t_on")
+        t_on = self.t_on or (self.sampling.t_on,) * 2
+        t_off = self.t_off or (self.sampling.t_off,) * 2
+        if max(t_off) >= min(t_on):
+            raise ConfigError(f"t_off={_fmt(t_off[:len(self.t_off) or 1])} overlaps t_on="
+                              f"{_fmt(t_on[:len(self.t_on) or 1])}: every t_off must be < every t_on")
+        if self.sampling.sampler not in ("dsl-budget", "remdm-loop"):
+            raise ConfigError(f"sampling.sampler={self.sampling.sampler}: the search always samples with "
+                              f"remdm-loop (η = the trial's η_cap); leave sampling.sampler unset")
         if not self.study.strip():
             raise ConfigError("study= is empty: name the study (re-using a name continues that search)")
         if self.min_samples > self.samples:
