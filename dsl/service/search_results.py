@@ -125,7 +125,8 @@ def plot_mauve_vs_rewrites(records: Sequence[dict[str, Any]], chosen: dict[int, 
             c = chosen[steps]
             ax.scatter([c["mean_rewrites"]], [c["mauve"]], marker="*", s=260, color=color,
                        edgecolors="black", zorder=3)
-            ax.annotate(f"η_cap={c['eta_cap']:.3g}", (c["mean_rewrites"], c["mauve"]),
+            note = "" if c.get("in_band", True) else " (band not reached)"
+            ax.annotate(f"η_cap={c['eta_cap']:.3g}{note}", (c["mean_rewrites"], c["mauve"]),
                         textcoords="offset points", xytext=(6, 6), fontsize=8)
     ax.set_xlabel("mean rewrites per token E[R_i] (eq. 25)")
     ax.set_ylabel("MAUVE (mean over k-means seeds)")
