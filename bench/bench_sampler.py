@@ -131,7 +131,7 @@ def main() -> None:
     for regime, k, mp, frac, math_s, ratio, ours, full, same in table:
         print(f"{regime:<7} {k:>8.1f} {mp:>6.3f} {frac:>7.0%} {math_s:>10.3f} {ratio:>9.2%} "
               f"{ours:>8.3f} {full:>8.3f} {full / ours:>9.1f} {str(same):>6}")
-    print("\nmath/fwd target: <= 5 %. top-p: ours on the (L, V) float32 logits (nucleus, max p, entropy and k_t"
+    print("\nTimes are CPU seconds of this process (the cores are shared). math/fwd target: <= 5 %. top-p: ours on the (L, V) float32 logits (nucleus, max p, entropy and k_t"
           " included) vs one float64 full-vocabulary sort of the same rows; 'equal' = same filtered rows (1e-6).")
 
 

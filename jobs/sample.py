@@ -36,6 +36,7 @@ class SampleJob:
     length: int = num(0, 0, help="sequence length L; 0 = the model's/source's own")
     first_index: int = num(0, 0, help="global index of the first sample (workers splitting one run)")
     trajectory: str = text("", "also save the draft after every step as a (T, n, L) .npy file")
+    plot: str = text("", "also draw the per-step diagnostics (Fig 2 panels) to this PNG")
     progress: bool = field(default=False, metadata={"help": "tqdm progress bar over steps"})
     toy: Literal["", "recover", "sde-2d"] = choice("", "run a toy instead (Fig 3 recover, Fig 1b sde-2d)")
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -82,6 +83,8 @@ def run_sampling(job: SampleJob) -> dict:
     out = _check_out(job.out)
     if job.trajectory:
         _check_out(job.trajectory, "trajectory")
+    if job.plot:
+        _check_out(job.plot, "plot")
     cfg = job.sampling
     denoiser = load_denoiser(job.checkpoint, cfg, length=job.length or None, data_cfg=job.data)
     length = job.length or denoiser.max_length
@@ -116,12 +119,42 @@ def run_sampling(job: SampleJob) -> dict:
     writers = [(out, write_samples), (diag, write_diagnostics)]
     if job.trajectory:
         writers.append((job.trajectory, write_traj))
+    if job.plot:
+        writers.append((job.plot, lambda tmp: plot_diagnostics(batch.diagnostics, f"{cfg.sampler} T={cfg.steps}", tmp)))
     _commit_all(writers)
     return {"n": job.n, "sampler": cfg.sampler, "resolved": batch.settings["resolved"]["rule"],
             "steps": cfg.steps, "length": length, "mean_nfe": float(batch.nfe.double().mean()),
             "mean_rewrites_per_token": float(batch.mean_rewrites.mean()), "rewrite_count": cfg.rewrite_count,
             "wall_time_s": round(wall, 3), "eta_cap": batch.eta_cap, "eta_cap_source": batch.eta_cap_source,
-            "out": out, "diagnostics": diag, "trajectory": job.trajectory or None}
+            "out": out, "diagnostics": diag, "trajectory": job.trajectory or None, "plot": job.plot or None}
+
+
+def plot_diagnostics(diagnostics: dict, title: str, path: str) -> None:
+    """Fig 2's three panels against decoding progress 1 − t: masking/reveal, remasking, sharpness."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    progress = 1 - np.asarray(diagnostics["t"])
+    panels = [("masking & reveal", ["masked_ratio", "reveal_fraction"]),
+              ("remasking / rewrite rate", ["remask_intensity", "remask_ratio", "change_rate"]),
+              ("posterior sharpness", ["mean_max_prob", "uncertainty"])]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
+    for ax, (name, keys) in zip(axes, panels):
+        for key in keys:
+            ax.plot(progress, diagnostics[key], label=key, lw=1.2)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("decoding progress 1 − t")
+        ax.legend(fontsize=7)
+    axes[3].semilogy(progress, diagnostics["nucleus_size"], label="nucleus size k_t")
+    axes[3].set_title("top-p nucleus size (log)", fontsize=10)
+    axes[3].set_xlabel("decoding progress 1 − t")
+    fig.suptitle(title)
+    fig.tight_layout()
+    with open(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=100)
+    plt.close(fig)
 
 
 def run_toy(job: SampleJob) -> dict:

@@ -25,10 +25,11 @@ def _run(tmp_path, *args):
 
 
 def test_end_to_end_with_trajectory(tmp_path):
-    out, traj = tmp_path / "s.jsonl", tmp_path / "traj.npy"
+    out, traj, plot = tmp_path / "s.jsonl", tmp_path / "traj.npy", tmp_path / "diag.png"
     rc, stdout, stderr = _run(tmp_path, "checkpoint=oracle:cyclic", "sampler=remdm-loop", "steps=24", "n=5",
-                              f"out={out}", f"trajectory={traj}", "eta=0.2", "seed=3")
+                              f"out={out}", f"trajectory={traj}", "eta=0.2", "seed=3", f"plot={plot}")
     assert rc == 0, stderr
+    assert plot.read_bytes()[:4] == b"\x89PNG"
     summary = json.loads(stdout.strip().splitlines()[-1])
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(lines) == 5 and summary["n"] == 5

@@ -10,8 +10,8 @@ their own precision and never sorts or densifies the vocabulary:
   still pending) finds the nucleus, because once the top-k mass exceeds p every kept token is among
   them. Broad rows (the first steps, nucleus ~10^4 in Table 6) therefore cost one sort, like the
   baseline; sharp rows (most steps) cost one ``topk`` of width 64;
-* for logits, one exp pass gives the normaliser Z = Σ_v e^{l_v − max} and S = Σ_v e^{l_v − max} l_v, so
-  H = max + log Z − S/Z and max p = 1/Z come without a float64 copy of the row;
+* for logits, one fused softmax pass in the logits' precision gives p; log Z = l_max − log p_max and
+  one dot product Σ_v p_v l_v give the entropy H = log Z − Σ p l, without a float64 copy of the row;
 * only the kept tokens are turned into float64 probabilities (exact categorical sampling, pitfall 1).
 The result is sparse: per row the kept ids (most probable first) and their renormalised probabilities.
 With ``top_p >= 1`` nothing is filtered and the rows are returned dense (every id, float64).
@@ -60,35 +60,26 @@ def top_p_filter(rows: torch.Tensor, top_p: float, diag_p: float = 0.9, kind: st
     filter_rows = top_p < 1.0
     need = max(top_p if filter_rows else 0.0, diag_p)
     width = min(_FIRST_WIDTH, vocab)
-    vals, idx = rows.topk(width, dim=-1, sorted=True)
     if kind == "logits":
-        top = vals[:, :1]
-        weights = torch.exp(rows - top)  # (N, V) in the rows' dtype; the one full pass besides topk
-        z = weights.sum(-1, dtype=torch.float64)
-        s = torch.bmm(weights.unsqueeze(1), rows.unsqueeze(-1)).reshape(n).double()
-        entropy = top.squeeze(-1).double() + z.log() - s / z
-        max_prob = 1.0 / z
-        full = (weights.double() / z.unsqueeze(-1)) if not filter_rows else None
-        del weights
-
-        def to_probs(v: torch.Tensor, rows_sel: torch.Tensor) -> torch.Tensor:
-            return torch.exp(v.double() - top[rows_sel].double()) / z[rows_sel].unsqueeze(-1)
+        p = torch.softmax(rows, dim=-1)  # (N, V) in the rows' precision: the one full pass besides topk
+        vals, idx = p.topk(width, dim=-1, sorted=True)
+        max_prob = vals[:, 0].double()
+        log_z = rows.gather(-1, idx[:, :1]).squeeze(-1).double() - max_prob.log()  # lse = l_max − log p_max
+        dot = torch.bmm(p.unsqueeze(1), rows.unsqueeze(-1)).reshape(n).double()  # Σ_v p_v l_v
+        entropy = log_z - dot  # H = log Z − Σ p l
     else:
-        z = rows.sum(-1, dtype=torch.float64)
-        p = rows.double() / z.unsqueeze(-1)
+        p = rows.double() / rows.sum(-1, keepdim=True, dtype=torch.float64)
+        vals, idx = p.topk(width, dim=-1, sorted=True)
+        max_prob = vals[:, 0]
         entropy = torch.special.entr(p).sum(-1)
-        max_prob = vals[:, 0].double() / z
-        full = p if not filter_rows else None
-
-        def to_probs(v: torch.Tensor, rows_sel: torch.Tensor) -> torch.Tensor:
-            return v.double() / z[rows_sel].unsqueeze(-1)
+    full = p.double() if not filter_rows else None
 
     size = torch.zeros(n, dtype=torch.float64)
     kept = torch.full((n,), vocab, dtype=torch.long)
     groups = []  # (row indices, ids, probs, keep mask) per width tried
     pending = torch.arange(n)
     while True:
-        probs = to_probs(vals, pending)  # (n', width) float64
+        probs = vals.double()  # (n', width)
         cums = probs.cumsum(-1)
         done = (cums[:, -1] > need) | (width >= vocab)
         rows_done = pending[done]
@@ -108,7 +99,7 @@ def top_p_filter(rows: torch.Tensor, top_p: float, diag_p: float = 0.9, kind: st
         width = max(width * _GROWTH, lower_bound)
         if width * _SORT_FRACTION > vocab:
             width = vocab
-        sub = rows[pending]
+        sub = p[pending]
         if width >= vocab:
             vals, idx = sub.sort(dim=-1, descending=True, stable=True)
         else:
