@@ -11,6 +11,7 @@ Prints one table; the ratio column is time relative to the in-process run (lower
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -77,6 +78,7 @@ def main(argv: list[str]) -> None:
                 pool.close()
     finally:
         ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
 
     base_feat, base_total = rows[0][1], rows[0][2] + rows[0][3]
     print(f"\nMAUVE bench: {n} samples vs {n} references, {args['featurizer']} max_length={args['max_length']}, "
