@@ -127,7 +127,9 @@ def start_cluster(temp_dir: str, *, head_cpus: int = 2, workers: int = 1, worker
         for i in range(workers):
             _run_start([*_ray_cli(), "start", f"--address={address}", "--node-ip-address=127.0.0.1",
                         f"--num-cpus={worker_cpus}", "--num-gpus=0", f"--object-store-memory={obj}",
-                        f"--temp-dir={temp_dir}", "--disable-usage-stats", *_node_ports()], env, f"worker {i}")
+                        # own temp dir per node: on one machine a shared one means shared runtime-env
+                        # directories, which one node's agent deletes while the other's job runs in them
+                        f"--temp-dir={os.path.join(temp_dir, f'w{i}')}", "--disable-usage-stats", *_node_ports()], env, f"worker {i}")
         dashboard_url = f"http://127.0.0.1:{dash_port}"
         if not _wait_http(dashboard_url + "/api/version", timeout):
             raise UserError(f"Ray dashboard at {dashboard_url} did not come up within {timeout:.0f}s "
@@ -157,7 +159,7 @@ def cluster_pids(temp_dir: str, address: str | None) -> list[int]:
     """
     import psutil
 
-    marks = [os.path.join(os.path.abspath(temp_dir), "session_")]
+    marks = [os.path.abspath(temp_dir) + os.sep]
     if address:
         marks.append(f"={address}")
     me = psutil.Process()
