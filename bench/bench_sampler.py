@@ -115,7 +115,7 @@ def main() -> None:
         nuc = top_p_filter(rows, 0.9, kind="logits")
         ours = _time(lambda rows=rows: top_p_filter(rows, 0.9, kind="logits"), 3)
         full = _time(lambda probs=probs: sort_top_p_filter(probs, 0.9), 1)
-        same = torch.allclose(nuc.dense(VOCAB), sort_top_p_filter(probs, 0.9), atol=1e-6)
+        same = float(((nuc.dense(VOCAB) > 0) == (sort_top_p_filter(probs, 0.9) > 0)).all(-1).double().mean())
         den = FixedLogits(logits)
         for frac in (1.0, 0.5, 0.1):
             draft = torch.randint(0, VOCAB - 1, (1, length), generator=gen)
@@ -127,12 +127,12 @@ def main() -> None:
         del logits, probs, rows
 
     print(f"\n{'regime':<7} {'k_t':>8} {'max p':>6} {'masked':>7} {'math cpu s':>10} {'math/fwd':>9} "
-          f"{'top-p s':>8} {'sort s':>8} {'sort/ours':>9} {'equal':>6}")
+          f"{'top-p s':>8} {'sort s':>8} {'sort/ours':>9} {'same set':>8}")
     for regime, k, mp, frac, math_s, ratio, ours, full, same in table:
         print(f"{regime:<7} {k:>8.1f} {mp:>6.3f} {frac:>7.0%} {math_s:>10.3f} {ratio:>9.2%} "
-              f"{ours:>8.3f} {full:>8.3f} {full / ours:>9.1f} {str(same):>6}")
+              f"{ours:>8.3f} {full:>8.3f} {full / ours:>9.1f} {same:>8.1%}")
     print("\nTimes are CPU seconds of this process (the cores are shared). math/fwd target: <= 5 %. top-p: ours on the (L, V) float32 logits (nucleus, max p, entropy and k_t"
-          " included) vs one float64 full-vocabulary sort of the same rows; 'equal' = same filtered rows (1e-6).")
+          " included) vs one float64 full-vocabulary sort of the same rows; 'same set' = rows whose kept tokens agree (ours decides the cut from float32 probabilities: a token within ~1e-7 of the cut can flip).")
 
 
 if __name__ == "__main__":
