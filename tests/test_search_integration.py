@@ -43,6 +43,25 @@ def _finished(storage_url: str, name: str):
     return [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)], study.trials
 
 
+def test_postgres_storage_with_concurrent_trials_on_a_private_2_cpu_ray(postgres_url, tmp_path):
+    """First in the file, before the shared cluster starts. No ``ray_address``: the search starts its own
+    2-CPU Ray. The MAUVE actor holds one CPU; half-CPU trials make two run at once (derived, not
+    configured), ASHA stops some, nothing deadlocks."""
+    from dsl.service.search import load_search_config, run_search
+
+    summary = run_search(load_search_config(SMALL + [
+        "steps=8", "trials=4", "ray_cpus=2", "trial_cpus=0.5", f"storage={postgres_url}", "tracking_uri=none",
+        f"out_dir={tmp_path}"]))
+    assert summary["concurrent_trials"] == 2 and summary["trial_resources"] == {"cpu": 0.5}
+    finished, all_trials = _finished(postgres_url, "eta-cap:T=8")
+    assert len(finished) == 4 and summary["trials"] == {"8": 4}
+    ordered = sorted(finished, key=lambda t: t.datetime_start)
+    # concurrency: some trial was asked for before the previous one was told
+    assert any(b.datetime_start < a.datetime_complete for a, b in zip(ordered, ordered[1:]))
+    assert summary["storage"].startswith("postgresql")
+    assert not (tmp_path / "study.db").exists()
+
+
 @pytest.fixture(scope="module")
 def small_search(ray_cluster, tmp_path_factory):
     out = tmp_path_factory.mktemp("search")
@@ -162,24 +181,6 @@ def test_killed_search_continues_without_duplicates(ray_cluster, tmp_path):
     tags = [r.data.tags["dsl.trial"] for r in runs if "dsl.trial" in r.data.tags]
     assert len([r for r in runs if "dsl.search" in r.data.tags]) == 1   # the parent run was found again
     assert len(tags) == len(set(tags)) == 5
-
-
-def test_postgres_storage_with_concurrent_trials_on_a_private_2_cpu_ray(postgres_url, tmp_path):
-    """No ``ray_address``: the search starts its own 2-CPU Ray. The MAUVE actor holds one CPU; half-CPU
-    trials make two run at once (derived, not configured), ASHA stops some, nothing deadlocks."""
-    from dsl.service.search import load_search_config, run_search
-
-    summary = run_search(load_search_config(SMALL + [
-        "steps=8", "trials=4", "ray_cpus=2", "trial_cpus=0.5", f"storage={postgres_url}", "tracking_uri=none",
-        f"out_dir={tmp_path}"]))
-    assert summary["concurrent_trials"] == 2 and summary["trial_resources"] == {"cpu": 0.5}
-    finished, all_trials = _finished(postgres_url, "eta-cap:T=8")
-    assert len(finished) == 4 and summary["trials"] == {"8": 4}
-    ordered = sorted(finished, key=lambda t: t.datetime_start)
-    # concurrency: some trial was asked for before the previous one was told
-    assert any(b.datetime_start < a.datetime_complete for a, b in zip(ordered, ordered[1:]))
-    assert summary["storage"].startswith("postgresql")
-    assert not (tmp_path / "study.db").exists()
 
 
 def test_same_seed_storage_free_search_repeats_its_choice(ray_cluster, tmp_path):

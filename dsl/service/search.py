@@ -510,15 +510,27 @@ class _RayContext:
                 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
                 os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
                 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-                self.temp = tempfile.mkdtemp(prefix="ray-search-")
-                ray.init(num_cpus=self.cfg.ray_cpus or os.cpu_count() or 1, include_dashboard=False,
-                         _node_ip_address="127.0.0.1", _temp_dir=self.temp, logging_level="WARNING",
-                         log_to_driver=False)
+                self._start_private()
         except Exception as exc:  # noqa: BLE001 - an unreachable cluster is bad input
             self.__exit__(None, None, None)
             raise UserError(f"ray_address={address or '(local)'}: cannot start or connect to Ray "
                             f"({' '.join(str(exc).split())[:200]})") from None
         return self
+
+    def _start_private(self, attempts: int = 2) -> None:
+        import ray
+
+        for attempt in range(attempts):
+            self.temp = tempfile.mkdtemp(prefix="ray-search-")
+            try:
+                ray.init(num_cpus=self.cfg.ray_cpus or os.cpu_count() or 1, include_dashboard=False,
+                         _node_ip_address="127.0.0.1", _temp_dir=self.temp, logging_level="WARNING",
+                         log_to_driver=False)
+                return
+            except Exception:  # noqa: BLE001 - GCS start-up can time out on a loaded machine: retry once
+                self.__exit__(None, None, None)
+                if attempt == attempts - 1:
+                    raise
 
     def __exit__(self, *exc: Any) -> None:
         import ray
@@ -588,6 +600,9 @@ def _search_one_budget(cfg: SearchConfig, steps: int, rungs: tuple[int, ...], pr
 
     name = study_name(cfg, steps)
     done, stored = prepare_study(prepared.storage, name)
+    for record in study_records(prepared.storage, name, steps):
+        # a driver killed between Optuna's tell and MLflow's child run left a trial unlogged
+        tracking.log_trial(name, record)
     remaining = cfg.trials - done
     if remaining <= 0:
         return 0
