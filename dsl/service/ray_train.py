@@ -194,7 +194,7 @@ def train_worker(payload: dict[str, Any]) -> None:
         from dsl.service.tracking import RunLogger
 
         logger = RunLogger(payload["mlflow_run_id"], payload["tracking_uri"],
-                           system_metrics=payload["system_metrics"], node_id=f"rank0@{socket.gethostname()}")
+                           system_metrics=payload["system_metrics"], node_id=re.sub(r"[^A-Za-z0-9_.-]", "-", f"rank0-{socket.gethostname()}"))
 
     def on_metrics(metrics: dict, step: int) -> None:
         shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
