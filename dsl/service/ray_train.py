@@ -193,8 +193,9 @@ def train_worker(payload: dict[str, Any]) -> None:
     if rank == 0 and payload["mlflow_run_id"]:
         from dsl.service.tracking import RunLogger
 
+        node = re.sub(r"[^A-Za-z0-9_.-]", "-", f"rank0-{socket.gethostname()}")  # MLflow metric-name chars
         logger = RunLogger(payload["mlflow_run_id"], payload["tracking_uri"],
-                           system_metrics=payload["system_metrics"], node_id=re.sub(r"[^A-Za-z0-9_.-]", "-", f"rank0-{socket.gethostname()}"))
+                           system_metrics=payload["system_metrics"], node_id=node)
 
     def on_metrics(metrics: dict, step: int) -> None:
         shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
