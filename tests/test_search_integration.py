@@ -44,14 +44,15 @@ def _finished(storage_url: str, name: str):
 
 
 def test_postgres_storage_with_concurrent_trials_on_a_private_2_cpu_ray(postgres_url, tmp_path):
-    """First in the file, before the shared cluster starts. No ``ray_address``: the search starts its own
-    2-CPU Ray. The MAUVE actor holds one CPU; half-CPU trials make two run at once (derived, not
-    configured), ASHA stops some, nothing deadlocks."""
-    from dsl.service.search import load_search_config, run_search
-
-    summary = run_search(load_search_config(SMALL + [
-        "steps=8", "trials=4", "ray_cpus=2", "trial_cpus=0.5", f"storage={postgres_url}", "tracking_uri=none",
-        f"out_dir={tmp_path}"]))
+    """The CLI with no ``ray_address`` starts its own 2-CPU Ray (in a subprocess: a process keeps the auth
+    token of the first cluster it joined). The MAUVE actor holds one CPU; half-CPU trials make two run at
+    once (derived, not configured), ASHA stops some, nothing deadlocks."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH_TOKEN"))}
+    done = subprocess.run(_cli(["steps=8", "trials=4", "ray_cpus=2", "trial_cpus=0.5", f"storage={postgres_url}",
+                                "tracking_uri=none", f"out_dir={tmp_path}"]),
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["concurrent_trials"] == 2 and summary["trial_resources"] == {"cpu": 0.5}
     finished, all_trials = _finished(postgres_url, "eta-cap:T=8")
     assert len(finished) == 4 and summary["trials"] == {"8": 4}
