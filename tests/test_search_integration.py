@@ -26,13 +26,14 @@ SMALL = ["checkpoint=oracle:hmm", "length=16", "samples=16", "min_samples=8", "r
 
 
 def _run_search(cluster, args: list[str]):
-    """The search in this process, as a driver of ``cluster`` (its env: address, auth token, S3)."""
-    from dsl.service.search import load_search_config, run_search
-
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in cluster.env.items():
-            mp.setenv(key, value)
-        return run_search(load_search_config(SMALL + args + [f"ray_address={cluster.address}"]))
+    """The search CLI as a driver of ``cluster`` (its env: address, auth token, S3), in a subprocess:
+    a process keeps the auth token of the first Ray it joined, and earlier tests in this pytest process
+    may have joined another one."""
+    env = dict(os.environ, **cluster.env)
+    done = subprocess.run(_cli(args + [f"ray_address={cluster.address}"]), env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _finished(storage_url: str, name: str):
