@@ -8,3 +8,20 @@ class UserError(RuntimeError):
 def one_line(exc: BaseException) -> str:
     """The message of ``exc`` folded onto one line (entry points print exactly this)."""
     return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def run_cli(body) -> int:
+    """Run an entry point: print ``body()``'s summary as JSON on the last stdout line and return 0, or
+    print one ``error: ...`` line to stderr and return 2 for a bad key, value, file or URI."""
+    import json
+    import sys
+
+    from dsl.config import ConfigError
+
+    try:
+        summary = body()
+    except (ConfigError, UserError) as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, sort_keys=True))
+    return 0

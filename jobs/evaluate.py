@@ -27,7 +27,7 @@ from typing import Any
 import torch  # noqa: F401  -- before mauve/faiss (OpenMP clash in the other order)
 
 from dsl.config import ConfigError, EvalConfig, describe, load
-from dsl.errors import UserError, one_line
+from dsl.errors import UserError, run_cli
 
 MODES = ("calibration", "likelihood")
 
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and "=" not in argv[0]:
         mode = argv[0]
         argv = argv[1:]
-    try:
+    def body() -> dict:
         if mode not in ("samples",) + MODES:
             raise ConfigError(f"unknown mode {mode!r}: use key=value arguments (samples), or the first word "
                               f"calibration or likelihood")
@@ -297,11 +297,9 @@ def main(argv: list[str] | None = None) -> int:
                               tags={"dsl.samples": job.samples} if job.samples else None)
         if job.out and mode != "calibration":
             _write_json_atomic(os.path.join(job.out, f"{mode}.json"), summary)
-    except (ConfigError, UserError) as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary))
-    return 0
+        return summary
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

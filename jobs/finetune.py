@@ -16,7 +16,6 @@ The last stdout line is a JSON summary. Bad input prints ``error: <one line>`` a
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -24,8 +23,8 @@ import sys
 # must precede the first `import ray`.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-from dsl.config import ConfigError, describe, load  # noqa: E402
-from dsl.errors import UserError, one_line  # noqa: E402
+from dsl.config import describe, load  # noqa: E402
+from dsl.errors import UserError, run_cli  # noqa: E402
 from dsl.service.ray_train import (  # noqa: E402
     ALIASES,
     FinetuneConfig,
@@ -82,23 +81,18 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         print(describe(FinetuneConfig))
         return 0
-    try:
-        embedded = not argv or "embedded=true" in argv
-        if embedded:
-            summary = run_embedded([a for a in argv if a != "embedded=true"])
-        else:
-            cfg = load(FinetuneConfig, argv, aliases=ALIASES)
-            name = resolve_name(cfg)
-            print(f"run {name}: {cfg.objective} on {cfg.service.workers} worker(s), "
-                  f"global batch {cfg.train.batch_size}, {cfg.train.steps} steps", flush=True)
-            result = run_finetune(cfg, name=name)
-            print_progress_note(result)
-            summary = _summary(result)
-    except (ConfigError, UserError) as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary))
-    return 0
+    def body() -> dict:
+        if not argv or "embedded=true" in argv:
+            return run_embedded([a for a in argv if a != "embedded=true"])
+        cfg = load(FinetuneConfig, argv, aliases=ALIASES)
+        name = resolve_name(cfg)
+        print(f"run {name}: {cfg.objective} on {cfg.service.workers} worker(s), "
+              f"global batch {cfg.train.batch_size}, {cfg.train.steps} steps", flush=True)
+        result = run_finetune(cfg, name=name)
+        print_progress_note(result)
+        return _summary(result)
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from dsl.config import ConfigError, DataConfig, SamplingConfig, choice, describe, load, num, text
-from dsl.errors import UserError, one_line
+from dsl.errors import UserError, run_cli
 
 
 @dataclass
@@ -226,21 +226,17 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         print(describe(SampleJob))
         return 0
-    try:
+    def body() -> dict:
         job = load(SampleJob, argv, aliases=ALIASES, presets={})
         if job.toy:
-            summary = run_toy(job)
-        else:
-            if not job.checkpoint:
-                raise ConfigError("checkpoint='' : give checkpoint=<dir|s3://...|oracle:hmm|oracle:cyclic>")
-            from dsl.service.tracking import tracked_job  # one MLflow run per invocation, if tracking is on
+            return run_toy(job)
+        if not job.checkpoint:
+            raise ConfigError("checkpoint='' : give checkpoint=<dir|s3://...|oracle:hmm|oracle:cyclic>")
+        from dsl.service.tracking import tracked_job  # one MLflow run per invocation, if tracking is on
 
-            summary = tracked_job("sample", job, job.checkpoint, lambda: run_sampling(job))
-    except (ConfigError, UserError) as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary))
-    return 0
+        return tracked_job("sample", job, job.checkpoint, lambda: run_sampling(job))
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,10 @@ The last stdout line is a JSON summary.
 
 from __future__ import annotations
 
-import json
 import sys
 
-from dsl.config import ConfigError, describe
-from dsl.errors import UserError, one_line
+from dsl.config import describe
+from dsl.errors import run_cli
 
 
 def main(argv: list[str]) -> int:
@@ -26,14 +25,11 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         print(describe(SearchConfig))
         return 0
-    try:
-        cfg = load_search_config(argv)
-        summary = run_search(cfg)
-    except (ConfigError, UserError) as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 2
-    print(json.dumps({k: v for k, v in summary.items() if k != "records"}, sort_keys=True))
-    return 0
+    def body() -> dict:
+        summary = run_search(load_search_config(argv))
+        return {k: v for k, v in summary.items() if k != "records"}
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":
