@@ -100,10 +100,37 @@ def test_wrap_resumes_from_state() -> None:
 
 
 def test_pad_document_masks_padding() -> None:
-    ids, mask = pad_document([5, 6], 6, 1, 2)
-    assert ids == [1, 5, 6, 2, 2, 2] and mask == [1, 1, 1, 1, 0, 0]
-    ids, mask = pad_document(list(range(10, 20)), 5, 1, 2)
+    ids, mask = pad_document([5, 6], 6, 1, 2, 9)
+    assert ids == [1, 5, 6, 2, 9, 9] and mask == [1, 1, 1, 1, 0, 0]
+    ids, mask = pad_document(list(range(10, 20)), 5, 1, 2, 9)
     assert ids == [1, 10, 11, 12, 2] and mask == [1] * 5
+
+
+def test_unwrapped_rows_pad_with_mdlms_pad_id(corpus: Path, tmp_path: Path) -> None:
+    """MDLM pads lm1b-style rows with [PAD] (text8: id 5; GPT-2: 50257, the id it also uses as mask);
+    its DiT attends to padding, so the id matters."""
+    from transformers import GPT2TokenizerFast
+
+    from dsl.data import GPT2Tokenizer
+
+    data = build_data(_cfg(f"data.source={corpus}", "data.tokenizer=char", "data.wrap=false",
+                           "model.length=32", "data.shuffle_window=0"))
+    rows = torch.cat([data.batch("train", s)["ids"] for s in range(3)])
+    mask = torch.cat([data.batch("train", s)["mask"] for s in range(3)])
+    assert (mask == 0).any()
+    assert (rows[mask == 0] == CharTokenizer().pad_id).all() and CharTokenizer().pad_id == 5
+    assert ((rows == data.tokenizer.eos_id).sum(-1) == 1).all()  # one EOS per row, then [PAD]
+
+    docs = (SHARED / "owt_valid_sample.txt").read_text()[:20_000].split("<|endoftext|>")
+    hf = GPT2TokenizerFast(tokenizer_object=BPETokenizer.train(docs, vocab_size=320)._tok,
+                           bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    hf.save_pretrained(tmp_path / "gpt2")
+    gpt2 = GPT2Tokenizer.from_pretrained(str(tmp_path / "gpt2"))
+    assert gpt2.pad_id == gpt2.mask_id == hf.vocab_size
+    data = build_data(_cfg(f"data.source={corpus}", f"data.tokenizer={tmp_path / 'gpt2'}", "data.wrap=false",
+                           "model.length=32", "data.shuffle_window=0"), tokenizer=gpt2)
+    b = data.batch("train", 0)
+    assert (b["mask"] == 0).any() and (b["ids"][b["mask"] == 0] == gpt2.mask_id).all()
 
 
 def test_text_blocks_are_bos_docs_eos(corpus: Path) -> None:

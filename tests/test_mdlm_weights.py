@@ -349,3 +349,27 @@ def test_dsl_init_names_mismatches(raw_params):
     dsl = DSLModel(model_cfg(vocab_size=V + 2, mask_id=V + 1), ChannelConfig(embed_dim=8))
     with pytest.raises(UserError, match=r"mis-shaped 3 .*output_layer.linear.weight"):
         W.init_dsl_from_mdlm(dsl, {"backbone." + k: v for k, v in raw_params.items()}, "mdlm-owt")
+
+
+def test_heads_are_never_guessed_without_config_json_or_rotary_buffer(tmp_path):
+    # d_h = 16, not MDLM's 64: a hidden // 64 guess would build a 2-head model with no error
+    cfg = model_cfg(hidden=128, heads=8)
+    source = DiT(cfg).eval()
+    state = {k: v for k, v in source.state_dict().items() if k != W.ROTARY_KEY}
+    path = tmp_path / "bare.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    with pytest.raises(UserError) as err:
+        W.load_mdlm_dit(path)
+    msg = str(err.value)
+    assert "\n" not in msg and "config.json" in msg and W.ROTARY_KEY in msg and "model.heads" in msg
+    model = W.load_mdlm_dit(path, heads=8)
+    assert model.cfg.heads == 8
+    with torch.no_grad():
+        assert torch.equal(model.eval()(IDS), source(IDS))
+
+
+def test_init_refuses_a_model_whose_heads_differ_from_config_json(tmp_path, raw_params):
+    directory = write_hf_dir(tmp_path / "mdlm-owt", raw_params)  # config.json: n_heads=2, no rotary buffer
+    with pytest.raises(UserError, match=r"n_heads=2 .*model.heads=4"):
+        W.init_from_mdlm(DiT(model_cfg(heads=4)), directory)
+    W.init_from_mdlm(DiT(model_cfg(heads=HEADS)), directory)  # the matching shape loads

@@ -108,7 +108,7 @@ class _TextStream:
                 yield block, ones, after
         else:
             for i, tokens in enumerate(docs, start=state.doc):
-                ids, mask = pad_document(tokens, self.length, self.tok.bos_id, self.tok.eos_id)
+                ids, mask = pad_document(tokens, self.length, self.tok.bos_id, self.tok.eos_id, self.tok.pad_id)
                 yield ids, mask, WrapState(i + 1, [])
 
 
@@ -356,7 +356,8 @@ def build_data(run_cfg: RunConfig, tokenizer: Any = None) -> Data:
         cache = None
         if data_cfg.cache_dir:
             tok_id = _cache_key(tok.kind, tok.vocab_size, tok.decode(range(min(tok.vocab_size, 512))))
-            cache = Path(data_cfg.cache_dir) / f"blocks-{_cache_key(corpus.identity(), tok_id, length, data_cfg.wrap)}"
+            layout = "wrap" if data_cfg.wrap else f"pad-{tok.pad_id}"
+            cache = Path(data_cfg.cache_dir) / f"blocks-{_cache_key(corpus.identity(), tok_id, length, layout)}"
         store = _MemoryBlocks(streams, run_cfg.seed, data_cfg.shuffle_window, cache, source)
     return Data(tok, store, length, batch_size, source)
 

@@ -1,9 +1,14 @@
 """Tokenizers with one interface: ``encode, decode, vocab_size (incl. mask), mask_id, bos_id, eos_id,
 save(dir), load(dir)``; :func:`load_tokenizer` reopens any of them from the directory it saved.
 
-- :class:`CharTokenizer`: MDLM's text8 tokenizer (reference §5.4): 35 ids, [MASK]=4, a–z, space.
-- :class:`GPT2Tokenizer`: GPT-2 BPE as MDLM uses it (reference §1.5): V=50258, mask 50257, BOS=EOS=50256.
-- :class:`BPETokenizer`: a byte-level BPE trained with ``tokenizers`` on the corpus, saved with the run.
+- :class:`CharTokenizer`: MDLM's text8 tokenizer (reference §5.4): 35 ids, [MASK]=4, [PAD]=5, a–z, space.
+- :class:`GPT2Tokenizer`: GPT-2 BPE as MDLM uses it (reference §1.5): V=50258, mask 50257, BOS=EOS=50256,
+  and [PAD] = 50257 too (MDLM adds ``[PAD]`` after the 50257 GPT-2 ids, where the mask also sits).
+- :class:`BPETokenizer`: a byte-level BPE trained with ``tokenizers`` on the corpus, saved with the run;
+  like GPT-2 it pads with the mask id.
+
+``special_ids`` are the ids that are not text (BOS, EOS, mask, pad, ...): bits per character count the
+characters of every other id.
 - :class:`SourceTokenizer`: the word vocabulary of a synthetic source (``hmm``/``cyclic``).
 
 ``encode`` never adds BOS/EOS: wrapping (:mod:`dsl.data.wrapping`) places them.
@@ -51,6 +56,7 @@ class CharTokenizer:
 
     def __init__(self) -> None:
         self.bos_id, self.eos_id, self.mask_id, self.pad_id, self.unk_id = 2, 3, 4, 5, 7
+        self.special_ids = frozenset(range(len(self.SPECIALS)))  # [UNK] too: it stands for no known character
         chars = "abcdefghijklmnopqrstuvwxyz "
         self._to_id = {c: 8 + i for i, c in enumerate(chars)}
         self._to_text = list(self.SPECIALS) + list(chars)
@@ -96,7 +102,9 @@ class BPETokenizer(_HFBacked):
         self._tok = tok
         self.bos_id = self.eos_id = tok.token_to_id(self.EOT)
         self.mask_id = tok.token_to_id(self.MASK)
+        self.pad_id = self.mask_id  # as MDLM's GPT-2: the pad id is the mask id
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        self.special_ids = frozenset({self.bos_id, self.mask_id})
         if self.bos_id is None or self.mask_id != self.vocab_size - 1:
             raise UserError(f"BPE tokenizer lacks {self.EOT!r} or its {self.MASK!r} is not the last id "
                             "(expected a tokenizer trained by dsl.data.BPETokenizer.train)")
@@ -139,9 +147,12 @@ class GPT2Tokenizer(_HFBacked):
         self._hf = hf_tokenizer
         self._tok = hf_tokenizer.backend_tokenizer
         self.bos_id = self.eos_id = hf_tokenizer.convert_tokens_to_ids("<|endoftext|>")
-        # reference §1.5: mask_index = tokenizer.vocab_size (no mask token in GPT-2's vocabulary)
+        # kuleshov-group/mdlm diffusion.py: mask_index = tokenizer.vocab_size (no mask token in GPT-2's
+        # vocabulary); dataloader.py adds pad_token='[PAD]', which lands on that same id
         self.mask_id = hf_tokenizer.vocab_size
+        self.pad_id = self.mask_id
         self.vocab_size = self.mask_id + 1
+        self.special_ids = frozenset({self.bos_id, self.mask_id, *hf_tokenizer.all_special_ids})
 
     @classmethod
     def from_pretrained(cls, name_or_dir: str = "gpt2") -> GPT2Tokenizer:
@@ -176,8 +187,9 @@ class SourceTokenizer:
         self.source, self.name, self.params = source, name, dict(params)
         self.vocab_size = int(source.vocab_size)
         self.mask_id = int(source.mask_id)
-        # synthetic sequences are whole samples of the source: nothing to wrap, no BOS/EOS
-        self.bos_id = self.eos_id = None
+        # synthetic sequences are whole samples of the source: nothing to wrap or pad, no BOS/EOS
+        self.bos_id = self.eos_id = self.pad_id = None
+        self.special_ids = frozenset({self.mask_id})
         self._words: dict[str, int] | None = None
 
     @classmethod

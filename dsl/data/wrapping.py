@@ -8,8 +8,11 @@ One deliberate difference from MDLM: MDLM drops the remainder of every ``dataset
 documents; we carry the remainder over to the next document and drop only the tail of the whole pass.
 That keeps a streamed corpus and an in-memory one block-for-block identical, whatever the batching.
 
-Not wrapped: one document per row, ``[BOS] doc[:L−2] [EOS]`` padded with EOS, mask 0 on the padding
-(MDLM's lm1b layout, which truncates long documents).
+Not wrapped: one document per row, ``[BOS] doc[:L−2] [EOS]`` padded with the tokenizer's ``[PAD]`` id,
+mask 0 on the padding (MDLM's lm1b layout, which truncates long documents). MDLM pads with
+``tokenizer.pad_token_id`` (kuleshov-group/mdlm, dataloader.py ``get_tokenizer``/``padding='max_length'``):
+text8's ``[PAD]`` = 5, and for GPT-2 the added ``[PAD]`` gets id 50257, the id MDLM also uses as mask.
+Its DiT attends to padding (no attention mask), so the id changes what the model sees.
 """
 
 from __future__ import annotations
@@ -58,13 +61,14 @@ def wrap_documents(token_docs: Iterable[list[int]], length: int, bos_id: int, eo
         buf = buf[start:]
 
 
-def pad_document(tokens: list[int], length: int, bos_id: int, eos_id: int) -> tuple[list[int], list[int]]:
-    """``([BOS] tokens[:L−2] [EOS] EOS…, mask)`` with mask 1 on BOS, tokens and the first EOS."""
+def pad_document(tokens: list[int], length: int, bos_id: int, eos_id: int,
+                 pad_id: int) -> tuple[list[int], list[int]]:
+    """``([BOS] tokens[:L−2] [EOS] [PAD]…, mask)`` with mask 1 on BOS, tokens and EOS."""
     body = tokens[:length - 2]
     ids = [bos_id, *body, eos_id]
     mask = [1] * len(ids)
     pad = length - len(ids)
-    return ids + [eos_id] * pad, mask + [0] * pad
+    return ids + [pad_id] * pad, mask + [0] * pad
 
 
 __all__ = ["WrapState", "wrap_documents", "pad_document"]

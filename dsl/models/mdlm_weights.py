@@ -170,7 +170,7 @@ def read_lightning_ckpt(path: str | Path, *, use_ema: bool = True) -> MDLMWeight
                       stacklevel=2)
         return MDLMWeights(raw, None, str(path), ema=False)
     # The EMA list follows backbone.parameters(); name it with a DiT of the raw weights' shape.
-    names = _dit_param_names(dit_config_from_state(raw))
+    names = _dit_param_names(_shape_from_state(raw, heads=1))  # heads change no shape
     if len(shadow) != len(names):
         raise UserError(f"{path}: ckpt['ema']['shadow_params'] has {len(shadow)} tensors but a DiT of this "
                         f"shape has {len(names)} parameters; pass use_ema=False to load the raw weights")
@@ -262,34 +262,46 @@ def read_mdlm_weights(source: str | Path, *, use_ema: bool = True) -> MDLMWeight
 # Shapes, matching and loading.
 
 
-def dit_config_from_state(state: dict[str, torch.Tensor], hf_config: dict | None = None) -> ModelConfig:
-    """The DiT shape of a state dict: V, hidden, blocks, cond_dim, mlp_ratio from tensor shapes; heads from
-    config.json (``n_heads``) when given, else from the rotary buffer (d_h = 2·len(inv_freq)), else d_h=64
-    (every MDLM size). Length and dropout come from config.json when given (else 1024 and 0.1)."""
+def dit_config_from_state(state: dict[str, torch.Tensor], hf_config: dict | None = None, *,
+                          heads: int | None = None) -> ModelConfig:
+    """The DiT shape of a state dict: V, hidden, blocks, cond_dim, mlp_ratio from tensor shapes. Heads
+    change no tensor shape, so they come from ``heads`` (``model.heads=``), else config.json's ``n_heads``,
+    else the rotary buffer (d_h = 2·len(inv_freq)); with none of these it is an error, never a guess.
+    Length and dropout come from config.json when given (else 1024 and 0.1)."""
     state = strip_backbone_prefix(state)
+    hf = hf_config or {}
+    cfg = _shape_from_state(state, heads=1)
+    if heads is not None:
+        cfg.heads = int(heads)
+    elif "n_heads" in hf:
+        cfg.heads = int(hf["n_heads"])
+    elif ROTARY_KEY in state:
+        cfg.heads = cfg.hidden // (2 * int(state[ROTARY_KEY].shape[0]))
+    else:
+        raise UserError(f"state dict has neither a config.json (n_heads) nor the {ROTARY_KEY} buffer: the "
+                        f"number of attention heads cannot be read from it; give model.heads=<n> "
+                        f"(MDLM small: 12, head size 64)")
+    cfg.dropout = float(hf.get("dropout", 0.1))
+    cfg.length = int(hf.get("model_length", 1024))
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        raise UserError(f"state dict implies an invalid DiT shape: {exc}") from None
+    return cfg
+
+
+def _shape_from_state(state: dict[str, torch.Tensor], heads: int) -> ModelConfig:
+    """Every DiT size that tensor shapes fix (all but the heads, which are given)."""
     out_key = "output_layer.linear.weight"
     need = [k for k in (out_key, "sigma_map.mlp.0.weight", "blocks.0.mlp.0.weight") if k not in state]
     if need:
         raise UserError(f"state dict lacks {', '.join(need)}: not an MDLM DiT state dict")
     vocab_size, hidden = state[out_key].shape
     blocks = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
-    hf = hf_config or {}
-    if "n_heads" in hf:
-        heads = int(hf["n_heads"])
-    elif ROTARY_KEY in state:
-        heads = hidden // (2 * state[ROTARY_KEY].shape[0])
-    else:
-        heads = hidden // 64
-    cfg = ModelConfig(arch="dit", hidden=int(hidden), blocks=blocks, heads=int(heads),
-                      cond_dim=int(state["sigma_map.mlp.0.weight"].shape[0]),
-                      mlp_ratio=int(state["blocks.0.mlp.0.weight"].shape[0]) // int(hidden),
-                      dropout=float(hf.get("dropout", 0.1)), length=int(hf.get("model_length", 1024)),
-                      vocab_size=int(vocab_size), mask_id=int(vocab_size) - 1)
-    try:
-        cfg.validate()
-    except ValueError as exc:
-        raise UserError(f"state dict implies an invalid DiT shape: {exc}") from None
-    return cfg
+    return ModelConfig(arch="dit", hidden=int(hidden), blocks=blocks, heads=heads,
+                       cond_dim=int(state["sigma_map.mlp.0.weight"].shape[0]),
+                       mlp_ratio=int(state["blocks.0.mlp.0.weight"].shape[0]) // int(hidden),
+                       vocab_size=int(vocab_size), mask_id=int(vocab_size) - 1)
 
 
 def _fmt(keys: list[str]) -> str:
@@ -336,10 +348,12 @@ def load_into_dit(dit: DiT, state: dict[str, torch.Tensor], label: str = "weight
     return dit
 
 
-def load_mdlm_dit(source: str | Path, *, use_ema: bool = True, cfg: ModelConfig | None = None) -> DiT:
-    """A DiT holding the weights of ``source``; its shape comes from the file unless ``cfg`` is given."""
+def load_mdlm_dit(source: str | Path, *, use_ema: bool = True, cfg: ModelConfig | None = None,
+                  heads: int | None = None) -> DiT:
+    """A DiT holding the weights of ``source``; its shape comes from the file unless ``cfg`` is given
+    (``heads`` when the file says nothing about them, see :func:`dit_config_from_state`)."""
     weights = read_mdlm_weights(source, use_ema=use_ema)
-    cfg = cfg or dit_config_from_state(weights.state, weights.hf_config)
+    cfg = cfg or dit_config_from_state(weights.state, weights.hf_config, heads=heads)
     return load_into_dit(DiT(cfg), weights.state, weights.source)
 
 
@@ -365,6 +379,12 @@ def init_from_mdlm(model: nn.Module, source: str | Path, *, use_ema: bool = True
     from dsl.models.dsl_model import DSLModel
 
     weights = read_mdlm_weights(source, use_ema=use_ema)
+    backbone = model.backbone if isinstance(model, DSLModel) else model
+    n_heads = (weights.hf_config or {}).get("n_heads")
+    if n_heads is not None and int(n_heads) != backbone.cfg.heads:
+        # heads change no tensor shape: only config.json (or the rotary buffer) can catch this
+        raise UserError(f"{weights.source}: config.json has n_heads={n_heads} but the model was built with "
+                        f"model.heads={backbone.cfg.heads}; set model.heads={n_heads}")
     if isinstance(model, DSLModel):
         init_dsl_from_mdlm(model, weights.state, weights.source)
     elif isinstance(model, DiT) and not model.causal:
