@@ -42,9 +42,9 @@ def one_job(cluster, workers: int, opts: dict, work: Path) -> dict:
     tracking = f"sqlite:///{work / 'mlflow.db'}"
     args = [f"model={opts['model']}", f"model.length={opts['length']}", f"train.batch_size={opts['batch']}",
             f"train.steps={opts['steps']}", "train.eval_every=0", "train.eval_batches=1", "train.ckpt_every=0",
-            "train.log_every=1", "data.source=hmm", f"workers={workers}", "cpus_per_worker=1",
+            "train.log_every=1", "data.source=hmm", f"service.workers={workers}", "service.cpus_per_worker=1",
             "service.threads_per_worker=1", "service.system_metrics=false", f"name={name}",
-            f"storage={work / 'runs'}", f"tracking_uri={tracking}"]
+            f"service.storage={work / 'runs'}", f"service.tracking_uri={tracking}"]
     cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", cluster.dashboard_url,
            "--working-dir", str(REPO), "--", "python", "jobs/finetune.py", *args]
     env = {**os.environ, **cluster.env}

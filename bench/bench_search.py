@@ -24,14 +24,16 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")   # each Ray worker: one thread (2
 
 
 def run_once(workers: int, args: argparse.Namespace) -> dict:
-    from dsl.service.search import load_search_config, run_search
+    from dsl.cli import load_job, parse
+    from dsl.service.search import run_search
 
     out = tempfile.mkdtemp(prefix="bench-search-")
-    cfg = load_search_config([
-        "checkpoint=oracle:hmm", f"length={args.length}", f"steps={args.steps}", f"trials={args.trials}",
-        f"samples={args.samples}", "asha=false", f"references={max(args.samples, 32)}", "mauve_seeds=3",
-        f"mauve_workers={workers}", "storage=none", "tracking_uri=none", "progress=false",
-        f"ray_cpus={args.ray_cpus}", f"max_concurrent={args.concurrent}", f"out_dir={out}", "study=bench"])
+    _, cfg = parse(load_job("tune/eta_cap_search.py"), [
+        "checkpoint=oracle:hmm", f"sampling.length={args.length}", f"budgets={args.steps}", f"trials={args.trials}",
+        f"sampling.num_samples={args.samples}", "search.asha=false", f"eval.references={max(args.samples, 32)}",
+        "eval.mauve_seeds=25,26,27", f"eval.workers={workers}", "search.study_db=none", "service.mlflow=off",
+        "progress=false", f"service.ray_cpus={args.ray_cpus}", f"search.max_concurrent={args.concurrent}",
+        f"out={out}", "study=bench"])
     start = time.perf_counter()
     summary = run_search(cfg)
     total = time.perf_counter() - start

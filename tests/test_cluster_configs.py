@@ -11,8 +11,7 @@ import jsonschema
 import pytest
 import yaml
 
-from dsl.config import load
-from dsl.service.ray_train import ALIASES, FinetuneConfig
+from dsl.cli import load_job, parse
 
 CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
 
@@ -105,8 +104,8 @@ def test_rayjob_manifest_validates_and_runs_our_job():
     # the entrypoint's keys are accepted by jobs/finetune.py's parser
     words = spec["entrypoint"].split()
     assert words[:2] == ["python", "/app/jobs/finetune.py"]
-    cfg = load(FinetuneConfig, words[2:], aliases=ALIASES)
-    assert cfg.service.workers == 4 and cfg.service.gpus_per_worker == 1 and cfg.name == "owt-dsl"
+    mode, cfg = parse(load_job("jobs/finetune.py"), words[2:])
+    assert mode == "train" and cfg.service.workers == 4 and cfg.service.gpus_per_worker == 1 and cfg.name == "owt-dsl"
     assert "AWS_SECRET" not in (CLUSTER / "rayjob.yaml").read_text()
     broken = copy.deepcopy(job)
     broken["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] = "four"

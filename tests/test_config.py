@@ -84,3 +84,33 @@ def test_flatten_is_flat_and_complete():
 def test_describe_lists_keys():
     text = C.describe(C.RunConfig)
     assert "channel.p_roar" in text and "train.batch_size" in text
+
+
+def test_presets_are_toml_files_shipped_as_package_data():
+    from pathlib import Path
+
+    from dsl.config.presets import tomllib
+
+    root = Path(C.__file__).parent / "presets"
+    files = sorted(p.relative_to(root.parent).as_posix() for p in root.rglob("*.toml"))
+    assert {f.split("/")[-1][:-5] for f in files if "/run/" in f} == set(C.RUN_PRESETS)
+    assert {f.split("/")[-1][:-5] for f in files if "/model/" in f} == set(C.MODEL_PRESETS)
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    globs = pyproject["tool"]["setuptools"]["package-data"]["dsl.config"]
+    assert all(any(Path(f).match(g) for g in globs) for f in files)   # every preset file is installed
+
+
+def test_run_preset_applies_its_model_preset_first():
+    assert C.RUN_PRESETS["embedded"][:2] == ["model=tiny-cpu", "model.length=64"]
+    cfg = C.load(C.RunConfig, ["preset=text8"])
+    assert (cfg.model.hidden, cfg.model.length, cfg.data.tokenizer) == (768, 256, "char")
+
+
+def test_type_names_show_empty_choices_and_booleans():
+    from typing import Literal
+
+    from dsl.config.fields import type_name
+
+    assert type_name(Literal["", "recover"]) == "'' | recover"
+    assert type_name(bool) == "true | false"
+    assert type_name(tuple[int, ...]) == "int,..."

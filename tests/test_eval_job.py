@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -11,14 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from dsl.cli import load_job, main
 from dsl.config import DataConfig, RunConfig, load, to_dict
 from dsl.eval.entropy import sentence_entropy
 from dsl.sources import build_source
 
-REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("evaluate_job", REPO / "jobs" / "evaluate.py")
-evaluate_job = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(evaluate_job)
+JOB = load_job("jobs/evaluate.py")
 
 LENGTH = 24
 
@@ -41,18 +38,18 @@ def files(tmp_path_factory):
 
 
 def _run(capsys, *args):
-    rc = evaluate_job.main([str(a) for a in args])
+    rc = main(JOB, [str(a) for a in args])
     out, err = capsys.readouterr()
     return rc, out, err
 
 
 def test_samples_summary_is_the_last_json_line(files, capsys, tmp_path):
     root, source, samples = files
-    base = [f"samples={root / 'samples.jsonl'}", f"reference={root / 'refs.jsonl'}", "featurizer=minilm",
-            "max_length=64", "seeds=25,26", "num_buckets=4", "oracle=oracle:hmm", f"cache={tmp_path / 'cache'}",
-            "progress=false"]
-    rc, out, _ = _run(capsys, *base)
-    assert rc == 0
+    base = [f"eval.samples={root / 'samples.jsonl'}", f"reference={root / 'refs.jsonl'}", "featurizer=minilm",
+            "eval.max_length=64", "eval.mauve_seeds=25,26", "eval.num_buckets=4", "eval.judge=oracle:hmm",
+            f"eval.feature_cache={tmp_path / 'cache'}", "progress=false"]
+    rc, out, err = _run(capsys, *base)
+    assert rc == 0 and "warning" not in err
     summary = json.loads(out.strip().splitlines()[-1])
     for key in ("mauve_mean", "mauve_std", "genppl", "sentence_entropy", "n_samples", "n_reference", "featurizer"):
         assert key in summary
@@ -71,14 +68,17 @@ def test_samples_summary_is_the_last_json_line(files, capsys, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["samples={root}/missing.jsonl", "reference={root}/refs.jsonl"], "file not found"),
-    (["samples={root}/empty.jsonl", "reference={root}/refs.jsonl"], "holds no texts"),
-    (["samples={root}/samples.jsonl", "reference={root}/refs.jsonl", "n_reference=20"], "at least as large"),
-    (["samples={root}/samples.jsonl", "reference={root}/refs.jsonl", "n_reference=41"], "fewer than the 41"),
-    (["samples={root}/samples.jsonl", "reference={root}/refs.jsonl", "featurizer=bert-huge"], "unknown featurizer"),
-    (["samples={root}/samples.jsonl", "reference={root}/refs.jsonl", "oracle=gpt2-large"], "offline"),
-    (["samples={root}/samples.jsonl", "reference={root}/refs.jsonl", "featurizer=gpt2-large"], "offline"),
-    (["samples={root}/samples.jsonl", "reference={root}/refs.jsonl", "seeds=x"], "seeds"),
+    (["eval.samples={root}/missing.jsonl", "reference={root}/refs.jsonl"], "file not found"),
+    (["eval.samples={root}/empty.jsonl", "reference={root}/refs.jsonl"], "holds no texts"),
+    (["eval.samples={root}/samples.jsonl", "reference={root}/refs.jsonl", "eval.references=20"], "at least as large"),
+    (["eval.samples={root}/samples.jsonl", "reference={root}/refs.jsonl", "eval.references=41"], "fewer than the 41"),
+    (["eval.samples={root}/samples.jsonl", "reference={root}/refs.jsonl", "featurizer=bert-huge"],
+     "unknown featurizer"),
+    (["eval.samples={root}/samples.jsonl", "reference={root}/refs.jsonl", "eval.judge=gpt2-large"], "offline"),
+    (["eval.samples={root}/samples.jsonl", "reference={root}/refs.jsonl", "featurizer=gpt2-large"], "offline"),
+    (["eval.samples={root}/samples.jsonl", "reference={root}/refs.jsonl", "eval.mauve_seeds=x"], "eval.mauve_seeds"),
+    (["eval.samples={root}/samples.jsonl", "reference=source"], "eval.reference=source"),
+    (["eval.samples={root}/samples.jsonl", "reference={root}/refs.jsonl", "sampling.steps=4"], "not read by"),
     (["calibration", "checkpoint={root}/nope"], "no such directory"),
     (["frobnicate"], "unknown mode"),
 ])
@@ -86,7 +86,7 @@ def test_bad_input_is_one_error_line_and_exit_2(files, capsys, monkeypatch, tmp_
     root = files[0]
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cache = tmp_path / "cache"
-    rc, out, err = _run(capsys, *[a.format(root=root) for a in args], f"cache={cache}", "progress=false")
+    rc, out, err = _run(capsys, *[a.format(root=root) for a in args], f"eval.feature_cache={cache}", "progress=false")
     assert rc == 2 and out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
@@ -106,7 +106,8 @@ def _toy_checkpoint(root: Path, roar: str) -> str:
 def test_calibration_compares_two_checkpoints_in_one_command(capsys, tmp_path):
     atomic, smoothed = _toy_checkpoint(tmp_path, "atomic"), _toy_checkpoint(tmp_path, "smoothed")
     rc, out, err = _run(capsys, "calibration", f"checkpoint=atomic={atomic},smoothed={smoothed}",
-                        "snr=1,70,100", "batches=1", "batch_size=4", f"out={tmp_path / 'fig'}", "progress=false")
+                        "eval.snr=1,70,100", "eval.batches=1", "eval.batch_size=4", f"out={tmp_path / 'fig'}",
+                        "progress=false")
     assert rc == 0, err
     summary = json.loads(out.strip().splitlines()[-1])
     assert set(summary["checkpoints"]) == {"atomic", "smoothed"}
@@ -122,10 +123,29 @@ def test_calibration_compares_two_checkpoints_in_one_command(capsys, tmp_path):
 @pytest.mark.parametrize("t_end", ["0", "5"])
 def test_likelihood_reports_bits_with_stderr(capsys, tmp_path, t_end):
     ckpt = _toy_checkpoint(tmp_path, "smoothed")
-    rc, out, err = _run(capsys, "likelihood", f"checkpoint={ckpt}", "batches=1", "batch_size=2", "n_mc=4",
-                        f"t_end={t_end}", "progress=false")
+    rc, out, err = _run(capsys, "likelihood", f"checkpoint={ckpt}", "eval.batches=1", "eval.batch_size=2",
+                        "eval.n_mc=4", f"eval.t_end={t_end}", "progress=false")
     assert rc == 0, err
     row = json.loads(out.strip().splitlines()[-1])["checkpoints"]["step-0"]
     assert row["n_tokens"] == 2 * LENGTH and row["stderr_per_token"] > 0
     assert math.isfinite(row["bits_per_char"]) and row["bits_per_token"] == pytest.approx(
         row["nll_per_token"] / math.log(2))
+
+
+@pytest.mark.parametrize("old, new, value, read", [
+    ("samples", "eval.samples", "s.jsonl", lambda c: c.eval.samples == "s.jsonl"),
+    ("n_reference", "eval.references", "12", lambda c: c.eval.references == 12),
+    ("seeds", "eval.mauve_seeds", "1,2", lambda c: c.eval.mauve_seeds == (1, 2)),
+    ("oracle", "eval.judge", "oracle:hmm", lambda c: c.eval.judge == "oracle:hmm"),
+    ("workers", "eval.workers", "2", lambda c: c.eval.workers == 2),
+    ("cache", "eval.feature_cache", "fc", lambda c: c.eval.feature_cache == "fc"),
+    ("text_field", "data.text_field", "body", lambda c: c.data.text_field == "body"),
+    ("device", "service.device", "cuda", lambda c: c.service.device == "cuda"),
+])
+def test_old_spellings_land_in_the_new_key_with_one_warning(capsys, old, new, value, read):
+    from dsl.cli import parse
+
+    mode, cfg = parse(JOB, ["calibration", f"{old}={value}"])
+    assert mode == "calibration" and read(cfg)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"warning: {old}= is deprecated and will be removed in the next release; use {new}="]

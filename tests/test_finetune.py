@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from dsl.checkpoint import MANIFEST, load_checkpoint
-from dsl.config import RunConfig, load
+from dsl.config import ConfigError, RunConfig, load
 from dsl.service.local_cluster import cluster_pids, free_port
 from dsl.service.tracking import TAG_RUN_NAME
 
@@ -107,20 +107,23 @@ def run_plain(args: list[str], env: dict | None = None) -> subprocess.CompletedP
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["workers=0"], "service.workers=0 is out of range"),
-    (["storage=gs://bucket/x"], "service.storage='gs://bucket/x'"),
+    (["service.workers=0"], "service.workers=0 is out of range"),
+    (["service.storage=gs://bucket/x"], "service.storage='gs://bucket/x'"),
     (["init=/no/such/ckpt"], "init=/no/such/ckpt: no such file or directory"),
-    (["train.batch_size=9", "workers=2"], "train.batch_size=9 must be divisible by workers=2"),
+    (["train.batch_size=9", "service.workers=2"], "train.batch_size=9 must be divisible by service.workers=2"),
+    (["embedded=yes", "train.steps=0"], "train.steps=0 is out of range"),
+    (["sampling.steps=4"], "sampling.steps is not read by jobs/finetune.py"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, needle, tmp_path):
-    out = run_plain([*args, f"out_dir={tmp_path}", "service.log_to_mlflow=false"])
+    out = run_plain([*args, f"out={tmp_path}", "service.mlflow=off"])
     assert out.returncode == 2, out.stderr[-2000:]
     err = out.stderr.strip().splitlines()
     assert err[-1].startswith("error: ") and needle in err[-1], err[-3:]
+    assert not any(tmp_path.iterdir())
 
 
 def test_hf_init_offline_is_one_clear_line(tmp_path):
-    out = run_plain(["init=hf:kuleshov-group/mdlm-owt", f"out_dir={tmp_path}", "service.log_to_mlflow=false"],
+    out = run_plain(["init=hf:kuleshov-group/mdlm-owt", f"out={tmp_path}", "service.mlflow=off"],
                     env={"HF_HUB_OFFLINE": "1"})
     assert out.returncode == 2
     last = out.stderr.strip().splitlines()[-1]
@@ -129,8 +132,8 @@ def test_hf_init_offline_is_one_clear_line(tmp_path):
 
 def test_unreachable_s3_storage_fails_after_retries_with_one_line(tmp_path):
     dead = f"http://127.0.0.1:{free_port()}"
-    out = run_plain(["storage=s3://bucket/runs", f"storage_endpoint={dead}", f"out_dir={tmp_path}",
-                     "service.log_to_mlflow=false"],
+    out = run_plain(["service.storage=s3://bucket/runs", f"service.storage_endpoint={dead}", f"out={tmp_path}",
+                     "service.mlflow=off"],
                     env={"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y", "AWS_DEFAULT_REGION": "us-east-1"})
     assert out.returncode == 2
     last = out.stderr.strip().splitlines()[-1]
@@ -138,10 +141,14 @@ def test_unreachable_s3_storage_fails_after_retries_with_one_line(tmp_path):
 
 
 def test_config_keys_and_names():
-    from dsl.service.ray_train import ALIASES, FinetuneConfig, resolve_name, run_config_of, storage_root
+    from dsl.cli import load_job, parse
+    from dsl.config import run_config_of
+    from dsl.service.ray_train import resolve_name, storage_root
 
-    cfg = load(FinetuneConfig, ["workers=4", "gpus_per_worker=1", "train.lr=1e-4", "model=toy",
-                                "storage=s3://b/runs"], aliases=ALIASES)
+    job = load_job("jobs/finetune.py")
+    mode, cfg = parse(job, ["service.workers=4", "service.gpus_per_worker=1", "lr=1e-4", "model=toy",
+                            "service.storage=s3://b/runs"])
+    assert mode == "train"
     assert (cfg.service.workers, cfg.service.gpus_per_worker, cfg.train.lr) == (4, 1.0, 1e-4)
     run = run_config_of(cfg)
     assert type(run) is RunConfig and run.model.hidden == 32
@@ -150,9 +157,45 @@ def test_config_keys_and_names():
     assert storage_root(cfg, name) == f"s3://b/runs/{name}"
     os.environ["RAY_JOB_CONFIG_JSON_ENV_VAR"] = json.dumps({"metadata": {"job_submission_id": "raysubmit_abc"}})
     try:
-        assert resolve_name(load(FinetuneConfig, [], aliases=ALIASES)) == "raysubmit_abc"
+        assert resolve_name(parse(job, ["model=toy"])[1]) == "raysubmit_abc"
     finally:
         del os.environ["RAY_JOB_CONFIG_JSON_ENV_VAR"]
+
+
+def test_sub_modes_and_booleans_parse_one_way(capsys):
+    """``demo`` is the first word or, for one release, ``embedded=<bool>``: every boolean spelling of
+    true selects the demo (never a full-size training run), false selects train, anything else is an error."""
+    from dsl.cli import load_job, parse
+
+    job = load_job("jobs/finetune.py")
+    assert parse(job, [])[0] == "demo"
+    assert parse(job, ["demo"])[0] == "demo"
+    assert parse(job, ["model=toy"])[0] == "train"
+    for word in ("true", "yes", "on", "1", "True"):
+        mode, cfg = parse(job, [f"embedded={word}"])
+        assert mode == "demo" and cfg.model.hidden == 64 and cfg.train.steps == 300   # preset=embedded
+    assert parse(job, ["embedded=no", "model=toy"])[0] == "train"
+    with pytest.raises(ConfigError, match="embedded='maybe' is not a boolean"):
+        parse(job, ["embedded=maybe"])
+    assert capsys.readouterr().err.count("warning: embedded= is deprecated") == 7
+
+
+@pytest.mark.parametrize("old, value, new, read", [
+    ("workers", "3", "service.workers=", lambda c: c.service.workers == 3),
+    ("storage", "/x", "service.storage=", lambda c: c.service.storage == "/x"),
+    ("steps", "7", "train.steps=", lambda c: c.train.steps == 7),
+    ("batch_size", "8", "train.batch_size=", lambda c: c.train.batch_size == 8),
+    ("out_dir", "o", "out=", lambda c: c.out == "o"),
+    ("tracking_uri", "sqlite:///m.db", "service.tracking_uri=", lambda c: c.service.tracking_uri == "sqlite:///m.db"),
+    ("service.log_to_mlflow", "false", "service.mlflow=on|off", lambda c: c.service.mlflow == "off"),
+    ("service.experiment", "e", "experiment=", lambda c: c.experiment == "e"),
+])
+def test_old_spellings_land_in_the_new_key_with_one_warning(capsys, old, value, new, read):
+    from dsl.cli import load_job, parse
+
+    assert read(parse(load_job("jobs/finetune.py"), ["model=toy", f"{old}={value}"])[1])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"warning: {old}= is deprecated and will be removed in the next release; use {new}"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,8 +207,8 @@ def test_two_worker_ddp_equals_one_process(ray_cluster, ray_env, tmp_path):
     from dsl.train import Trainer
 
     steps = ["train.steps=3", "train.ckpt_every=0", "name=ddp2"]
-    out = submit(ray_cluster, ray_env, [*TINY, *steps, "workers=2", f"storage={tmp_path / 'ray'}",
-                                        f"tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    out = submit(ray_cluster, ray_env, [*TINY, *steps, "service.workers=2", f"service.storage={tmp_path / 'ray'}",
+                                        f"service.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
     summary = summary_of(out)
     assert summary["step"] == 3
     distributed = load_checkpoint(summary["checkpoint"])
@@ -185,8 +228,8 @@ def test_two_worker_ddp_equals_one_process(ray_cluster, ray_env, tmp_path):
 
 @pytest.mark.integration
 def test_s3_storage_and_mlflow_server_run(ray_cluster, ray_env, s3_server, s3_bucket, mlflow_server, tmp_path):
-    args = [*TINY, "train.steps=4", "train.ckpt_every=2", "name=s3run", "workers=2",
-            f"storage={s3_bucket}/runs", f"tracking_uri={mlflow_server.tracking_uri}"]
+    args = [*TINY, "train.steps=4", "train.ckpt_every=2", "name=s3run", "service.workers=2",
+            f"service.storage={s3_bucket}/runs", f"service.tracking_uri={mlflow_server.tracking_uri}"]
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     out = submit(ray_cluster, ray_env, args, job_env={"DSL_GIT_COMMIT": commit})
     summary = summary_of(out)
@@ -206,8 +249,9 @@ def test_s3_storage_and_mlflow_server_run(ray_cluster, ray_env, s3_server, s3_bu
     assert {"lr", "grad_norm", "tokens_per_s", "valid_nll"} <= set(run.data.metrics)
 
     # the checkpoint URI is all the sampling job needs
-    sample = subprocess.run([sys.executable, "jobs/sample.py", f"checkpoint={summary['checkpoint']}", "n=2",
-                             "steps=4", "sampler=mdlm", f"out={tmp_path / 's.jsonl'}"], cwd=REPO,
+    sample = subprocess.run([sys.executable, "jobs/sample.py", f"checkpoint={summary['checkpoint']}",
+                             "sampling.num_samples=2", "sampling.steps=4", "sampler=mdlm",
+                             f"out={tmp_path / 's.jsonl'}"], cwd=REPO,
                             capture_output=True, text=True, timeout=300,
                             env={**os.environ, **s3_server.env, "MLFLOW_TRACKING_URI": mlflow_server.tracking_uri})
     assert sample.returncode == 0, sample.stderr[-2000:]
@@ -230,7 +274,8 @@ def test_s3_storage_and_mlflow_server_run(ray_cluster, ray_env, s3_server, s3_bu
 
 def _fault_args(name: str, root: Path, tracking: str, steps: int) -> list[str]:
     return [*TINY, f"train.steps={steps}", "train.ckpt_every=5", "train.keep_last=10", f"name={name}",
-            "workers=2", f"storage={root.parent}", f"tracking_uri={tracking}", "max_failures=2"]
+            "service.workers=2", f"service.storage={root.parent}", f"service.tracking_uri={tracking}",
+            "service.max_failures=2"]
 
 
 @pytest.mark.integration
@@ -282,8 +327,8 @@ def test_killed_driver_then_resubmitted_resumes(ray_cluster, ray_env, tmp_path):
 def test_corrupt_latest_checkpoint_falls_back_to_previous(ray_cluster, ray_env, tmp_path):
     name = "corrupt"
     root, tracking = tmp_path / "runs" / name, f"sqlite:///{tmp_path / 'mlflow.db'}"
-    base = [*TINY, "train.ckpt_every=3", "train.keep_last=5", f"name={name}", f"storage={root.parent}",
-            f"tracking_uri={tracking}"]
+    base = [*TINY, "train.ckpt_every=3", "train.keep_last=5", f"name={name}", f"service.storage={root.parent}",
+            f"service.tracking_uri={tracking}"]
     assert summary_of(submit(ray_cluster, ray_env, [*base, "train.steps=6"]))["step"] == 6
     blob = root / "step-6" / "model.safetensors"
     data = bytearray(blob.read_bytes())
@@ -302,7 +347,7 @@ def test_embedded_default_pretrains_then_fine_tunes_offline(tmp_path):
     """The no-argument demo path (here shortened by overrides), on a private local Ray."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_TRACKING_URI"))}
     env["HF_HUB_OFFLINE"] = "1"
-    out = subprocess.run([sys.executable, str(REPO / "jobs" / "finetune.py"), "embedded=true", "model=toy",
+    out = subprocess.run([sys.executable, str(REPO / "jobs" / "finetune.py"), "demo", "model=toy",
                           "model.length=32", "train.steps=3", "train.eval_batches=1", "service.system_metrics=false"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     summary = summary_of(out)

@@ -9,6 +9,7 @@ import math
 
 import pytest
 
+from dsl.cli import load_job, parse
 from dsl.config import ConfigError
 from dsl.errors import UserError
 from dsl.service import search as S
@@ -22,51 +23,59 @@ from dsl.service.search_results import (
 )
 from dsl.service.search_trial import rungs_for
 
+JOB = load_job("tune/eta_cap_search.py")
+
+
+def load(args: list[str]):
+    return parse(JOB, args)[1]
+
 # ----------------------------------------------------------------------------------------------
 # Bad input: one line naming the key, before anything starts
 
 
 @pytest.mark.parametrize("arg, needle", [
-    ("eta=0.5,0.1", "eta=0.5,0.1: empty or inverted range"),
-    ("eta=0.1,0.1", "eta=0.1,0.1: empty or inverted range"),
-    ("eta=", "eta=''"),
-    ("eta=0,0.1", "eta=0,0.1: both ends must lie in (0, inf]"),
-    ("eta=0.1", "expected a range lo,hi"),
-    ("t_on=0.9,0.2", "t_on=0.9,0.2: empty or inverted range"),
-    ("top_p=0.5,1.5", "top_p=0.5,1.5: both ends must lie in (0, 1]"),
-    ("steps=0,16", "steps=0,16: every T must be in [1,"),
-    ("steps=-4", "every T must be"),
-    ("steps=", "steps= is empty"),
-    ("steps=16,16", "repeats a budget"),
-    ("rewrite_target=2,1", "rewrite_target=2,1: need 0 <= lo <= hi"),
-    ("rewrite_target=1", "expected two numbers lo,hi"),
-    ("study=", "study= is empty"),
-    ("min_samples=64", "min_samples=64 > samples=32"),
+    ("search.eta_cap_range=0.5,0.1", "search.eta_cap_range=0.5,0.1: empty or inverted range"),
+    ("search.eta_cap_range=0.1,0.1", "search.eta_cap_range=0.1,0.1: empty or inverted range"),
+    ("search.eta_cap_range=", "search.eta_cap_range=''"),
+    ("search.eta_cap_range=0,0.1", "search.eta_cap_range=0,0.1: both ends must lie in (0, inf]"),
+    ("search.eta_cap_range=0.1", "expected a range lo,hi"),
+    ("search.t_on_range=0.9,0.2", "search.t_on_range=0.9,0.2: empty or inverted range"),
+    ("search.top_p_range=0.5,1.5", "search.top_p_range=0.5,1.5: both ends must lie in (0, 1]"),
+    ("budgets=0,16", "search.budgets=0,16: every T must be in [1,"),
+    ("budgets=-4", "every T must be"),
+    ("budgets=", "search.budgets= is empty"),
+    ("budgets=16,16", "repeats a budget"),
+    ("search.rewrite_target=2,1", "search.rewrite_target=2,1: need 0 <= lo <= hi"),
+    ("search.rewrite_target=1", "expected two numbers lo,hi"),
+    ("study=", "search.study= is empty"),
+    ("search.min_samples=64", "search.min_samples=64 > sampling.num_samples=32"),
     ("etacap=0.1,0.2", "unknown config key 'etacap'"),
+    ("sampling.steps=8", "sampling.steps is not read by tune/eta_cap_search.py"),
+    ("eval.workers=0", "eval.workers=0"),
 ])
 def test_bad_config_is_one_line_naming_the_key(arg, needle):
     with pytest.raises(ConfigError) as err:
-        S.load_search_config([arg])
+        load([arg])
     msg = str(err.value)
     assert needle in msg and "\n" not in msg
 
 
 def test_t_window_ranges_must_not_overlap():
-    with pytest.raises(ConfigError, match="t_off=0.1,0.6 overlaps t_on=0.5,0.9"):
-        S.load_search_config(["t_on=0.5,0.9", "t_off=0.1,0.6"])
-    with pytest.raises(ConfigError, match="t_off=0.05 overlaps t_on=0.01,0.9"):   # against the fixed t_off
-        S.load_search_config(["t_on=0.01,0.9"])
-    with pytest.raises(ConfigError, match="t_off=0.1,0.6 overlaps t_on=0.55"):
-        S.load_search_config(["t_off=0.1,0.6"])
+    with pytest.raises(ConfigError, match="search.t_off_range=0.1,0.6 overlaps search.t_on_range=0.5,0.9"):
+        load(["search.t_on_range=0.5,0.9", "search.t_off_range=0.1,0.6"])
+    with pytest.raises(ConfigError, match="sampling.t_off=0.05 overlaps search.t_on_range=0.01,0.9"):
+        load(["search.t_on_range=0.01,0.9"])   # against the fixed t_off
+    with pytest.raises(ConfigError, match="search.t_off_range=0.1,0.6 overlaps sampling.t_on=0.55"):
+        load(["search.t_off_range=0.1,0.6"])
     with pytest.raises(ConfigError, match="the search always samples with remdm-loop"):
-        S.load_search_config(["sampling.sampler=mdlm"])
+        load(["sampling.sampler=mdlm"])
 
 
 def test_defaults_and_overrides_parse():
-    cfg = S.load_search_config(["steps=128,256,512,1024", "eta=1e-4,0.05", "rewrite_target=0.5,1.5",
-                                "sampling.top_p=0.8", "t_on=0.4,0.7"])
-    assert cfg.steps == (128, 256, 512, 1024)
-    assert cfg.eta == (1e-4, 0.05) and cfg.rewrite_target == (0.5, 1.5)
+    cfg = load(["budgets=128,256,512,1024", "search.eta_cap_range=1e-4,0.05", "search.rewrite_target=0.5,1.5",
+                "sampling.top_p=0.8", "search.t_on_range=0.4,0.7"])
+    assert cfg.search.budgets == (128, 256, 512, 1024)
+    assert cfg.search.eta_cap_range == (1e-4, 0.05) and cfg.search.rewrite_target == (0.5, 1.5)
     assert cfg.sampling.top_p == 0.8
     space = S.search_space(cfg)
     assert set(space) == {"eta_cap", "t_on"}
@@ -75,30 +84,27 @@ def test_defaults_and_overrides_parse():
 
 
 def test_entry_point_prints_error_line_and_exits_2(capsys):
-    from importlib import util
+    from dsl.cli import main
 
-    spec = util.spec_from_file_location("eta_cap_search", "tune/eta_cap_search.py")
-    mod = util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert mod.main(["rewrite_target=3,1"]) == 2
+    assert main(JOB, ["search.rewrite_target=3,1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: rewrite_target=3,1: need 0 <= lo <= hi (e.g. 1,2)"]
+    assert err == ["error: search.rewrite_target=3,1: need 0 <= lo <= hi (e.g. 1,2)"]
 
 
 def test_storage_that_cannot_be_opened_is_one_line(tmp_path):
     with pytest.raises(UserError) as err:
         S.open_storage("postgresql://postgres:secret@127.0.0.1:1/nowhere")
     msg = str(err.value)
-    assert msg.startswith("storage=postgresql://***@127.0.0.1:1/nowhere cannot be opened")
+    assert msg.startswith("search.study_db=postgresql://***@127.0.0.1:1/nowhere cannot be opened")
     assert "secret" not in msg and "\n" not in msg
-    with pytest.raises(UserError, match="storage=nonsense://x cannot be opened"):
+    with pytest.raises(UserError, match="search.study_db=nonsense://x cannot be opened"):
         S.open_storage("nonsense://x")
 
 
 def test_storage_url_defaults_to_sqlite_in_out_dir(tmp_path):
-    cfg = S.load_search_config([f"out_dir={tmp_path}"])
+    cfg = load([f"out={tmp_path}"])
     assert S.storage_url(cfg) == f"sqlite:///{tmp_path.resolve() / 'study.db'}"
-    assert S.storage_url(S.load_search_config(["storage=none"])) is None
+    assert S.storage_url(load(["search.study_db=none"])) is None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,13 +199,13 @@ def test_resumed_searcher_continues_numbers_without_replaying_params(tmp_path):
 
 
 def test_trial_resources_from_cluster():
-    cfg = S.load_search_config([])
+    cfg = load([])
     assert S.trial_resources({"CPU": 2.0}, 1.0, cfg) == ({"cpu": 1.0}, 1)
     assert S.trial_resources({"CPU": 8.0}, 2.0, cfg) == ({"cpu": 1.0}, 6)
     # fewer free CPUs than trial_cpus: a trial takes what is left instead of waiting forever
     assert S.trial_resources({"CPU": 2.0}, 1.5, cfg) == ({"cpu": 0.5}, 1)
     assert S.trial_resources({"CPU": 4.0, "GPU": 2.0}, 1.0, cfg) == ({"cpu": 1.0, "gpu": 1}, 2)
-    capped = S.load_search_config(["max_concurrent=2"])
+    capped = load(["search.max_concurrent=2"])
     assert S.trial_resources({"CPU": 16.0}, 1.0, capped)[1] == 2
     with pytest.raises(UserError, match="no CPU is left for trials"):
         S.trial_resources({"CPU": 2.0}, 2.0, cfg)
@@ -295,15 +301,15 @@ def test_plot_is_a_png(tmp_path):
 @pytest.mark.parametrize("args, needle", [
     (["checkpoint=/nonexistent/ckpt"], "checkpoint=/nonexistent/ckpt"),
     (["checkpoint=oracle:nope"], "checkpoint='oracle:nope'"),
-    (["reference=/nonexistent/refs.txt"], "reference='/nonexistent/refs.txt' is not a file"),
-    (["storage=postgresql://postgres@127.0.0.1:1/x"], "storage=postgresql://***@127.0.0.1:1/x cannot be opened "
-                                                      "(OperationalError"),
+    (["reference=/nonexistent/refs.txt"], "eval.reference='/nonexistent/refs.txt' is not a file"),
+    (["search.study_db=postgresql://postgres@127.0.0.1:1/x"],
+     "search.study_db=postgresql://***@127.0.0.1:1/x cannot be opened (OperationalError"),
 ])
 def test_bad_input_fails_before_any_trial(tmp_path, monkeypatch, args, needle):
     import ray
 
-    cfg = S.load_search_config(["length=16", "samples=8", "min_samples=8", "references=8",
-                                f"out_dir={tmp_path / 'out'}", "tracking_uri=none", *args])
+    cfg = load(["sampling.length=16", "sampling.num_samples=8", "search.min_samples=8", "eval.references=8",
+                f"out={tmp_path / 'out'}", "service.mlflow=off", *args])
     with pytest.raises((UserError, ConfigError)) as err:
         S.run_search(cfg)
     assert needle in str(err.value) and "\n" not in str(err.value)
@@ -312,8 +318,8 @@ def test_bad_input_fails_before_any_trial(tmp_path, monkeypatch, args, needle):
 
 
 def test_reference_file_is_read_and_too_few_texts_rejected(tmp_path):
-    cfg = S.load_search_config(["length=16", "samples=4", "min_samples=4", "references=4",
-                                f"reference={tmp_path / 'refs.jsonl'}"])
+    cfg = load(["sampling.length=16", "sampling.num_samples=4", "search.min_samples=4", "eval.references=4",
+                f"reference={tmp_path / 'refs.jsonl'}"])
     (tmp_path / "refs.jsonl").write_text('{"text": "one"}\n\n{"text": "two"}\n{"text": "three"}\n')
     from dsl.sampling import load_denoiser
 
@@ -322,11 +328,32 @@ def test_reference_file_is_read_and_too_few_texts_rejected(tmp_path):
     (tmp_path / "refs.jsonl").write_text('{"text": "only"}\n')
     with pytest.raises(UserError, match="holds 1 non-empty texts; need at least 2"):
         S._load_reference_texts(cfg, den)
-    src = S.load_search_config(["length=16", "samples=4", "min_samples=4", "references=6"])
+    src = load(["sampling.length=16", "sampling.num_samples=4", "search.min_samples=4", "eval.references=6"])
     texts = S._load_reference_texts(src, den)
     assert len(texts) == 6 and texts == S._load_reference_texts(src, den)   # seeded, reproducible
 
 
 def test_references_fewer_than_samples_is_a_config_error():
-    with pytest.raises(ConfigError, match="references=16 < samples=32"):
-        S.load_search_config(["references=16"])
+    with pytest.raises(ConfigError, match="eval.references=16 < sampling.num_samples=32"):
+        load(["eval.references=16"])
+
+
+@pytest.mark.parametrize("old, value, new, read", [
+    ("steps", "8,16", "search.budgets=", lambda c: c.search.budgets == (8, 16)),
+    ("storage", "none", "search.study_db=", lambda c: c.search.study_db == "none"),
+    ("out_dir", "o", "out=", lambda c: c.out == "o"),
+    ("eta", "0.01,0.2", "search.eta_cap_range=", lambda c: c.search.eta_cap_range == (0.01, 0.2)),
+    ("samples", "16", "sampling.num_samples=", lambda c: c.sampling.num_samples == 16),
+    ("length", "12", "sampling.length=", lambda c: c.sampling.length == 12),
+    ("mauve_workers", "2", "eval.workers=", lambda c: c.eval.workers == 2),
+    ("mauve_seeds", "2", "eval.mauve_seeds=25,26,... (the seeds, not their count)",
+     lambda c: c.eval.mauve_seeds == (25, 26)),
+    ("judge", "", "eval.judge= ('' is now source)", lambda c: c.eval.judge == "source"),
+    ("tracking_uri", "none", "service.tracking_uri= (none is now service.mlflow=off)",
+     lambda c: c.service.mlflow == "off"),
+    ("mlflow_experiment", "x", "experiment=", lambda c: c.experiment == "x"),
+])
+def test_old_spellings_land_in_the_new_key_with_one_warning(capsys, old, value, new, read):
+    assert read(load([f"{old}={value}"]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"warning: {old}= is deprecated and will be removed in the next release; use {new}"]

@@ -21,8 +21,9 @@ import pytest
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = ["checkpoint=oracle:hmm", "length=16", "samples=16", "min_samples=8", "references=32",
-         "mauve_seeds=2", "eta=0.02,1.0", "startup_trials=3", "progress=false"]
+SMALL = ["checkpoint=oracle:hmm", "sampling.length=16", "sampling.num_samples=16", "search.min_samples=8",
+         "eval.references=32", "eval.mauve_seeds=25,26", "search.eta_cap_range=0.02,1.0", "search.startup_trials=3",
+         "progress=false"]
 
 
 def _run_search(cluster, args: list[str]):
@@ -30,7 +31,7 @@ def _run_search(cluster, args: list[str]):
     a process keeps the auth token of the first Ray it joined, and earlier tests in this pytest process
     may have joined another one."""
     env = dict(os.environ, **cluster.env)
-    done = subprocess.run(_cli(args + [f"ray_address={cluster.address}"]), env=env, cwd=REPO,
+    done = subprocess.run(_cli(args + [f"service.ray_address={cluster.address}"]), env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -49,8 +50,8 @@ def test_postgres_storage_with_concurrent_trials_on_a_private_2_cpu_ray(postgres
     token of the first cluster it joined). The MAUVE actor holds one CPU; half-CPU trials make two run at
     once (derived, not configured), ASHA stops some, nothing deadlocks."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH_TOKEN"))}
-    done = subprocess.run(_cli(["steps=8", "trials=4", "ray_cpus=2", "trial_cpus=0.5", f"storage={postgres_url}",
-                                "tracking_uri=none", f"out_dir={tmp_path}"]),
+    done = subprocess.run(_cli(["budgets=8", "trials=4", "service.ray_cpus=2", "search.trial_cpus=0.5",
+                                f"search.study_db={postgres_url}", "service.mlflow=off", f"out={tmp_path}"]),
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
@@ -67,8 +68,8 @@ def test_postgres_storage_with_concurrent_trials_on_a_private_2_cpu_ray(postgres
 @pytest.fixture(scope="module")
 def small_search(ray_cluster, tmp_path_factory):
     out = tmp_path_factory.mktemp("search")
-    summary = _run_search(ray_cluster, ["steps=8,16", "trials=5", f"out_dir={out}",
-                                        f"tracking_uri=sqlite:///{out / 'mlflow.db'}"])
+    summary = _run_search(ray_cluster, ["budgets=8,16", "trials=5", f"out={out}",
+                                        f"service.tracking_uri=sqlite:///{out / 'mlflow.db'}"])
     return out, summary
 
 
@@ -136,8 +137,9 @@ def _cli(args: list[str]) -> list[str]:
 def test_killed_search_continues_without_duplicates(ray_cluster, tmp_path):
     out = tmp_path / "resume"
     db = f"sqlite:///{out / 'study.db'}"
-    args = ["steps=8", "trials=5", "asha=false", "samples=8", "max_concurrent=1", f"out_dir={out}",
-            f"ray_address={ray_cluster.address}", f"tracking_uri=sqlite:///{out / 'mlflow.db'}"]
+    args = ["budgets=8", "trials=5", "search.asha=false", "sampling.num_samples=8", "search.max_concurrent=1",
+            f"out={out}", f"service.ray_address={ray_cluster.address}",
+            f"service.tracking_uri=sqlite:///{out / 'mlflow.db'}"]
     env = dict(os.environ, **ray_cluster.env)
     log = tmp_path / "killed.log"     # a file, not a pipe: a full pipe would stall the driver
     proc = subprocess.Popen(_cli(args), env=env, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT,
@@ -186,13 +188,13 @@ def test_killed_search_continues_without_duplicates(ray_cluster, tmp_path):
 
 
 def test_same_seed_storage_free_search_repeats_its_choice(ray_cluster, tmp_path):
-    args = ["steps=8,16", "trials=3", "asha=false", "samples=8", "max_concurrent=1", "storage=none",
-            "tracking_uri=none"]
-    first = _run_search(ray_cluster, args + ["seed=7", f"out_dir={tmp_path / 'a'}"])
-    second = _run_search(ray_cluster, args + ["seed=7", f"out_dir={tmp_path / 'b'}"])
+    args = ["budgets=8,16", "trials=3", "search.asha=false", "sampling.num_samples=8", "search.max_concurrent=1",
+            "search.study_db=none", "service.mlflow=off"]
+    first = _run_search(ray_cluster, args + ["seed=7", f"out={tmp_path / 'a'}"])
+    second = _run_search(ray_cluster, args + ["seed=7", f"out={tmp_path / 'b'}"])
     assert first["table"] == second["table"]
     assert not (tmp_path / "a" / "study.db").exists()
-    other = _run_search(ray_cluster, args + ["seed=8", f"out_dir={tmp_path / 'c'}"])
+    other = _run_search(ray_cluster, args + ["seed=8", f"out={tmp_path / 'c'}"])
     assert other["table"] != first["table"]
 
 
@@ -203,7 +205,8 @@ def test_emitted_table_and_rule_drive_the_sampler_per_steps(small_search, tmp_pa
             want = summary["chosen"][str(steps)]["eta_cap"]
             samples = tmp_path / f"{doc}-{steps}.jsonl"
             cmd = [sys.executable, str(REPO / "jobs" / "sample.py"), "checkpoint=oracle:hmm", "sampler=dsl-budget",
-                   f"steps={steps}", f"eta_cap_table={out / doc}", "n=2", "length=16", f"out={samples}"]
+                   f"sampling.steps={steps}", f"eta_cap_table={out / doc}", "sampling.num_samples=2",
+                   "sampling.length=16", f"out={samples}"]
             done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
             assert done.returncode == 0, done.stderr[-2000:]
             printed = json.loads(done.stdout.strip().splitlines()[-1])

@@ -129,16 +129,34 @@ def test_sample_job_logs_one_run_per_invocation_when_tracking_is_on(tmp_path, mo
     repo = Path(__file__).resolve().parents[1]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**__import__("os").environ, "MLFLOW_TRACKING_URI": uri}
-    cmd = [sys.executable, "jobs/sample.py", "checkpoint=oracle:hmm", "n=2", "steps=4", "sampler=mdlm",
-           f"out={tmp_path / 's.jsonl'}"]
+    cmd = [sys.executable, "jobs/sample.py", "checkpoint=oracle:hmm", "sampling.num_samples=2", "sampling.steps=4",
+           "sampler=mdlm", f"out={tmp_path / 's.jsonl'}", "name=first-draw"]
     out = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     client = mlflow.MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("dsl").experiment_id])
     assert run.data.tags[tracking.TAG_KIND] == "sample" and run.data.tags[tracking.TAG_CHECKPOINT] == "oracle:hmm"
     assert run.data.params["sampling.sampler"] == "mdlm" and run.info.status == "FINISHED"
-    # without a tracking URI or a local mlflow.db nothing is logged
+    assert run.info.run_name == "first-draw" and "train.steps" not in run.data.params   # only keys it reads
+
+
+def test_one_mlflow_switch(tmp_path, monkeypatch):
+    """service.mlflow: off never logs; on always does; auto logs for training/search, and for the other
+    jobs only when a store exists (a URI given or in the environment, or ./mlflow.db)."""
+    from dsl.config import ServiceConfig
+
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("DSL_MLFLOW", raising=False)
-    monkeypatch.chdir(tmp_path / "..")
-    assert not tracking.tracking_enabled() or Path("mlflow.db").is_file()
+    monkeypatch.chdir(tmp_path)
+    local = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = tracking.resolve_tracking_uri
+    assert uri(ServiceConfig(mlflow="off"), default_on=True) is None
+    assert uri(ServiceConfig(mlflow="auto"), default_on=False) is None
+    assert uri(ServiceConfig(mlflow="auto"), default_on=True) == local
+    assert uri(ServiceConfig(mlflow="on"), default_on=False) == local
+    assert uri(ServiceConfig(mlflow="auto", tracking_uri="http://h:5000"), default_on=False) == "http://h:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
+    assert uri(ServiceConfig(mlflow="auto"), default_on=False) == "http://env:5000"
+    assert uri(ServiceConfig(mlflow="off"), default_on=False) is None
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    (tmp_path / "mlflow.db").write_bytes(b"")
+    assert uri(ServiceConfig(mlflow="auto"), default_on=False) == local

@@ -4,7 +4,7 @@
   (``__CDBFD``, truth ``ABCDEFG``) is repaired by confidence-driven remasking within a fixed budget.
 * :func:`sde_localization` (Fig 1b): the K=5 2-D localization paths of the SDE sampler (eq. 2).
 
-Plots are drawn by ``jobs/sample.py toy=...`` (this package stays torch-only).
+Their figures are drawn by :mod:`dsl.sampling.figures`.
 """
 
 from __future__ import annotations

@@ -186,4 +186,49 @@ class MauvePool:
         self.close()
 
 
-__all__ = ["FeaturizerWorker", "MauvePool"]
+
+
+def open_featurizer(featurizer: str, workers: int, max_length: int, *, gpus_per_worker: float = 0.0,
+                    batch_size: int = 32, device: str = "cpu", ray_address: str = "") -> tuple[Any, Any]:
+    """``(featurizer, close)``: in this process when ``workers`` is 0, else a :class:`MauvePool` of
+    ``workers`` actors on the Ray cluster at ``ray_address`` (or a private loopback Ray started here and
+    stopped by ``close()``)."""
+    if workers == 0:
+        from dsl.eval.featurizers import get_featurizer
+
+        return get_featurizer(featurizer, max_length, device=device, batch_size=batch_size), lambda: None
+    import shutil
+    import tempfile
+
+    import ray
+
+    owns_ray = not ray.is_initialized()
+    temp_dir = None
+    if owns_ray:
+        if ray_address:
+            ray.init(address=ray_address, logging_level="WARNING", log_to_driver=False)
+        else:  # private, loopback-only, own temp dir; ray.shutdown stops exactly what it started
+            temp_dir = tempfile.mkdtemp(prefix="ray-eval-", dir="/tmp")  # short: unix socket path limit
+            ray.init(num_cpus=max(1, workers), _node_ip_address="127.0.0.1", include_dashboard=False,
+                     _temp_dir=temp_dir, logging_level="WARNING", log_to_driver=False)
+
+    def stop_ray() -> None:
+        if owns_ray:
+            ray.shutdown()
+        if temp_dir:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+    try:
+        pool = MauvePool(featurizer, workers, max_length, gpus_per_worker, batch_size=batch_size)
+    except BaseException:
+        stop_ray()
+        raise
+
+    def close() -> None:
+        pool.close()
+        stop_ray()
+
+    return pool, close
+
+
+__all__ = ["FeaturizerWorker", "MauvePool", "open_featurizer"]

@@ -26,51 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dsl.config import ConfigError, RunConfig, from_dict, num, section, text, to_dict
+from dsl.config import ConfigError, JobConfig, RunConfig, from_dict, run_config_of, to_dict
 from dsl.errors import UserError
 
-
-@dataclass
-class ServiceConfig:
-    """Where and how a training run executes (not part of the science config saved in checkpoints)."""
-
-    workers: int = num(1, 1, help="Ray Train workers (DDP ranks)")
-    gpus_per_worker: float = num(0.0, 0.0, help="GPUs per worker; > 0 selects NCCL, else Gloo on CPU")
-    cpus_per_worker: float = num(1.0, 0.0, lo_open=True, help="logical CPUs per worker")
-    threads_per_worker: int = num(0, 0, help="torch threads per worker; 0 = cpus_per_worker rounded")
-    storage: str = text("", "checkpoint root: '' = <out_dir> | a (shared) directory | s3://bucket/prefix; "
-                            "the run lives under <storage>/<name>")
-    storage_endpoint: str = text("", "S3-compatible endpoint URL (MinIO, moto); '' = AWS_ENDPOINT_URL or AWS")
-    tracking_uri: str = text("", "MLflow tracking URI; '' = MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db")
-    experiment: str = text("dsl", "MLflow experiment")
-    max_failures: int = num(2, -1, help="Ray FailureConfig: worker-group restarts (-1 = unlimited)")
-    ray_address: str = text("", "'' = RAY_ADDRESS if set (e.g. inside `ray job submit`), else start a "
-                                "local Ray on 127.0.0.1")
-    system_metrics: bool = field(default=True, metadata={"help": "MLflow system metrics from rank 0"})
-    log_to_mlflow: bool = field(default=True, metadata={"help": "track the run in MLflow"})
-
-
-@dataclass
-class FinetuneConfig(RunConfig):
-    """The run's science config plus the ``service`` section (``jobs/finetune.py`` parses this)."""
-
-    embedded: bool = field(default=False, metadata={
-        "help": "the offline demo: pretrain a tiny MDLM on the synthetic HMM, then DSL-fine-tune it"})
-    service: ServiceConfig = section(ServiceConfig)
-
-
-ALIASES = {k: f"service.{k}" for k in ("workers", "gpus_per_worker", "cpus_per_worker", "storage",
-                                       "storage_endpoint", "tracking_uri", "experiment", "max_failures",
-                                       "ray_address")}
-ALIASES.update({"steps": "train.steps", "lr": "train.lr", "batch_size": "train.batch_size"})
-
-
-def run_config_of(cfg: FinetuneConfig) -> RunConfig:
-    """The science part of ``cfg`` as a plain :class:`RunConfig` (what checkpoints store)."""
-    d = to_dict(cfg)
-    d.pop("service")
-    d.pop("embedded")
-    return from_dict(RunConfig, d)
+# The service keys a training run records as MLflow params (where and how it ran, not where it is tracked).
+LOGGED_SERVICE_KEYS = ("workers", "gpus_per_worker", "cpus_per_worker", "threads_per_worker", "max_failures",
+                       "storage", "storage_endpoint", "system_metrics")
 
 
 def submission_id() -> str | None:
@@ -84,7 +45,7 @@ def submission_id() -> str | None:
         return None
 
 
-def resolve_name(cfg: FinetuneConfig) -> str:
+def resolve_name(cfg: JobConfig) -> str:
     from dsl.train import run_name
 
     name = cfg.name or submission_id() or run_name(run_config_of(cfg))
@@ -93,7 +54,7 @@ def resolve_name(cfg: FinetuneConfig) -> str:
     return name
 
 
-def storage_root(cfg: FinetuneConfig, name: str) -> str:
+def storage_root(cfg: JobConfig, name: str) -> str:
     """Absolute checkpoint root of run ``name`` (workers run in other directories than the driver)."""
     from dsl.checkpoint import join_uri
 
@@ -102,7 +63,7 @@ def storage_root(cfg: FinetuneConfig, name: str) -> str:
         return join_uri(base, name)
     if "://" in base and not base.startswith("file://"):
         raise ConfigError(f"service.storage={base!r}: accepted: a directory, file://..., or s3://bucket/prefix")
-    base = base.removeprefix("file://") or cfg.out_dir
+    base = base.removeprefix("file://") or cfg.out or "runs"
     return str(Path(base).expanduser().resolve() / name)
 
 
@@ -300,7 +261,7 @@ def user_error_in(exc: BaseException) -> str | None:
     return m.group(1).strip() if m else None
 
 
-def run_finetune(cfg: FinetuneConfig, *, name: str | None = None) -> FinetuneResult:
+def run_finetune(cfg: JobConfig, *, name: str | None = None) -> FinetuneResult:
     """Run (or resume) one training run on Ray and return where its checkpoint and MLflow run are."""
     import ray
     import ray.train
@@ -315,22 +276,22 @@ def run_finetune(cfg: FinetuneConfig, *, name: str | None = None) -> FinetuneRes
     run_cfg = run_config_of(cfg)
     if svc.workers > 1 and run_cfg.train.batch_size % svc.workers:
         raise ConfigError(f"train.batch_size={run_cfg.train.batch_size} must be divisible by "
-                          f"workers={svc.workers} (it is the global batch)")
+                          f"service.workers={svc.workers} (it is the global batch)")
     root = storage_root(cfg, name)
     check_storage(root, svc.storage_endpoint)
     check_init(run_cfg.init)
 
-    run_id = tracking_uri = None
+    run_id = None
     resumed = latest_complete(root) is not None
-    if svc.log_to_mlflow:
-        tracking_uri = svc.tracking_uri or tracking.default_tracking_uri()
+    tracking_uri = tracking.resolve_tracking_uri(svc, default_on=True)
+    if tracking_uri:
         params = {**tracking.flat_params(run_cfg), **{f"service.{k}": v for k, v in tracking.flat_params(
-            {k: v for k, v in to_dict(svc).items() if k not in ("ray_address", "tracking_uri")}).items()}}
+            {k: v for k, v in to_dict(svc).items() if k in LOGGED_SERVICE_KEYS}).items()}}
         tags = {"dsl.storage_root": root, "dsl.workers": str(svc.workers)}
         if submission_id():
             tags["dsl.ray_submission_id"] = submission_id()
         run_id, _ = tracking.ensure_training_run(name, params=params, tags=tags, tracking_uri=tracking_uri,
-                                                 experiment=svc.experiment)
+                                                 experiment=cfg.experiment)
 
     threads = svc.threads_per_worker or max(1, int(round(svc.cpus_per_worker)))
     payload = {"run": to_dict(run_cfg), "storage_root": root, "storage_endpoint": svc.storage_endpoint,
@@ -352,7 +313,7 @@ def run_finetune(cfg: FinetuneConfig, *, name: str | None = None) -> FinetuneRes
             scaling_config=ray.train.ScalingConfig(num_workers=svc.workers, use_gpu=svc.gpus_per_worker > 0,
                                                    resources_per_worker=resources),
             run_config=ray.train.RunConfig(
-                name=name, storage_path=str(Path(cfg.out_dir).expanduser().resolve() / "_ray"),
+                name=name, storage_path=str(Path(cfg.out or "runs").expanduser().resolve() / "_ray"),
                 failure_config=ray.train.FailureConfig(max_failures=svc.max_failures),
                 worker_runtime_env={"env_vars": env_vars}))
         try:
@@ -395,6 +356,6 @@ def print_progress_note(result: FinetuneResult, stream: Any = None) -> None:
         print(f"open the UI: {ui_command(result.tracking_uri)}", file=out)
 
 
-__all__ = ["ServiceConfig", "FinetuneConfig", "FinetuneResult", "ALIASES", "run_config_of", "resolve_name",
+__all__ = ["FinetuneResult", "LOGGED_SERVICE_KEYS", "run_config_of", "resolve_name",
            "storage_root", "run_finetune", "train_worker", "submission_id", "user_error_in",
            "print_progress_note", "check_init", "check_storage"]

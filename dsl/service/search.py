@@ -19,7 +19,7 @@ prints two tables (Sec 6.1 / eq. 24 vs Table 4). This module measures it instead
 - MLflow: one parent run per search (found again by tag on resume), one child run per finished trial,
   the table/rule JSON and the plot as artefacts.
 
-Output (``out_dir``): ``eta_cap_table.json`` ({"table": {...}}) and ``eta_cap_rule.json`` ({"rule":
+Output (``out``): ``eta_cap_table.json`` ({"table": {...}}) and ``eta_cap_rule.json`` ({"rule":
 {...}}; its R² is in the summary), both readable by ``jobs/sample.py eta_cap_table=<file>``;
 ``mauve_vs_rewrites.png``; ``search_summary.json``.
 """
@@ -32,12 +32,12 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dsl import config as C
-from dsl.config import ConfigError, SamplingConfig, num, section, text
+from dsl.config import ConfigError, JobConfig
 from dsl.errors import UserError
 from dsl.seeding import derive_seed
 from dsl.service.search_results import (
@@ -49,126 +49,45 @@ from dsl.service.search_results import (
 from dsl.service.search_trial import SEARCHABLE, TrialSetup, run_trial, rungs_for
 
 METRIC = "score"
-MAUVE_SEED0 = 25   # dsl.eval.mauve.DEFAULT_SEEDS = 25, 26, 27 (mauve-text's default seed is 25)
-MAX_STEPS = 1 << 20
 
 
-@dataclass
-class SearchConfig:
-    """``python tune/eta_cap_search.py key=value ...``; the defaults are the offline embedded search."""
-
-    checkpoint: str = text("oracle:hmm", "oracle:hmm | oracle:cyclic | checkpoint dir | s3://... URI")
-    steps: tuple[int, ...] = field(default=(16, 32), metadata={
-        "help": "step budgets T, comma-separated (paper: 128,256,512,1024 at L=1024)"})
-    length: int = num(32, 1, help="sequence length L of the samples")
-    trials: int = num(6, 1, help="finished trials per T (a resumed search counts the stored ones)")
-    samples: int = num(32, 2, help="samples per trial at full fidelity")
-    min_samples: int = num(8, 2, help="samples at ASHA's first rung (= samples: no early stopping)")
-    asha_reduction: int = num(2, 2, help="ASHA reduction factor (rungs min_samples·r^k)")
-    asha: bool = field(default=True, metadata={"help": "stop weak trials early with ASHA over samples"})
-    eta: tuple[float, ...] = field(default=(1e-3, 0.5), metadata={
-        "help": "η_cap range lo,hi searched log-uniformly (both > 0)"})
-    t_on: tuple[float, ...] = field(default=(), metadata={"help": "optional t_on range lo,hi in (0,1]"})
-    t_off: tuple[float, ...] = field(default=(), metadata={"help": "optional t_off range lo,hi in [0,1)"})
-    alpha_on: tuple[float, ...] = field(default=(), metadata={"help": "optional α_on range lo,hi in (0,1)"})
-    top_p: tuple[float, ...] = field(default=(), metadata={"help": "optional top-p range lo,hi in (0,1]"})
-    rewrite_target: tuple[float, ...] = field(default=(1.0, 2.0), metadata={
-        "help": "band lo,hi for the mean rewrite count E[R_i] (Sec 5.2: 1,2)"})
-    penalty: float = num(1.0, 0.0, help="score = MAUVE − penalty·distance of E[R_i] outside the band")
-    storage: str = text("", "Optuna RDB URL: '' = sqlite:///<out_dir>/study.db | postgresql://... | "
-                            "none (in memory, nothing kept)")
-    study: str = text("eta-cap", "study name; one Optuna study per T named <study>:T=<T>")
-    seed: int = num(0, 0)
-    startup_trials: int = num(4, 1, help="random start-up trials of TPE before it models")
-    mauve_workers: int = num(1, 1, help="MAUVE featurizer/scorer actors shared by all trials")
-    mauve_seeds: int = num(3, 1, help="k-means seeds MAUVE is averaged over")
-    featurizer: str = text("minilm", "MAUVE featurizer: minilm (offline) | gpt2-large | local HF dir")
-    max_length: int = num(128, 1, help="featurizer truncation in tokens")
-    reference: str = text("source", "reference texts: 'source' (sampled from the oracle's source) or a "
-                                    ".txt (one text per line) / .jsonl file")
-    references: int = num(64, 2, help="reference texts used for MAUVE")
-    judge: str = text("", "GenPPL judge: '' = the exact source likelihood (oracle checkpoints; NaN otherwise) "
-                          "| a local/hub causal LM (e.g. gpt2-large)")
-    max_concurrent: int = num(0, 0, help="concurrent trials; 0 = derived from the cluster's resources")
-    trial_cpus: float = num(1.0, 0.0, lo_open=True, help="CPUs per trial (GPU clusters: 1 GPU per trial)")
-    ray_address: str = text("", "Ray cluster address; '' = start a private local cluster for this run")
-    ray_cpus: int = num(0, 0, help="logical CPUs of the private local cluster; 0 = os.cpu_count()")
-    out_dir: str = text("runs/eta_cap_search", "where the study DB, JSON, plot and Tune files go")
-    mlflow_experiment: str = text("eta-cap-search")
-    tracking_uri: str = text("", "MLflow tracking URI; '' = $MLFLOW_TRACKING_URI or sqlite:///./mlflow.db "
-                                 "(as every job); none = off")
-    progress: bool = field(default=True, metadata={"help": "tqdm bar over finished trials"})
-    sampling: SamplingConfig = section(SamplingConfig)
-
-    def validate(self) -> None:
-        if not self.steps:
-            raise ConfigError("steps= is empty: give step budgets T > 0, e.g. steps=128,256")
-        bad = [t for t in self.steps if t <= 0 or t > MAX_STEPS]
-        if bad:
-            raise ConfigError(f"steps={','.join(map(str, self.steps))}: every T must be in [1, {MAX_STEPS}]")
-        if len(set(self.steps)) != len(self.steps):
-            raise ConfigError(f"steps={','.join(map(str, self.steps))} repeats a budget")
-        _check_range("eta", self.eta, lo=0.0, hi=None, lo_open=True, required=True)
-        _check_range("t_on", self.t_on, lo=0.0, hi=1.0, lo_open=True)
-        _check_range("t_off", self.t_off, lo=0.0, hi=1.0, hi_open=True)
-        _check_range("alpha_on", self.alpha_on, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
-        _check_range("top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True)
-        if len(self.rewrite_target) != 2:
-            raise ConfigError(f"rewrite_target={_fmt(self.rewrite_target)}: expected two numbers lo,hi "
-                              f"(e.g. rewrite_target=1,2)")
-        lo, hi = self.rewrite_target
-        if lo < 0 or lo > hi:
-            raise ConfigError(f"rewrite_target={_fmt(self.rewrite_target)}: need 0 <= lo <= hi (e.g. 1,2)")
-        t_on = self.t_on or (self.sampling.t_on,) * 2
-        t_off = self.t_off or (self.sampling.t_off,) * 2
-        if max(t_off) >= min(t_on):
-            raise ConfigError(f"t_off={_fmt(t_off[:len(self.t_off) or 1])} overlaps t_on="
-                              f"{_fmt(t_on[:len(self.t_on) or 1])}: every t_off must be < every t_on")
-        if self.sampling.sampler not in ("dsl-budget", "remdm-loop"):
-            raise ConfigError(f"sampling.sampler={self.sampling.sampler}: the search always samples with "
-                              f"remdm-loop (η = the trial's η_cap); leave sampling.sampler unset")
-        if not self.study.strip():
-            raise ConfigError("study= is empty: name the study (re-using a name continues that search)")
-        if self.min_samples > self.samples:
-            raise ConfigError(f"min_samples={self.min_samples} > samples={self.samples}")
-        if self.references < self.samples:
-            raise ConfigError(f"references={self.references} < samples={self.samples}: MAUVE needs at least as "
-                              f"many reference texts as samples")
+def check_search(cfg: JobConfig, mode: str = "search") -> None:
+    """The checks across sections a search needs (each section validates itself)."""
+    sr, sp = cfg.search, cfg.sampling
+    t_on = sr.t_on_range or (sp.t_on,) * 2
+    t_off = sr.t_off_range or (sp.t_off,) * 2
+    if max(t_off) >= min(t_on):
+        off_key = "search.t_off_range" if sr.t_off_range else "sampling.t_off"
+        on_key = "search.t_on_range" if sr.t_on_range else "sampling.t_on"
+        raise ConfigError(f"{off_key}={_fmt(t_off[:len(sr.t_off_range) or 1])} overlaps {on_key}="
+                          f"{_fmt(t_on[:len(sr.t_on_range) or 1])}: every t_off must be < every t_on")
+    if sp.sampler not in ("dsl-budget", "remdm-loop"):
+        raise ConfigError(f"sampling.sampler={sp.sampler}: the search always samples with "
+                          f"remdm-loop (η = the trial's η_cap); leave sampling.sampler unset")
+    if sr.min_samples > sp.num_samples:
+        raise ConfigError(f"search.min_samples={sr.min_samples} > sampling.num_samples={sp.num_samples}")
+    if cfg.eval.references < sp.num_samples:
+        raise ConfigError(f"eval.references={cfg.eval.references} < sampling.num_samples={sp.num_samples}: MAUVE "
+                          f"needs at least as many reference texts as samples")
+    if cfg.eval.workers < 1:
+        raise ConfigError("eval.workers=0: the search scores every trial on a pool of MAUVE actors; give "
+                          "eval.workers >= 1")
+    if cfg.eval.judge not in ("source", "none") and cfg.eval.judge.startswith("oracle:"):
+        raise ConfigError(f"eval.judge={cfg.eval.judge}: the search judges with source (the exact likelihood "
+                          f"of checkpoint=oracle:*), none, or a causal LM")
 
 
 def _fmt(values: tuple) -> str:
     return ",".join(f"{v:g}" for v in values) or "''"
 
 
-def _check_range(key: str, rng: tuple[float, ...], *, lo: float, hi: float | None, lo_open: bool = False,
-                 hi_open: bool = False, required: bool = False) -> None:
-    if not rng and not required:
-        return
-    if len(rng) != 2:
-        raise ConfigError(f"{key}={_fmt(rng)}: expected a range lo,hi (two numbers, lo < hi)")
-    a, b = rng
-    if not a < b:
-        raise ConfigError(f"{key}={_fmt(rng)}: empty or inverted range; expected lo < hi")
-    below = a < lo or (lo_open and a == lo)
-    above = hi is not None and (b > hi or (hi_open and b == hi))
-    if below or above:
-        left, right = "(" if lo_open else "[", ")" if hi_open else "]"
-        raise ConfigError(f"{key}={_fmt(rng)}: both ends must lie in {left}{lo:g}, "
-                          f"{'inf' if hi is None else f'{hi:g}'}{right}")
-
-
-def load_search_config(argv: list[str]) -> SearchConfig:
-    """Parse ``key=value`` arguments (``sampling.<field>=...`` sets the fixed ReMDM-loop settings)."""
-    return C.load(SearchConfig, argv, presets={})
-
-
-def search_space(cfg: SearchConfig) -> dict[str, Any]:
+def search_space(cfg: JobConfig) -> dict[str, Any]:
     """Optuna distributions: η_cap log-uniform (it spans decades), the optional windows uniform."""
     import optuna
 
-    space: dict[str, Any] = {"eta_cap": optuna.distributions.FloatDistribution(*cfg.eta, log=True)}
+    space: dict[str, Any] = {"eta_cap": optuna.distributions.FloatDistribution(*cfg.search.eta_cap_range, log=True)}
     for name in ("t_on", "t_off", "alpha_on", "top_p"):
-        rng = getattr(cfg, name)
+        rng = getattr(cfg.search, f"{name}_range")
         if rng:
             space[name] = optuna.distributions.FloatDistribution(*rng)
     assert set(space) <= set(SEARCHABLE)
@@ -179,13 +98,14 @@ def search_space(cfg: SearchConfig) -> dict[str, Any]:
 # Study storage
 
 
-def storage_url(cfg: SearchConfig) -> str | None:
+def storage_url(cfg: JobConfig) -> str | None:
     """The RDB URL of the study, or None for an in-memory (storage-free) search."""
-    if cfg.storage.strip().lower() in ("none", "memory"):
+    db = cfg.search.study_db
+    if db.strip().lower() in ("none", "memory"):
         return None
-    if cfg.storage:
-        return cfg.storage
-    return f"sqlite:///{Path(cfg.out_dir).resolve() / 'study.db'}"
+    if db:
+        return db
+    return f"sqlite:///{Path(cfg.out).resolve() / 'study.db'}"
 
 
 def open_storage(url: str | None):
@@ -200,9 +120,9 @@ def open_storage(url: str | None):
     try:
         return optuna.storages.RDBStorage(_with_installed_driver(url), engine_kwargs=kwargs)
     except Exception as exc:  # noqa: BLE001 - every failure to open the URL is the user's to fix
-        raise UserError(f"storage={_redact(url)} cannot be opened ({type(exc).__name__}: "
+        raise UserError(f"search.study_db={_redact(url)} cannot be opened ({type(exc).__name__}: "
                         f"{' '.join(str(exc).split())[:200]}); expected sqlite:///<path> or "
-                        f"postgresql://user@host:port/db, or storage=none") from None
+                        f"postgresql://user@host:port/db, or search.study_db=none") from None
 
 
 def _with_installed_driver(url: str) -> str:
@@ -223,8 +143,8 @@ def _redact(url: str) -> str:
     return scrub(url)
 
 
-def study_name(cfg: SearchConfig, steps: int) -> str:
-    return f"{cfg.study}:T={steps}"
+def study_name(cfg: JobConfig, steps: int) -> str:
+    return f"{cfg.search.study}:T={steps}"
 
 
 def prepare_study(storage: Any, name: str) -> tuple[int, int]:
@@ -310,7 +230,7 @@ _RECORDED = {"score", "mauve", "mauve_std", "mean_rewrites", "band_distance", "g
 # Resources
 
 
-def trial_resources(cluster: dict[str, float], pool_cpus: float, cfg: SearchConfig) -> tuple[dict, int]:
+def trial_resources(cluster: dict[str, float], pool_cpus: float, cfg: JobConfig) -> tuple[dict, int]:
     """(resources per trial, max concurrent trials) from the cluster's totals.
 
     GPU clusters: one GPU per trial, as many trials as GPUs. CPU clusters: the CPUs the MAUVE actors do
@@ -323,13 +243,13 @@ def trial_resources(cluster: dict[str, float], pool_cpus: float, cfg: SearchConf
         res, slots = {"cpu": min(1.0, max(free_cpus / gpus, 0.01)), "gpu": 1}, int(gpus)
     else:
         if free_cpus <= 0.0:
-            raise UserError(f"the Ray cluster has {cluster.get('CPU', 0):g} CPUs and mauve_workers="
-                            f"{cfg.mauve_workers} hold {pool_cpus:g}: no CPU is left for trials; lower "
-                            f"mauve_workers or add CPUs")
-        per = min(float(cfg.trial_cpus), free_cpus)
+            raise UserError(f"the Ray cluster has {cluster.get('CPU', 0):g} CPUs and eval.workers="
+                            f"{cfg.eval.workers} hold {pool_cpus:g}: no CPU is left for trials; lower "
+                            f"eval.workers or add CPUs")
+        per = min(float(cfg.search.trial_cpus), free_cpus)
         res, slots = {"cpu": per}, max(1, int(math.floor(free_cpus / per + 1e-9)))
-    if cfg.max_concurrent:
-        slots = min(slots, cfg.max_concurrent)
+    if cfg.search.max_concurrent:
+        slots = min(slots, cfg.search.max_concurrent)
     return res, slots
 
 
@@ -340,18 +260,21 @@ def trial_resources(cluster: dict[str, float], pool_cpus: float, cfg: SearchConf
 class _Tracking:
     """A parent run per search (found again by tag on resume) and a child run per finished trial."""
 
-    def __init__(self, cfg: SearchConfig, storage_label: str):
-        self.enabled = cfg.tracking_uri.strip().lower() != "none"
+    def __init__(self, cfg: JobConfig, storage_label: str, params: dict[str, Any]):
+        from dsl.service.tracking import resolve_tracking_uri
+
+        uri = resolve_tracking_uri(cfg.service, default_on=True)
+        self.enabled = uri is not None
         self.parent_id: str | None = None
         if not self.enabled:
             return
         import mlflow
 
-        from dsl.service.tracking import default_tracking_uri, experiment_id
+        from dsl.service.tracking import experiment_id
 
-        self.client = mlflow.MlflowClient(tracking_uri=cfg.tracking_uri or default_tracking_uri())
-        self.exp_id = experiment_id(self.client, cfg.mlflow_experiment)
-        self.search_key = f"{storage_label}|{cfg.study}"
+        self.client = mlflow.MlflowClient(tracking_uri=uri)
+        self.exp_id = experiment_id(self.client, cfg.experiment)
+        self.search_key = f"{storage_label}|{cfg.search.study}"
         found = self.client.search_runs([self.exp_id], filter_string=f"tags.`dsl.search` = '{self.search_key}'",
                                         max_results=1)
         if found:
@@ -359,13 +282,13 @@ class _Tracking:
             self.logged = {r.data.tags.get("dsl.trial") for r in self.client.search_runs(
                 [self.exp_id], filter_string=f"tags.mlflow.parentRunId = '{self.parent_id}'", max_results=5000)}
         else:
-            run = self.client.create_run(self.exp_id, run_name=f"search:{cfg.study}",
+            run = self.client.create_run(self.exp_id, run_name=cfg.name or f"search:{cfg.search.study}",
                                          tags={"dsl.search": self.search_key})
             self.parent_id = run.info.run_id
             self.logged = set()
             from dsl.service.tracking import flat_params
 
-            for k, v in flat_params(cfg).items():    # scrubbed: no password of a storage URL
+            for k, v in flat_params(params).items():    # scrubbed: no password of a storage URL
                 self.client.log_param(self.parent_id, k, v)
         self.client.set_terminated(self.parent_id, "RUNNING")
 
@@ -415,37 +338,38 @@ class Prepared:
     storage_label: str
 
 
-def _load_reference_texts(cfg: SearchConfig, denoiser: Any) -> list[str]:
+def _load_reference_texts(cfg: JobConfig, denoiser: Any) -> list[str]:
     import json
 
-    if cfg.reference == "source":
+    ev = cfg.eval
+    if ev.reference == "source":
         source = getattr(denoiser, "source", None)
         if source is None or not hasattr(source, "sample"):
-            raise UserError(f"reference=source needs an oracle checkpoint (oracle:hmm), not "
-                            f"checkpoint={cfg.checkpoint!r}; give reference=<file.txt|file.jsonl>")
+            raise UserError(f"eval.reference=source needs an oracle checkpoint (oracle:hmm), not "
+                            f"checkpoint={cfg.checkpoint!r}; give eval.reference=<file.txt|file.jsonl>")
         from dsl.seeding import sample_generator
 
         # a seed stream disjoint from the trials' sampling seeds
-        ids = source.sample(cfg.references, sample_generator(cfg.seed, "search-references"))
+        ids = source.sample(ev.references, sample_generator(cfg.seed, "search-references"))
         return [source.decode(row) for row in ids]
-    path = Path(cfg.reference)
+    path = Path(ev.reference)
     if not path.is_file():
-        raise UserError(f"reference={cfg.reference!r} is not a file; expected 'source', a .txt file (one "
+        raise UserError(f"eval.reference={ev.reference!r} is not a file; expected 'source', a .txt file (one "
                         f"text per line) or a .jsonl file with a 'text' field")
     lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
     texts = [json.loads(ln).get("text", "") for ln in lines] if path.suffix == ".jsonl" else lines
-    texts = [t for t in texts if t.strip()][: cfg.references]
+    texts = [t for t in texts if t.strip()][: ev.references]
     if len(texts) < 2:
-        raise UserError(f"reference={cfg.reference!r} holds {len(texts)} non-empty texts; need at least 2")
+        raise UserError(f"eval.reference={ev.reference!r} holds {len(texts)} non-empty texts; need at least 2")
     return texts
 
 
-def prepare(cfg: SearchConfig) -> Prepared:
+def prepare(cfg: JobConfig) -> Prepared:
     """Open the checkpoint, the references and the study storage; raise one line on bad input."""
     from dsl.sampling import load_denoiser
 
     try:
-        denoiser = load_denoiser(cfg.checkpoint, cfg.sampling, length=cfg.length)
+        denoiser = load_denoiser(cfg.checkpoint, cfg.sampling, length=cfg.sampling.length)
     except (UserError, ConfigError):
         raise
     except Exception as exc:  # noqa: BLE001 - an unreadable checkpoint is bad input
@@ -455,7 +379,7 @@ def prepare(cfg: SearchConfig) -> Prepared:
     references = _load_reference_texts(cfg, denoiser)
     url = storage_url(cfg)
     storage = open_storage(url)
-    for steps in cfg.steps:
+    for steps in cfg.search.budgets:
         prepare_study(storage, study_name(cfg, steps))
     return Prepared(denoiser, references, storage, "none" if url is None else _redact(url))
 
@@ -494,14 +418,14 @@ class _RayContext:
     port, never 6379); ``ray.shutdown`` stops exactly the processes it started.
     """
 
-    def __init__(self, cfg: SearchConfig):
+    def __init__(self, cfg: JobConfig):
         self.cfg = cfg
         self.temp: str | None = None
 
     def __enter__(self):
         import ray
 
-        address = self.cfg.ray_address or os.environ.get("RAY_ADDRESS", "")
+        address = self.cfg.service.ray_address or os.environ.get("RAY_ADDRESS", "")
         try:
             if address:
                 ray.init(address=address, logging_level="WARNING", log_to_driver=False)
@@ -513,7 +437,7 @@ class _RayContext:
                 self._start_private()
         except Exception as exc:  # noqa: BLE001 - an unreachable cluster is bad input
             self.__exit__(None, None, None)
-            raise UserError(f"ray_address={address or '(local)'}: cannot start or connect to Ray "
+            raise UserError(f"service.ray_address={address or '(local)'}: cannot start or connect to Ray "
                             f"({' '.join(str(exc).split())[:200]})") from None
         return self
 
@@ -523,7 +447,7 @@ class _RayContext:
         for attempt in range(attempts):
             self.temp = tempfile.mkdtemp(prefix="ray-search-")
             try:
-                ray.init(num_cpus=self.cfg.ray_cpus or os.cpu_count() or 1, include_dashboard=False,
+                ray.init(num_cpus=self.cfg.service.ray_cpus or os.cpu_count() or 1, include_dashboard=False,
                          _node_ip_address="127.0.0.1", _temp_dir=self.temp, logging_level="WARNING",
                          log_to_driver=False)
                 return
@@ -546,25 +470,26 @@ class _RayContext:
 # The search
 
 
-def run_search(cfg: SearchConfig) -> dict[str, Any]:
+def run_search(cfg: JobConfig, params: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run (or continue) the search for every T; write the JSON artefacts and the plot; return a summary."""
     from dsl.service.mauve_pool import MauvePool
 
-    out = Path(cfg.out_dir)
+    out = Path(cfg.out)
     prepared = prepare(cfg)     # every bad input fails here, before Ray or any trial starts
-    tracking = _Tracking(cfg, prepared.storage_label)
-    rungs = rungs_for(cfg.samples, cfg.min_samples, cfg.asha_reduction) if cfg.asha else (cfg.samples,)
+    tracking = _Tracking(cfg, prepared.storage_label, params if params is not None else C.flatten(cfg))
+    sr, n = cfg.search, cfg.sampling.num_samples
+    rungs = rungs_for(n, sr.min_samples, sr.asha_reduction) if sr.asha else (n,)
     status = "FAILED"
     try:
         with _RayContext(cfg):
             import ray
 
-            pool = MauvePool(cfg.featurizer, cfg.mauve_workers, cfg.max_length)
+            pool = MauvePool(cfg.eval.featurizer, cfg.eval.workers, cfg.eval.max_length)
             reference = pool.featurize(prepared.reference_texts)   # reference features: computed once
             resources, slots = trial_resources(ray.cluster_resources(), _pool_cpus(pool, cfg), cfg)
             started = time.perf_counter()
             ran = sum(_search_one_budget(cfg, steps, rungs, prepared, pool, reference, resources, slots, tracking)
-                      for steps in cfg.steps)
+                      for steps in cfg.search.budgets)
             trial_seconds = time.perf_counter() - started
             _shutdown_pool(pool)
         summary = _write_outputs(cfg, prepared, out, rungs)
@@ -579,9 +504,9 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
             tracking.finish({}, [], "KILLED")
 
 
-def _pool_cpus(pool: Any, cfg: SearchConfig) -> float:
+def _pool_cpus(pool: Any, cfg: JobConfig) -> float:
     per = getattr(pool, "cpus_per_worker", None)
-    return float(per if per is not None else 1.0) * cfg.mauve_workers
+    return float(per if per is not None else 1.0) * cfg.eval.workers
 
 
 def _shutdown_pool(pool: Any) -> None:
@@ -591,7 +516,7 @@ def _shutdown_pool(pool: Any) -> None:
             return
 
 
-def _search_one_budget(cfg: SearchConfig, steps: int, rungs: tuple[int, ...], prepared: Prepared, pool: Any,
+def _search_one_budget(cfg: JobConfig, steps: int, rungs: tuple[int, ...], prepared: Prepared, pool: Any,
                        reference: Any, resources: dict, slots: int, tracking: _Tracking) -> int:
     """Run the trials T still lacks; returns how many were started."""
     from ray import tune
@@ -603,26 +528,28 @@ def _search_one_budget(cfg: SearchConfig, steps: int, rungs: tuple[int, ...], pr
     for record in study_records(prepared.storage, name, steps):
         # a driver killed between Optuna's tell and MLflow's child run left a trial unlogged
         tracking.log_trial(name, record)
-    remaining = cfg.trials - done
+    sr = cfg.search
+    remaining = sr.trials - done
     if remaining <= 0:
         return 0
     # eq. (Sec 5.2) protocol is per T; the TPE seed moves with the study size so a resumed search
     # does not re-draw the start-up configurations it already evaluated (optuna#3255).
     sampler_seed = derive_seed(cfg.seed, "tpe", steps, stored) % (2**32)
-    bar = tqdm(total=cfg.trials, initial=done, desc=f"T={steps}", disable=not cfg.progress, leave=True)
+    bar = tqdm(total=sr.trials, initial=done, desc=f"T={steps}", disable=not cfg.progress, leave=True)
 
     def on_record(record: dict[str, Any]) -> None:
         tracking.log_trial(name, record)
         bar.update(1)
 
     searcher = _make_searcher(search_space(cfg), prepared.storage, name, sampler_seed,
-                              min(cfg.startup_trials, cfg.trials), rungs[-1], steps, on_record)
+                              min(sr.startup_trials, sr.trials), rungs[-1], steps, on_record)
     scheduler = (ASHAScheduler(time_attr="samples", max_t=rungs[-1], grace_period=rungs[0],
-                               reduction_factor=cfg.asha_reduction)
+                               reduction_factor=sr.asha_reduction)
                  if len(rungs) > 1 else FIFOScheduler())
-    setup = TrialSetup(checkpoint=cfg.checkpoint, steps=steps, length=cfg.length, rungs=rungs, seed=cfg.seed,
-                       mauve_seeds=tuple(MAUVE_SEED0 + i for i in range(cfg.mauve_seeds)), band=tuple(cfg.rewrite_target),
-                       penalty=cfg.penalty, judge=cfg.judge, sampling=C.to_dict(cfg.sampling))
+    judge = {"source": "", "none": "none"}.get(cfg.eval.judge, cfg.eval.judge)
+    setup = TrialSetup(checkpoint=cfg.checkpoint, steps=steps, length=cfg.sampling.length, rungs=rungs, seed=cfg.seed,
+                       mauve_seeds=tuple(cfg.eval.mauve_seeds), band=tuple(sr.rewrite_target),
+                       penalty=sr.penalty, judge=judge, sampling=C.to_dict(cfg.sampling))
     trainable = tune.with_resources(tune.with_parameters(_trainable, setup=setup, pool=pool,
                                                          reference=reference), resources)
     tuner = tune.Tuner(
@@ -631,8 +558,8 @@ def _search_one_budget(cfg: SearchConfig, steps: int, rungs: tuple[int, ...], pr
                                     num_samples=remaining, max_concurrent_trials=slots,
                                     # one trial process loads torch, the denoiser and the tokenizer once
                                     reuse_actors=True),
-        run_config=tune.RunConfig(name=f"{cfg.study}-T{steps}-from{stored}",
-                                  storage_path=str((Path(cfg.out_dir) / "tune").resolve()), verbose=0,
+        run_config=tune.RunConfig(name=f"{sr.study}-T{steps}-from{stored}",
+                                  storage_path=str((Path(cfg.out) / "tune").resolve()), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
     try:
@@ -642,17 +569,18 @@ def _search_one_budget(cfg: SearchConfig, steps: int, rungs: tuple[int, ...], pr
     return remaining
 
 
-def _write_outputs(cfg: SearchConfig, prepared: Prepared, out: Path, rungs: tuple[int, ...]) -> dict[str, Any]:
-    band = tuple(cfg.rewrite_target)
+def _write_outputs(cfg: JobConfig, prepared: Prepared, out: Path, rungs: tuple[int, ...]) -> dict[str, Any]:
+    band = tuple(cfg.search.rewrite_target)
+    budgets = cfg.search.budgets
     records = []
-    for steps in cfg.steps:
+    for steps in budgets:
         records.extend(study_records(prepared.storage, study_name(cfg, steps), steps))
     chosen = best_per_steps(records, band)
-    summary: dict[str, Any] = {"study": cfg.study, "checkpoint": cfg.checkpoint, "band": list(band),
+    summary: dict[str, Any] = {"study": cfg.search.study, "checkpoint": cfg.checkpoint, "band": list(band),
                                "rungs": list(rungs), "storage": prepared.storage_label,
-                               "trials": {str(t): sum(r["steps"] == t for r in records) for t in cfg.steps},
+                               "trials": {str(t): sum(r["steps"] == t for r in records) for t in budgets},
                                "chosen": {str(t): _public(r) for t, r in chosen.items()}}
-    missing = [t for t in cfg.steps if t not in chosen]
+    missing = [t for t in budgets if t not in chosen]
     if missing:
         summary["missing"] = missing
     if chosen:
@@ -662,7 +590,7 @@ def _write_outputs(cfg: SearchConfig, prepared: Prepared, out: Path, rungs: tupl
         summary.update(table=table_doc["table"], rule=rule_doc["rule"], rule_fit=fit)
         plot_mauve_vs_rewrites(records, chosen, band, out / "mauve_vs_rewrites.png")
     write_json_atomic(out / "search_summary.json", dict(summary, records=[_public(r) for r in records]))
-    summary["out_dir"] = str(out)
+    summary["out"] = str(out)
     return summary
 
 
@@ -677,5 +605,5 @@ def _public(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["SearchConfig", "load_search_config", "run_search", "prepare", "search_space", "trial_resources",
+__all__ = ["check_search", "run_search", "prepare", "search_space", "trial_resources",
            "storage_url", "open_storage", "study_name", "prepare_study", "study_records"]

@@ -37,7 +37,7 @@ class TrialSetup:
     mauve_seeds: tuple[int, ...]
     band: tuple[float, float]
     penalty: float
-    judge: str = ""                   # GenPPL judge: '' = exact source likelihood (oracles only)
+    judge: str = ""                   # GenPPL judge: '' = exact source likelihood (oracles only), none = skip
     sampling: dict[str, Any] = field(default_factory=dict)   # base SamplingConfig as a dict
 
 
@@ -75,6 +75,8 @@ def _genppl(denoiser: Any, judge: str, ids: np.ndarray, texts: list[str]) -> dic
 
     from dsl.eval.genppl import CausalLMOracle, genppl
 
+    if judge == "none":
+        return {"genppl": math.nan}
     if not judge:
         source = getattr(denoiser, "source", None)
         if source is None or not hasattr(source, "log_prob"):

@@ -264,7 +264,7 @@ def training_run_of(checkpoint_uri: str, *, tracking_uri: str | None = None,
 @contextlib.contextmanager
 def job_run(kind: str, params: Mapping[str, Any] | Any, checkpoint_uri: str | None = None, *,
             tracking_uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT,
-            system_metrics: bool = False) -> Iterator[RunLogger]:
+            system_metrics: bool = False, run_name: str | None = None) -> Iterator[RunLogger]:
     """One MLflow run for one invocation of a job (``kind`` = sample/evaluate/...), tagged with the
     checkpoint and the training run that produced it; FAILED if the body raises, FINISHED otherwise."""
     client = _client(tracking_uri)
@@ -277,7 +277,7 @@ def job_run(kind: str, params: Mapping[str, Any] | Any, checkpoint_uri: str | No
         if train_id:
             tags[TAG_TRAINING_RUN] = train_id
             tags["mlflow.parentRunId"] = train_id  # nests the job under its fine-tune in the UI
-    run = client.create_run(experiment_id(client, experiment), tags=tags, run_name=f"{kind}")
+    run = client.create_run(experiment_id(client, experiment), tags=tags, run_name=run_name or kind)
     _log_params(client, run.info.run_id, flat_params(params))
     logger = RunLogger(run.info.run_id, tracking_uri or default_tracking_uri(), system_metrics=system_metrics)
     try:
@@ -288,28 +288,38 @@ def job_run(kind: str, params: Mapping[str, Any] | Any, checkpoint_uri: str | No
     logger.close("FINISHED")
 
 
-def tracking_enabled() -> bool:
-    """Sampling/evaluation jobs log when a tracking URI is configured or a local ``mlflow.db`` (the
-    fine-tune's default store) sits in the working directory; ``DSL_MLFLOW=0``/``1`` forces it."""
-    forced = os.environ.get("DSL_MLFLOW")
-    if forced in ("0", "1"):
-        return forced == "1"
-    return bool(os.environ.get("MLFLOW_TRACKING_URI")) or Path("mlflow.db").is_file()
+def resolve_tracking_uri(service: Any, *, default_on: bool) -> str | None:
+    """The one MLflow switch: the tracking URI a job logs to, or None when it does not log.
+
+    ``service.mlflow``: ``off`` never logs; ``on`` logs to ``service.tracking_uri``, else
+    ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db`` (created); ``auto`` is ``on`` for jobs
+    whose runs are their record (``default_on``: training, search) and, for the others (sampling,
+    evaluation), ``on`` only when a store already exists: a URI is configured or ``./mlflow.db`` is there.
+    """
+    if service.mlflow == "off":
+        return None
+    configured = service.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if service.mlflow == "on" or default_on or configured or Path("mlflow.db").is_file():
+        return configured or default_tracking_uri()
+    return None
 
 
 def tracked_job(kind: str, params: Any, checkpoint_uri: str | None, body: Any, *,
-                tags: Mapping[str, str] | None = None) -> Any:
-    """Run ``body()`` inside :func:`job_run` when tracking is enabled and log the numbers of its summary.
+                tags: Mapping[str, str] | None = None, tracking_uri: str | None = None,
+                experiment: str = DEFAULT_EXPERIMENT, run_name: str | None = None) -> Any:
+    """Run ``body()`` inside :func:`job_run` when ``tracking_uri`` is given (see
+    :func:`resolve_tracking_uri`) and log the numbers of its summary.
 
     Tracking trouble (a locked SQLite file, an unreachable server) never fails the job: it is reported
     as one warning line on stderr and the job's own result stands.
     """
     import sys
 
-    if not tracking_enabled():
+    if tracking_uri is None:
         return body()
     try:
-        ctx = job_run(kind, params, checkpoint_uri)
+        ctx = job_run(kind, params, checkpoint_uri, tracking_uri=tracking_uri, experiment=experiment,
+                      run_name=run_name)
         logger = ctx.__enter__()
         if tags:
             logger.set_tags(tags)
@@ -341,6 +351,6 @@ def _is_number(text: str) -> bool:
     return text.lower() not in ("true", "false", "nan", "inf", "-inf")
 
 
-__all__ = ["tracking_enabled", "tracked_job", "DEFAULT_EXPERIMENT", "TAG_RUN_NAME", "TAG_KIND", "TAG_CHECKPOINT", "TAG_TRAINING_RUN", "scrub",
+__all__ = ["resolve_tracking_uri", "tracked_job", "DEFAULT_EXPERIMENT", "TAG_RUN_NAME", "TAG_KIND", "TAG_CHECKPOINT", "TAG_TRAINING_RUN", "scrub",
            "flat_params", "default_tracking_uri", "ui_command", "git_commit", "code_digest", "find_run",
            "ensure_training_run", "RunLogger", "training_run_of", "job_run", "experiment_id"]

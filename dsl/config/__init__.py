@@ -1,0 +1,54 @@
+"""Typed configuration: one tree of dataclass sections, TOML presets, ``key=value`` overrides, validation.
+
+    from dsl.config import JobConfig, RunConfig, SamplingConfig, load, ConfigError
+
+- :mod:`dsl.config.fields`  — field declarations (help, range) and value parsing;
+- :mod:`dsl.config.tree`    — the sections and the roots (:class:`JobConfig`, :class:`RunConfig`);
+- :mod:`dsl.config.presets` — run and model presets, read from ``presets/*/*.toml``;
+- :mod:`dsl.config.parse`   — overrides, validation, dict round trips, ``describe``.
+
+Command lines are parsed by :mod:`dsl.cli`, which adds per-job key sets, aliases and deprecations.
+"""
+
+from __future__ import annotations
+
+from dsl.config.fields import ConfigError, choice, flag, num, parse_value, section, text, values
+from dsl.config.parse import (
+    apply_overrides,
+    describe,
+    dumps,
+    flatten,
+    from_dict,
+    leaf_keys,
+    load,
+    set_key,
+    split_override,
+    to_dict,
+    validate,
+)
+from dsl.config.presets import describe_presets, model_presets, run_presets
+from dsl.config.tree import (
+    ChannelConfig,
+    DataConfig,
+    EvalConfig,
+    JobConfig,
+    MDLMLossConfig,
+    ModelConfig,
+    RunConfig,
+    SamplingConfig,
+    SearchConfig,
+    ServiceConfig,
+    TrainConfig,
+    run_config_of,
+)
+
+MODEL_PRESETS = model_presets()
+RUN_PRESETS = run_presets()
+
+__all__ = [
+    "ConfigError", "ModelConfig", "ChannelConfig", "MDLMLossConfig", "DataConfig", "TrainConfig",
+    "SamplingConfig", "EvalConfig", "SearchConfig", "ServiceConfig", "RunConfig", "JobConfig",
+    "run_config_of", "MODEL_PRESETS", "RUN_PRESETS", "model_presets", "run_presets", "describe_presets",
+    "apply_overrides", "load", "set_key", "validate", "to_dict", "from_dict", "flatten", "dumps", "describe",
+    "parse_value", "split_override", "leaf_keys", "choice", "num", "text", "flag", "values", "section",
+]

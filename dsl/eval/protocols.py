@@ -1,0 +1,245 @@
+"""The evaluation protocols ``jobs/evaluate.py`` runs, each a function of the job config:
+
+- :func:`evaluate_samples` — Table 1's MAUVE (mean ± std over k-means seeds), GenPPL under a judge,
+  and sentence entropy of a sample file;
+- :func:`evaluate_calibration` — Fig 4: token ECE against SNR for one or more DSL checkpoints, and the
+  reliability diagram, on the same corruption noise for every checkpoint (a paired comparison);
+- :func:`evaluate_likelihood` — Table 3: the path-integral NLL (eq. 3, or eq. 10 with a stopped path)
+  in nats and bits per token/character, with standard errors.
+
+Files are written under temporary names and renamed; bad input raises ConfigError/UserError (one line)
+before any featurization.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+import torch
+
+from dsl.config import ConfigError, JobConfig
+from dsl.errors import UserError
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def labelled_checkpoints(spec: str) -> list[tuple[str, str]]:
+    """``label=uri,...`` or ``uri,...`` → [(label, uri)] (a label defaults to the path's last part)."""
+    out = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        label, sep, uri = part.partition("=")
+        if not sep or "://" in label:
+            label, uri = os.path.basename(part.rstrip("/")) or part, part
+        out.append((label, uri))
+    if not out:
+        raise ConfigError("checkpoint='' : give checkpoint=<dir|s3://...>, or atomic=<ckpt>,smoothed=<ckpt>")
+    return out
+
+
+def _load_dsl_run(uri: str):
+    from dsl.checkpoint import load_run
+
+    if "://" not in uri and not os.path.exists(uri):
+        raise UserError(f"checkpoint={uri}: no such directory; give a checkpoint directory or an s3:// URI")
+    run_cfg, model, tokenizer, _ = load_run(uri)
+    if run_cfg.objective != "dsl":
+        raise UserError(f"checkpoint={uri}: objective={run_cfg.objective}; calibration and the path-integral "
+                        f"likelihood need a DSL checkpoint (objective=dsl)")
+    return run_cfg, model, tokenizer
+
+
+def _heldout_batches(run_cfg: Any, tokenizer: Any, job: JobConfig) -> list[dict]:
+    from dsl.data import build_data
+
+    data = build_data(run_cfg, tokenizer)
+    out = []
+    for step in range(job.eval.batches):
+        b = data.batch("valid", step)
+        out.append({"ids": b["ids"][: job.eval.batch_size], "mask": b["mask"][: job.eval.batch_size]})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Samples: MAUVE, GenPPL, sentence entropy.
+
+
+def load_judge(job: JobConfig, ids: list[list[int]] | None):
+    """(judge, items it scores) for ``eval.judge``; (None, None) when the judge is none."""
+    from dsl.eval.genppl import ARCheckpointOracle, CausalLMOracle, ExactSourceOracle
+
+    spec = job.eval.judge.strip()
+    device = job.service.device
+    if spec in ("", "none"):
+        return None, None
+    if spec == "source":
+        raise ConfigError("eval.judge=source scores with the exact source of checkpoint=oracle:*, which "
+                          "evaluating a sample file does not load; give eval.judge=oracle:hmm|oracle:cyclic")
+    if spec.startswith("oracle:"):
+        from dsl.sources import build_source
+
+        if ids is None:
+            raise UserError(f"eval.judge={spec} scores token ids: the samples file needs an 'ids' field")
+        name = spec.split(":", 1)[1]
+        if name not in ("hmm", "cyclic"):
+            raise ConfigError(f"eval.judge={spec!r}: exact judges are oracle:hmm and oracle:cyclic")
+        return ExactSourceOracle(build_source(name, job.data, len(ids[0]))), ids
+    is_ours = "://" in spec or os.path.isfile(os.path.join(spec, "manifest.json")) or (
+        os.path.isdir(spec) and any(n.startswith("step-") for n in os.listdir(spec)))
+    if is_ours:
+        from dsl.checkpoint import load_run
+
+        if ids is None:
+            raise UserError(f"eval.judge={spec} (an AR checkpoint) scores token ids: the samples need an 'ids' field")
+        run_cfg, model, _, _ = load_run(spec, device=device)
+        if run_cfg.objective != "ar":
+            raise UserError(f"eval.judge={spec}: objective={run_cfg.objective}; a GenPPL judge checkpoint must be "
+                            f"autoregressive (objective=ar)")
+        return ARCheckpointOracle(model, device=device), ids
+    return CausalLMOracle.load(spec, max_length=job.eval.judge_max_length, device=device), None
+
+
+def _num_buckets(raw: str) -> int | str:
+    if raw == "auto":
+        return raw
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"eval.num_buckets={raw!r}: expected 'auto' or an integer") from None
+
+
+def evaluate_samples(job: JobConfig) -> dict[str, Any]:
+    from dsl.eval.entropy import sentence_entropy
+    from dsl.eval.genppl import genppl
+    from dsl.eval.mauve import ReferenceSet, evaluate_mauve, read_records
+    from dsl.service.mauve_pool import open_featurizer
+
+    ev = job.eval
+    if not ev.samples:
+        raise ConfigError("eval.samples='' : give eval.samples=<file.jsonl|file.txt> (as jobs/sample.py writes)")
+    if not ev.reference:
+        raise ConfigError("eval.reference='' : give eval.reference=<file.jsonl|file.txt|hf:dataset>")
+    if ev.reference == "source":
+        raise ConfigError("eval.reference=source draws texts from checkpoint=oracle:*, which evaluating a sample "
+                          "file does not load; give eval.reference=<file.jsonl|file.txt|hf:dataset>")
+    text_field = job.data.text_field
+    records = read_records(ev.samples, text_field)
+    texts = [r.get("text") for r in records]
+    if any(not isinstance(t, str) for t in texts):
+        raise UserError(f"{ev.samples}: every sample needs a {text_field!r} text for MAUVE")
+    ids = [r["ids"] for r in records] if all("ids" in r for r in records) else None
+    # cheap checks first, so a bad judge or reference fails before any featurization
+    judge, judge_items = load_judge(job, ids)
+    references = ReferenceSet.from_spec(ev.reference, ev.references or len(texts), ev.reference_seed,
+                                        cache=ev.feature_cache, text_field=text_field, split=ev.reference_split,
+                                        words_per_text=ev.words_per_reference)
+    buckets = _num_buckets(ev.num_buckets)
+    featurizer, close = open_featurizer(ev.featurizer, ev.workers, ev.max_length, gpus_per_worker=ev.gpus_per_worker,
+                                        batch_size=ev.featurize_batch, device=job.service.device,
+                                        ray_address=job.service.ray_address)
+    try:
+        scored = evaluate_mauve(texts, references, featurizer, seeds=ev.mauve_seeds, num_buckets=buckets,
+                                match_length=ev.match_length, n_tokens=ev.length_budget, progress=job.progress)
+    finally:
+        close()
+    ppl = None
+    if judge is not None:
+        ppl = genppl(judge, judge_items if judge_items is not None else texts, ev.genppl_batch, job.progress)
+    summary = {
+        "mauve_mean": scored["mean"], "mauve_std": scored["std"],
+        "genppl": None if ppl is None else ppl["genppl"],
+        "sentence_entropy": None if ids is None else sentence_entropy(ids),
+        "n_samples": len(texts), "n_reference": len(references), "featurizer": scored["featurizer"],
+        "mauve_values": scored["values"], "num_buckets": scored["num_buckets"], "mauve_seeds": list(ev.mauve_seeds),
+        "length_budget": scored["length_budget"], "max_length": scored["max_length"],
+        "genppl_tokens": None if ppl is None else ppl["n_tokens"],
+        "genppl_impossible": None if ppl is None else ppl["impossible"], "judge": ev.judge,
+        "reference": ev.reference, "reference_seed": ev.reference_seed, "workers": ev.workers,
+        "reference_features_computed": references.computed,
+    }
+    if job.out:
+        write_json_atomic(os.path.join(job.out, "samples.json"), summary)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Calibration (Fig 4) and likelihood (Table 3).
+
+
+def evaluate_calibration(job: JobConfig) -> dict[str, Any]:
+    from dsl.eval.calibration import calibration_by_snr, model_posterior, plot_calibration
+
+    ev = job.eval
+    if not ev.snr or any(s <= 0 for s in ev.snr):
+        raise ConfigError(f"eval.snr={','.join(map(str, ev.snr))}: give positive SNRs, e.g. eval.snr=70,80,90,95,100")
+    loaded = [(label, uri, _load_dsl_run(uri)) for label, uri in labelled_checkpoints(job.checkpoint)]
+    results, summary = {}, {}
+    for label, uri, (run_cfg, model, tokenizer) in loaded:
+        batches = _heldout_batches(run_cfg, tokenizer, job)
+        posterior, embed = model_posterior(model)
+        # the same noise for every checkpoint: a paired comparison
+        by_snr = calibration_by_snr(posterior, embed, batches, ev.snr, torch.Generator().manual_seed(job.seed),
+                                    ev.calibration_bins, job.progress)
+        results[label] = by_snr
+        summary[label] = {"checkpoint": uri, "roar": run_cfg.channel.roar,
+                          "ece": {f"{s:g}": r.ece for s, r in by_snr.items()},
+                          "accuracy": {f"{s:g}": r.accuracy for s, r in by_snr.items()}}
+    out_dir = job.out or os.path.join("runs", "calibration")
+    os.makedirs(out_dir, exist_ok=True)
+    png, js = os.path.join(out_dir, "calibration.png"), os.path.join(out_dir, "calibration.json")
+    tmp_png = os.path.join(out_dir, f".tmp-{os.getpid()}-calibration.png")
+    plot_calibration(results, tmp_png, ev.reliability_snr)
+    os.replace(tmp_png, png)
+    write_json_atomic(js, {label: {s: r.to_dict() for s, r in by_snr.items()} for label, by_snr in results.items()})
+    return {"mode": "calibration", "snr": list(ev.snr), "bins": ev.calibration_bins, "checkpoints": summary,
+            "plot": png, "details": js}
+
+
+def evaluate_likelihood(job: JobConfig) -> dict[str, Any]:
+    from dsl.eval.likelihood import factorised_log_prob, path_integral_likelihood, text8_chunks
+
+    ev = job.eval
+    rows = {}
+    for label, uri in labelled_checkpoints(job.checkpoint):
+        run_cfg, model, tokenizer = _load_dsl_run(uri)
+        if ev.heldout:
+            if not os.path.isfile(ev.heldout):
+                raise UserError(f"eval.heldout={ev.heldout}: file not found (expected a plain text file)")
+            if tokenizer is None:
+                raise UserError(f"checkpoint={uri}: no tokenizer saved with the run; cannot encode heldout text")
+            with open(ev.heldout, encoding="utf-8") as fh:
+                ids = text8_chunks(fh.read(), tokenizer.encode, ev.chunk)[: ev.batches * ev.batch_size]
+            n_chars = ids.numel()
+        else:
+            parts = [b["ids"] for b in _heldout_batches(run_cfg, tokenizer, job)]
+            ids = torch.cat(parts)
+            n_chars = sum(len(tokenizer.decode(r)) for r in ids.tolist()) if tokenizer is not None else ids.numel()
+        stopped = ev.t_end > 0
+        res = path_integral_likelihood(model.posterior_mean, model.embed, ids, ev.n_mc,
+                                       torch.Generator().manual_seed(job.seed), ev.batch_size, n_chars, job.progress,
+                                       t_end=ev.t_end if stopped else None,
+                                       end_log_prob=factorised_log_prob(model) if stopped else None)
+        rows[label] = {"checkpoint": uri, **res}
+    summary = {"mode": "likelihood", "n_mc": ev.n_mc, "t_end": ev.t_end or None,
+               "estimator": "eq. 10 (factorised end term: upper bound)" if ev.t_end > 0 else "eq. 3",
+               "checkpoints": rows}
+    if job.out:
+        write_json_atomic(os.path.join(job.out, "likelihood.json"), summary)
+    return summary
+
+
+__all__ = ["evaluate_samples", "evaluate_calibration", "evaluate_likelihood", "load_judge",
+           "labelled_checkpoints", "write_json_atomic"]
