@@ -137,13 +137,12 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def _init_weights(self, init: str) -> None:
-        if init == "scratch":
+        from dsl.model_spec import INIT_KINDS, parse_model_spec
+
+        spec = parse_model_spec(init, "init", INIT_KINDS)
+        if spec.kind == "scratch":
             return
-        ours = init.startswith("s3://")
-        if not ours:
-            p = Path(init)
-            ours = (p / MANIFEST).is_file() or (p.is_dir() and bool(list_checkpoints(p)))
-        if ours:
+        if spec.ours:
             storage = open_storage(init)
             uri = init if storage.exists(MANIFEST) else latest_complete(storage)
             if uri is None:

@@ -114,3 +114,37 @@ def test_type_names_show_empty_choices_and_booleans():
     assert type_name(Literal["", "recover"]) == "'' | recover"
     assert type_name(bool) == "true | false"
     assert type_name(tuple[int, ...]) == "int,..."
+
+
+def test_model_spec_kinds_and_refusals(tmp_path):
+    from dsl.errors import UserError
+    from dsl.model_spec import INIT_KINDS, OURS, parse_model_spec
+
+    run = tmp_path / "run"
+    (run / "step-4").mkdir(parents=True)
+    (run / "step-4" / "manifest.json").write_text("{}")
+    hf = tmp_path / "hfmodel"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    weights = tmp_path / "mdlm.ckpt"
+    weights.write_bytes(b"")
+    (tmp_path / "empty").mkdir()
+    kinds = {"oracle:hmm": "oracle", str(run): "run", str(run / "step-4"): "checkpoint", "s3://b/r": "uri",
+             "hf:kuleshov-group/mdlm-owt": "hf", str(hf): "hf_dir", str(weights): "weights", "scratch": "scratch",
+             "none": "none", "gpt2-large": "hub"}
+    every = ("none", "scratch", "source", "oracle", *OURS, "hf", "hf_dir", "weights", "hub")
+    for text, kind in kinds.items():
+        assert parse_model_spec(text, "k", every).kind == kind, text
+    assert parse_model_spec(str(run), "init", INIT_KINDS).ours
+    with pytest.raises(C.ConfigError, match="checkpoint='oracle:nope': oracles are oracle:hmm and oracle:cyclic"):
+        parse_model_spec("oracle:nope", "checkpoint", ("oracle",))
+    with pytest.raises(C.ConfigError, match="init=hf:a/b is hf:<owner>/<name>, which init does not take"):
+        parse_model_spec("hf:a/b", "init", ("scratch", *OURS))
+    with pytest.raises(UserError, match="checkpoint=/no/such: no such file or directory; accepted: oracle:hmm"):
+        parse_model_spec("/no/such", "checkpoint", ("oracle", *OURS))
+    with pytest.raises(UserError, match="no such file or directory"):   # looks like a hub id, not accepted
+        parse_model_spec("runs/missing", "checkpoint", ("oracle", *OURS))
+    with pytest.raises(UserError, match="a directory with no manifest.json"):
+        parse_model_spec(str(tmp_path / "empty"), "checkpoint", OURS)
+    with pytest.raises(C.ConfigError, match="checkpoint='' : give"):
+        parse_model_spec(" ", "checkpoint", OURS)

@@ -79,7 +79,7 @@ def test_samples_summary_is_the_last_json_line(files, capsys, tmp_path):
     (["eval.samples={root}/samples.jsonl", "reference={root}/refs.jsonl", "eval.mauve_seeds=x"], "eval.mauve_seeds"),
     (["eval.samples={root}/samples.jsonl", "reference=source"], "eval.reference=source"),
     (["eval.samples={root}/samples.jsonl", "reference={root}/refs.jsonl", "sampling.steps=4"], "not read by"),
-    (["calibration", "checkpoint={root}/nope"], "no such directory"),
+    (["calibration", "checkpoint={root}/nope"], "no such file or directory"),
     (["frobnicate"], "unknown mode"),
 ])
 def test_bad_input_is_one_error_line_and_exit_2(files, capsys, monkeypatch, tmp_path, args, message):

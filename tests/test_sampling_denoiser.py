@@ -82,8 +82,10 @@ def test_checkpoint_spec_loads_and_samples(tmp_path, objective, sampler):
 def test_bad_specs():
     with pytest.raises(ConfigError, match="oracle:hmm and oracle:cyclic"):
         load_denoiser("oracle:markov", SamplingConfig())
-    with pytest.raises(UserError, match="no such directory"):
+    with pytest.raises(UserError, match="checkpoint=/no/such/run: no such file or directory; accepted: oracle:hmm"):
         load_denoiser("/no/such/run", SamplingConfig())
+    with pytest.raises(ConfigError, match="which checkpoint does not take"):
+        load_denoiser("hf:kuleshov-group/mdlm-owt", SamplingConfig())
     den = load_denoiser("oracle:cyclic", SamplingConfig())
     assert isinstance(den, OracleDenoiser) and den.max_length == 7 and den.decode([0, 1, 7]) == "AB_"
 

@@ -346,7 +346,8 @@ class JobConfig:
     objective: Literal["dsl", "mdlm", "ar"] = choice("dsl", OBJECTIVE_HELP)
     init: str = text("scratch", INIT_HELP)
     checkpoint: str = text("", "what the job loads: oracle:hmm | oracle:cyclic | <run dir> (its latest "
-                               "complete checkpoint) | <checkpoint dir> | s3://... | hf:<repo> | <local HF dir>")
+                               "complete checkpoint) | <checkpoint dir> | s3://... (evaluate calibration/"
+                               "likelihood: label=spec,... compares several)")
     out: str = text("", "where the job writes: sample → the .jsonl (a toy: the .png); evaluate, search → a "
                         "directory; finetune → local root of runs when service.storage is ''")
     progress: bool = flag(True, "tqdm progress bars on long work")

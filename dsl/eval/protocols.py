@@ -52,10 +52,9 @@ def labelled_checkpoints(spec: str) -> list[tuple[str, str]]:
 
 def _load_dsl_run(uri: str):
     from dsl.checkpoint import load_run
+    from dsl.model_spec import OURS, parse_model_spec
 
-    if "://" not in uri and not os.path.exists(uri):
-        raise UserError(f"checkpoint={uri}: no such directory; give a checkpoint directory or an s3:// URI")
-    run_cfg, model, tokenizer, _ = load_run(uri)
+    run_cfg, model, tokenizer, _ = load_run(parse_model_spec(uri, "checkpoint", OURS).target)
     if run_cfg.objective != "dsl":
         raise UserError(f"checkpoint={uri}: objective={run_cfg.objective}; calibration and the path-integral "
                         f"likelihood need a DSL checkpoint (objective=dsl)")
@@ -77,39 +76,39 @@ def _heldout_batches(run_cfg: Any, tokenizer: Any, job: JobConfig) -> list[dict]
 # Samples: MAUVE, GenPPL, sentence entropy.
 
 
+JUDGE_KINDS = ("none", "source", "oracle", "checkpoint", "run", "uri", "hf_dir", "hub")
+
+
 def load_judge(job: JobConfig, ids: list[list[int]] | None):
     """(judge, items it scores) for ``eval.judge``; (None, None) when the judge is none."""
     from dsl.eval.genppl import ARCheckpointOracle, CausalLMOracle, ExactSourceOracle
+    from dsl.model_spec import parse_model_spec
 
-    spec = job.eval.judge.strip()
+    spec = parse_model_spec(job.eval.judge, "eval.judge", JUDGE_KINDS)
     device = job.service.device
-    if spec in ("", "none"):
+    if spec.kind == "none":
         return None, None
-    if spec == "source":
+    if spec.kind == "source":
         raise ConfigError("eval.judge=source scores with the exact source of checkpoint=oracle:*, which "
                           "evaluating a sample file does not load; give eval.judge=oracle:hmm|oracle:cyclic")
-    if spec.startswith("oracle:"):
+    if spec.kind == "oracle":
         from dsl.sources import build_source
 
         if ids is None:
-            raise UserError(f"eval.judge={spec} scores token ids: the samples file needs an 'ids' field")
-        name = spec.split(":", 1)[1]
-        if name not in ("hmm", "cyclic"):
-            raise ConfigError(f"eval.judge={spec!r}: exact judges are oracle:hmm and oracle:cyclic")
-        return ExactSourceOracle(build_source(name, job.data, len(ids[0]))), ids
-    is_ours = "://" in spec or os.path.isfile(os.path.join(spec, "manifest.json")) or (
-        os.path.isdir(spec) and any(n.startswith("step-") for n in os.listdir(spec)))
-    if is_ours:
+            raise UserError(f"eval.judge={job.eval.judge} scores token ids: the samples file needs an 'ids' field")
+        return ExactSourceOracle(build_source(spec.target, job.data, len(ids[0]))), ids
+    if spec.ours:
         from dsl.checkpoint import load_run
 
         if ids is None:
-            raise UserError(f"eval.judge={spec} (an AR checkpoint) scores token ids: the samples need an 'ids' field")
-        run_cfg, model, _, _ = load_run(spec, device=device)
+            raise UserError(f"eval.judge={spec.target} (an AR checkpoint) scores token ids: the samples need an "
+                            f"'ids' field")
+        run_cfg, model, _, _ = load_run(spec.target, device=device)
         if run_cfg.objective != "ar":
-            raise UserError(f"eval.judge={spec}: objective={run_cfg.objective}; a GenPPL judge checkpoint must be "
-                            f"autoregressive (objective=ar)")
+            raise UserError(f"eval.judge={spec.target}: objective={run_cfg.objective}; a GenPPL judge checkpoint "
+                            f"must be autoregressive (objective=ar)")
         return ARCheckpointOracle(model, device=device), ids
-    return CausalLMOracle.load(spec, max_length=job.eval.judge_max_length, device=device), None
+    return CausalLMOracle.load(spec.target, max_length=job.eval.judge_max_length, device=device), None
 
 
 def _num_buckets(raw: str) -> int | str:
@@ -241,5 +240,5 @@ def evaluate_likelihood(job: JobConfig) -> dict[str, Any]:
     return summary
 
 
-__all__ = ["evaluate_samples", "evaluate_calibration", "evaluate_likelihood", "load_judge",
+__all__ = ["evaluate_samples", "evaluate_calibration", "evaluate_likelihood", "load_judge", "JUDGE_KINDS",
            "labelled_checkpoints", "write_json_atomic"]

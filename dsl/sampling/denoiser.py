@@ -13,7 +13,6 @@ Denoisers that can also be driven by a continuous z (the DSL model and the exact
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
@@ -204,33 +203,31 @@ def _decode_with(tokenizer: object, ids: torch.Tensor | list[int]) -> str:
 ORACLE_DEFAULT_LENGTH = 64
 
 
+CHECKPOINT_KINDS = ("oracle", "checkpoint", "run", "uri")
+
+
 def load_denoiser(spec: str, cfg: SamplingConfig, *, length: int | None = None,
                   data_cfg: DataConfig | None = None) -> Denoiser:
-    """``oracle:hmm`` / ``oracle:cyclic`` (exact, parameters from ``data_cfg``), a checkpoint directory
-    or a storage URI (``s3://...``) of an ``mdlm`` or ``dsl`` run."""
-    spec = (spec or "").strip()
-    if spec.startswith("oracle:"):
+    """``oracle:hmm`` / ``oracle:cyclic`` (exact, parameters from ``data_cfg``), a checkpoint directory,
+    a run directory (its latest complete checkpoint) or a storage URI (``s3://...``) of an ``mdlm`` or
+    ``dsl`` run (see :mod:`dsl.model_spec`)."""
+    from dsl.model_spec import parse_model_spec
+
+    model = parse_model_spec(spec, "checkpoint", CHECKPOINT_KINDS)
+    if model.kind == "oracle":
         from dsl.sources import build_source
 
-        name = spec.split(":", 1)[1]
-        if name not in ("hmm", "cyclic"):
-            raise ConfigError(f"checkpoint={spec!r}: oracles are oracle:hmm and oracle:cyclic")
         data_cfg = data_cfg or DataConfig()
-        if name == "cyclic" and not length:
+        if model.target == "cyclic" and not length:
             length = data_cfg.cyclic_k
-        return OracleDenoiser(build_source(name, data_cfg, length or ORACLE_DEFAULT_LENGTH))
-    if not spec:
-        raise ConfigError("checkpoint='' : give a checkpoint directory, an s3:// URI, oracle:hmm or oracle:cyclic")
-    if "://" not in spec and not os.path.exists(spec):
-        raise UserError(f"checkpoint={spec}: no such directory; give a checkpoint directory, an s3:// URI, "
-                        "oracle:hmm or oracle:cyclic")
+        return OracleDenoiser(build_source(model.target, data_cfg, length or ORACLE_DEFAULT_LENGTH))
     from dsl.checkpoint import load_run
 
-    run_cfg, model, tokenizer, _ = load_run(spec)
+    run_cfg, net, tokenizer, _ = load_run(model.target)
     if run_cfg.objective == "mdlm":
-        return MDLMDenoiser(model, tokenizer)
+        return MDLMDenoiser(net, tokenizer)
     if run_cfg.objective == "dsl":
-        return DSLDenoiser(model, cfg.gamma_vis, tokenizer)
+        return DSLDenoiser(net, cfg.gamma_vis, tokenizer)
     raise UserError(f"checkpoint={spec}: objective={run_cfg.objective} has no masked denoiser (need mdlm or dsl)")
 
 

@@ -80,23 +80,19 @@ def check_storage(root: str, endpoint: str) -> None:
 
 def check_init(init: str) -> None:
     """Resolve ``init`` before any worker starts, so a bad or offline source is one clear line."""
-    if init == "scratch":
-        return
-    if init.startswith("hf:"):
+    from dsl.model_spec import INIT_KINDS, parse_model_spec
+
+    spec = parse_model_spec(init, "init", INIT_KINDS)
+    if spec.kind == "hf":
         from dsl.models.mdlm_weights import download_hub
 
-        download_hub(init[3:])  # cached for the workers on this node; raises one line when offline
-        return
-    if init.startswith("s3://"):
+        download_hub(spec.target)  # cached for the workers on this node; raises one line when offline
+    elif spec.kind == "uri":
         from dsl.checkpoint import MANIFEST, latest_complete, open_storage
 
-        st = open_storage(init)
+        st = open_storage(spec.target)
         if not st.exists(MANIFEST) and latest_complete(st) is None:
             raise UserError(f"init={init}: no complete checkpoint there")
-        return
-    if not Path(init).expanduser().exists():
-        raise UserError(f"init={init}: no such file or directory; accepted: scratch | a checkpoint dir | "
-                        "s3://... | hf:kuleshov-group/mdlm-owt | an MDLM .ckpt/.safetensors")
 
 
 # ----------------------------------------------------------------------------------------------

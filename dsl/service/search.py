@@ -51,6 +51,10 @@ from dsl.service.search_trial import SEARCHABLE, TrialSetup, run_trial, rungs_fo
 METRIC = "score"
 
 
+# GenPPL judges a trial can use: the exact source of checkpoint=oracle:*, none, or a causal LM
+SEARCH_JUDGE_KINDS = ("source", "none", "hf_dir", "hub")
+
+
 def check_search(cfg: JobConfig, mode: str = "search") -> None:
     """The checks across sections a search needs (each section validates itself)."""
     sr, sp = cfg.search, cfg.sampling
@@ -72,9 +76,9 @@ def check_search(cfg: JobConfig, mode: str = "search") -> None:
     if cfg.eval.workers < 1:
         raise ConfigError("eval.workers=0: the search scores every trial on a pool of MAUVE actors; give "
                           "eval.workers >= 1")
-    if cfg.eval.judge not in ("source", "none") and cfg.eval.judge.startswith("oracle:"):
-        raise ConfigError(f"eval.judge={cfg.eval.judge}: the search judges with source (the exact likelihood "
-                          f"of checkpoint=oracle:*), none, or a causal LM")
+    from dsl.model_spec import parse_model_spec
+
+    parse_model_spec(cfg.eval.judge, "eval.judge", SEARCH_JUDGE_KINDS)
 
 
 def _fmt(values: tuple) -> str:
