@@ -8,6 +8,12 @@ integral (eq. 3, ``dsl.objectives.path_integral_nll``) using the source's exact 
 x̂(z) = E[x | z], and compares with the exact -log P(x). The last stdout line is JSON:
 ``{"exact_nll", "estimate_nll", "stderr", "z_score", "source", "n", ...}`` (nats per sequence, means
 over the n sequences; ``stderr`` is the standard error of ``estimate_nll``). ``help`` lists the keys.
+
+``smoothing=ε`` replaces the exact denoiser by its posterior mixed with ε of uniform
+(``dsl.sources.SmoothedPosterior``), which like a learned model is never exactly one-hot: the default
+contour is then eq. 4's, to t* = γ_max with the factorised end term (``t_end=inf allow_eq3=true`` shows
+eq. 3 diverging), and on the cyclic toy with circle embeddings ``exact_bound`` is that bound computed by
+quadrature (``CyclicSource.circle_bound``), which ``z_score`` is then measured against.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -24,9 +30,10 @@ from dsl import config as C
 from dsl.channel import spherical_embeddings
 from dsl.config import ConfigError, DataConfig
 from dsl.errors import UserError, one_line
+from dsl.eval.likelihood import resolve_t_end
 from dsl.objectives import nll_to_bits, path_integral_nll
 from dsl.seeding import sample_generator
-from dsl.sources import build_source
+from dsl.sources import SmoothedPosterior, build_source
 
 COMMANDS = ("path-integral",)
 
@@ -46,8 +53,13 @@ class VerifyConfig:
     log_t_loc: float | None = C.num(None, help="proposal location of log t; none = per source "
                                                   "(hmm 1.5, cyclic 0)")
     log_t_scale: float = C.num(1.0, 1.0, help="proposal scale of log t (>= 1 keeps weights bounded)")
-    t_end: float | None = C.num(None, 0.0, lo_open=True,
-                                help="none: eq. 3 (t -> inf); t*: eq. 10 with the exact end term -E log P(x|z_t*)")
+    t_end: str = C.text("auto", "auto: inf for the exact denoiser, gamma_max when smoothed | gamma_max | t* | "
+                                "inf (eq. 3); a finite t* is eq. 10 with the end term -E log P(x|z_t*) (exact, "
+                                "or factorised when smoothed: eq. 4's bound)")
+    smoothing: float = C.num(0.0, 0.0, 1.0, hi_open=True,
+                             help="mix the exact posterior with this much uniform: a learned-model stand-in")
+    gamma_max: float = C.num(50.0, 0.0, lo_open=True, help="t_end=gamma_max: the channel's γ_max (App C.1: 50)")
+    allow_eq3: bool = field(default=False, metadata={"help": "allow t_end=inf with smoothing > 0 (diverges)"})
     hmm_states: int = C.num(DataConfig.hmm_states, 2, help="hidden states of the HMM language")
     hmm_words: int = C.num(DataConfig.hmm_words, 4, help="word vocabulary of the HMM language")
     hmm_seed: int = C.num(DataConfig.hmm_seed, 0, help="seed that fixes the HMM's parameters")
@@ -80,29 +92,50 @@ def path_integral(cfg: VerifyConfig, progress: bool = True) -> dict:
     ids = source.sample(cfg.n, sample_generator(cfg.seed, "verify", "sequences"))  # (n, L)
     exact = -source.log_prob(ids)  # (n,)
     loc = _DEFAULT_LOC[cfg.source] if cfg.log_t_loc is None else cfg.log_t_loc
-    contour = "eq. 3, t in (0, inf)" if cfg.t_end is None else f"eq. 10, t in (0, {cfg.t_end:g}] + end term"
+    smoothed = cfg.smoothing > 0
+    t_end = resolve_t_end(("gamma_max" if smoothed else "inf") if cfg.t_end == "auto" else cfg.t_end,
+                          cfg.gamma_max, exact_denoiser=not smoothed, allow_eq3=cfg.allow_eq3)
+    model = SmoothedPosterior(source, emb, cfg.smoothing)
+
+    def end_log_prob(z: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # eq. 10's log P(x | z_t*)
+        if smoothed:  # eq. 4: the model's factorised Σ_i log p_θ(x_i | z), an upper bound
+            return model.factorised_log_prob(ids[rows], z)
+        return source.log_posterior(ids[rows], z, emb)
+
+    if t_end is None:
+        contour = "eq. 3, t in (0, inf)"
+    else:
+        contour = f"eq. {4 if smoothed else 10}, t in (0, {t_end:g}] + {'factorised ' if smoothed else ''}end term"
     print(f"path integral ({contour}): source={cfg.source} n={cfg.n} length={length} d={emb.shape[1]} "
-          f"n_mc={cfg.n_mc} proposal log t ~ Logistic({loc:g}, {cfg.log_t_scale:g})", flush=True)
+          f"n_mc={cfg.n_mc} smoothing={cfg.smoothing:g} proposal log t ~ Logistic({loc:g}, {cfg.log_t_scale:g})",
+          flush=True)
     start, cpu_start = time.perf_counter(), time.process_time()
-    end_log_prob = None if cfg.t_end is None else (lambda z, rows: source.log_posterior(ids[rows], z, emb))
-    estimate, stderr = path_integral_nll(lambda z: source.posterior_mean(z, emb), emb[ids], cfg.n_mc,
+    estimate, stderr = path_integral_nll(model.posterior_mean, emb[ids], cfg.n_mc,
                                          sample_generator(cfg.seed, "verify", "monte-carlo"),
-                                         log_t_loc=loc, log_t_scale=cfg.log_t_scale, t_end=cfg.t_end,
-                                         end_log_prob=end_log_prob, progress=progress)
+                                         log_t_loc=loc, log_t_scale=cfg.log_t_scale, t_end=t_end,
+                                         end_log_prob=None if t_end is None else end_log_prob,
+                                         progress=progress)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     exact_mean = float(exact.mean())
+    bound = exact_mean if not smoothed else None  # what the estimator estimates (None: unknown or infinite)
+    if smoothed and use_circle and t_end is not None:
+        bound = source.circle_bound(t_end, cfg.smoothing)
     estimate_mean = float(estimate.mean())
     stderr_mean = float(stderr.pow(2).sum().sqrt()) / cfg.n  # sequences are independent
+    target = exact_mean if bound is None else bound
     return {
         "exact_nll": exact_mean,
+        "exact_bound": bound,
         "estimate_nll": estimate_mean,
         "stderr": stderr_mean,
-        "z_score": (estimate_mean - exact_mean) / stderr_mean if stderr_mean > 0 else 0.0,
+        "z_score": (estimate_mean - target) / stderr_mean if stderr_mean > 0 else 0.0,
+        "max_sequence_nll": float(estimate.max()),
         "source": cfg.source,
         "n": cfg.n,
         "length": length,
         "n_mc": cfg.n_mc,
-        "t_end": cfg.t_end,
+        "t_end": t_end,
+        "smoothing": cfg.smoothing,
         "exact_bits_per_token": float(nll_to_bits(exact_mean, length)),
         "estimate_bits_per_token": float(nll_to_bits(estimate_mean, length)),
         "seconds": round(seconds, 3),
@@ -126,8 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, UserError) as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
-    print(f"exact {result['exact_nll']:.4f} nats, estimate {result['estimate_nll']:.4f} ± "
-          f"{result['stderr']:.4f} (z = {result['z_score']:+.2f}) in {result['seconds']:.1f} s")
+    bound = "" if result["exact_bound"] in (None, result["exact_nll"]) else f", its bound {result['exact_bound']:.4f}"
+    print(f"exact {result['exact_nll']:.4f} nats{bound}, estimate {result['estimate_nll']:.4f} ± "
+          f"{result['stderr']:.4f} (z = {result['z_score']:+.2f}; largest sequence {result['max_sequence_nll']:.2f}) "
+          f"in {result['seconds']:.1f} s")
     print(json.dumps(result))
     return 0
 

@@ -4,13 +4,16 @@
         [eval.judge=none|oracle:hmm|gpt2-large|<HF dir>|<AR checkpoint>] [eval.references=N] \\
         [eval.mauve_seeds=25,26,27] [eval.workers=N [service.ray_address=...]] [eval.feature_cache=<dir|s3://>] [out=<dir>]
     python jobs/evaluate.py calibration checkpoint=atomic=<ckpt>,smoothed=<ckpt> [eval.snr=70,80,90,95,100] [out=<dir>]
-    python jobs/evaluate.py likelihood checkpoint=<ckpt> [eval.heldout=<text file>] [eval.chunk=256] [eval.n_mc=32]
+    python jobs/evaluate.py likelihood checkpoint=<ckpt> [eval.heldout=<text file>] [eval.max_sequences=N] \\
+        [eval.n_mc=32] [eval.t_end=gamma_max|<t*>|inf [eval.allow_eq3=true]]
 
 The last stdout line is a JSON summary: for samples ``mauve_mean, mauve_std, genppl, sentence_entropy,
 n_samples, n_reference, featurizer`` (+ the details: per-seed values, K, the token budget both sets were
 cut to, ...). Calibration writes ``calibration.png`` (ECE vs SNR + reliability diagram) and
-``calibration.json`` under ``out`` (default runs/calibration); likelihood reports NLL/bits per character
-with standard errors. Reference features are cached only once complete.
+``calibration.json`` under ``out`` (default runs/calibration); likelihood reports eq. 4's upper bound on
+the NLL (the integral to t* = γ_max of the run's channel plus the factorised end term) and bits per text
+character, with standard errors, over the whole held-out split. Reference features are cached only once
+complete.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ RENAMED = {
     **{k: renamed(f"eval.{k}") for k in (
         "reference_split", "reference_seed", "words_per_reference", "max_length", "featurize_batch", "num_buckets",
         "match_length", "length_budget", "workers", "gpus_per_worker", "genppl_batch", "snr", "calibration_bins",
-        "reliability_snr", "batches", "batch_size", "n_mc", "chunk", "heldout", "t_end")},
+        "reliability_snr", "batches", "batch_size", "n_mc", "heldout", "t_end")},
 }
 
 JOB = Job(
@@ -40,8 +43,8 @@ JOB = Job(
                            tracked=True, tags=lambda c: {"dsl.samples": c.eval.samples} if c.eval.samples else {}),
            "calibration": Mode(evaluate_calibration, "token ECE vs SNR and a reliability diagram of DSL "
                                                      "checkpoint(s) (Fig 4)", tracked=True),
-           "likelihood": Mode(evaluate_likelihood, "path-integral NLL / bits per character of DSL checkpoint(s) "
-                                                   "(Table 3)", tracked=True)},
+           "likelihood": Mode(evaluate_likelihood, "path-integral NLL bound / bits per character of DSL "
+                                                   "checkpoint(s) (Table 3)", tracked=True)},
     uses=("name", "experiment", "seed", "checkpoint", "out", "progress", "eval", "data.text_field",
           "data.hmm_states", "data.hmm_words", "data.hmm_seed", "data.cyclic_k", "service.ray_address",
           "service.device", "service.mlflow", "service.tracking_uri"),

@@ -120,16 +120,66 @@ def test_calibration_compares_two_checkpoints_in_one_command(capsys, tmp_path):
     assert not [p for p in os.listdir(tmp_path / "fig") if p.startswith(".tmp")]
 
 
-@pytest.mark.parametrize("t_end", ["0", "5"])
-def test_likelihood_reports_bits_with_stderr(capsys, tmp_path, t_end):
-    ckpt = _toy_checkpoint(tmp_path, "smoothed")
-    rc, out, err = _run(capsys, "likelihood", f"checkpoint={ckpt}", "eval.batches=1", "eval.batch_size=2",
-                        "eval.n_mc=4", f"eval.t_end={t_end}", "progress=false")
+@pytest.mark.parametrize("t_end, expected", [("gamma_max", 50.0), ("5", 5.0)])
+def test_likelihood_of_a_learned_model_is_eq4s_bound_to_gamma_max_by_default(capsys, tmp_path, t_end, expected):
+    ckpt = _toy_checkpoint(tmp_path, "smoothed")  # channel.gamma_max = 50 (App C.1)
+    args = ["likelihood", f"checkpoint={ckpt}", "eval.max_sequences=2", "eval.batch_size=2", "eval.n_mc=4",
+            "progress=false"]
+    rc, out, err = _run(capsys, *args, *([f"eval.t_end={t_end}"] if t_end != "gamma_max" else []))
     assert rc == 0, err
-    row = json.loads(out.strip().splitlines()[-1])["checkpoints"]["step-0"]
+    summary = json.loads(out.strip().splitlines()[-1])
+    row = summary["checkpoints"]["step-0"]
+    assert row["t_end"] == expected and "upper bound" in row["estimator"]
     assert row["n_tokens"] == 2 * LENGTH and row["stderr_per_token"] > 0
     assert math.isfinite(row["bits_per_char"]) and row["bits_per_token"] == pytest.approx(
         row["nll_per_token"] / math.log(2))
+    # eq. 3 (to γ = ∞) of a learned model: one line, unless asked for explicitly
+    rc, out, err = _run(capsys, *args, "eval.t_end=inf")
+    assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1 and "allow_eq3" in err
+    rc, out, err = _run(capsys, *args, "eval.t_end=inf", "eval.allow_eq3=true")
+    assert rc == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["checkpoints"]["step-0"]["t_end"] is None
+
+
+def _char_checkpoint(root: Path, corpus: Path) -> str:
+    from dsl.checkpoint import save_checkpoint
+    from dsl.data import build_data
+    from dsl.models import build_model
+
+    cfg = load(RunConfig, ["model=toy", "model.length=8", "data.tokenizer=char", f"data.source={corpus}",
+                           "data.valid_fraction=0.5", "train.batch_size=2"])
+    data = build_data(cfg)
+    model = build_model(cfg, data.vocab_size)
+    return save_checkpoint(str(root / "char"), 0, config=to_dict(cfg), model_state=model.state_dict(),
+                           tokenizer=data.tokenizer)
+
+
+def test_bits_per_character_count_text_characters_of_the_wrapped_blocks(capsys, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(["the cat sat on the mat", "a dog ran far away", "hello world again",
+                                    "one more document here", "and another one there"]))
+    ckpt = _char_checkpoint(tmp_path, corpus)
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text("hello world\n\nabc")
+    rc, out, err = _run(capsys, "likelihood", f"checkpoint={ckpt}", f"eval.heldout={heldout}", "eval.n_mc=4", "progress=false")
+    assert rc == 0, err
+    row = json.loads(out.strip().splitlines()[-1])["checkpoints"]["step-0"]
+    # L = 8: "hello world" [EOS] "abc" [EOS] wraps into [BOS] "hello " [EOS] and [BOS] "world" [EOS] [EOS];
+    # the 4 tokens left ("abc" [EOS]) do not fill a block: 2 blocks, 16 tokens, 11 characters of text
+    assert (row["n_sequences"], row["n_tokens"], row["n_chars"]) == (2, 16, 11)
+    total = row["nll_per_token"] * 16
+    assert row["bits_per_char"] == pytest.approx(total / (11 * math.log(2)))
+    # the run's own validation split, whole by default: characters = its non-special ids
+    from dsl.checkpoint import load_run
+    from dsl.data import heldout_blocks
+
+    run_cfg, _, tok, _ = load_run(ckpt)
+    ids, _ = heldout_blocks(run_cfg, tok)
+    rc, out, err = _run(capsys, "likelihood", f"checkpoint={ckpt}", "eval.n_mc=4", "progress=false")
+    assert rc == 0, err
+    row = json.loads(out.strip().splitlines()[-1])["checkpoints"]["step-0"]
+    text_chars = int((ids >= 8).sum())  # a-z and space are ids 8..34
+    assert row["n_sequences"] == ids.shape[0] and row["n_chars"] == text_chars < ids.numel()
 
 
 @pytest.mark.parametrize("old, new, value, read", [

@@ -197,13 +197,17 @@ class EvalConfig:
                                     "calibration SNR grid (Fig 4a: the near-clean end 70..100)")
     calibration_bins: int = num(15, 2, help="equal-width confidence bins of the token ECE (paper: unstated)")
     reliability_snr: float = num(100.0, 0.0, lo_open=True, help="SNR of the reliability diagram (Fig 4b: 100)")
-    batches: int = num(4, 1, help="held-out batches for calibration / likelihood")
+    batches: int = num(4, 1, help="held-out batches for calibration")
     batch_size: int = num(8, 1, help="held-out sequences per batch")
     n_mc: int = num(32, 2, help="likelihood: Monte Carlo draws of the path integral per sequence")
-    chunk: int = num(256, 1, help="likelihood: characters per text8-style chunk (App C.3: 256)")
-    heldout: str = text("", "likelihood: held-out text file ('' = the run's own validation split)")
-    t_end: float = num(0.0, 0.0, help="likelihood: 0 = eq. 3 (integral to ∞); t* > 0 = eq. 10/4, integral to "
-                                      "t* + the model's factorised -log p(x | z_t*) (an upper bound)")
+    max_sequences: int = num(0, 0, help="likelihood: held-out blocks scored; 0 = the whole held-out split "
+                                        "(synthetic sources, which never end: batches × batch_size)")
+    heldout: str = text("", "likelihood: held-out text file, laid out as the run's training blocks (text8 runs: "
+                            "L-character documents, wrapped); '' = the run's own validation split")
+    t_end: str = text("gamma_max", "likelihood: t* of eq. 4/10, the integral to t* + the model's factorised "
+                                   "-log p(x | z_t*), an upper bound: gamma_max (of the run's channel) | a number "
+                                   "| inf = eq. 3 (to γ=∞: diverges for a learned model, needs allow_eq3)")
+    allow_eq3: bool = flag(False, "likelihood: allow t_end=inf for a learned model (its estimate has no finite mean)")
 
 
 MAX_BUDGET = 1 << 20

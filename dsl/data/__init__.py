@@ -362,6 +362,40 @@ def build_data(run_cfg: RunConfig, tokenizer: Any = None) -> Data:
     return Data(tok, store, length, batch_size, source)
 
 
-__all__ = ["Data", "build_data", "global_rows", "load_tokenizer", "CharTokenizer", "BPETokenizer",
+def heldout_blocks(run_cfg: RunConfig, tokenizer: Any, path: str = "", limit: int = 0
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, mask)`` (N, L) of every held-out block, laid out exactly as the run's training blocks (MDLM
+    wrapping, or one padded document per row), in corpus order: the run's own validation split, or the
+    documents of the file ``path`` read the way the run's corpus is read (text8 runs cut it into
+    L-character documents first, as MDLM does). ``limit`` > 0 keeps the first ``limit`` blocks; synthetic
+    sources have no end, so they need it."""
+    data_cfg = run_cfg.data
+    length = data_cfg.length or run_cfg.model.length
+    if data_cfg.source in SYNTHETIC and not path:
+        if limit < 1:
+            raise ConfigError(f"data.source={data_cfg.source} is an endless synthetic stream: give how many "
+                              "held-out sequences to score")
+        tokenizer = tokenizer or SourceTokenizer.for_source(data_cfg.source, data_cfg, length)
+        store = _SyntheticBlocks(tokenizer.source, run_cfg.seed, length)
+        pairs = [store.get("valid", g) for g in range(limit)]
+    else:
+        from dsl.data.corpora import FileCorpus
+
+        if tokenizer.bos_id is None:
+            raise UserError(f"heldout={path}: the run's tokenizer ({tokenizer.kind}) has no BOS/EOS to lay out text")
+        corpus = FileCorpus(path, data_cfg, length) if path else open_corpus(data_cfg.source, data_cfg, length)
+        stream = _TextStream(corpus, tokenizer, "valid", length, data_cfg.wrap)
+        pairs = []
+        for ids, mask, _ in stream.blocks(WrapState()):
+            pairs.append((torch.tensor(ids), torch.tensor(mask)))
+            if len(pairs) == limit:
+                break
+        if not pairs:
+            raise UserError(f"{f'heldout={path}' if path else f'data.source={data_cfg.source}'}: no held-out "
+                            f"block of {length} tokens (too little text)")
+    return torch.stack([p[0] for p in pairs]).long(), torch.stack([p[1] for p in pairs]).long()
+
+
+__all__ = ["Data", "build_data", "heldout_blocks", "global_rows", "load_tokenizer", "CharTokenizer", "BPETokenizer",
            "GPT2Tokenizer", "SourceTokenizer", "LocalCorpus", "HFCorpus", "WrapState", "wrap_documents",
            "pad_document"]

@@ -164,10 +164,32 @@ class HFCorpus:
         rows = self._load("afmck/text8", self.config or None, "train")
         text = "".join(r[self.cfg.text_field] for r in rows)
         lo, hi = (95_000_000, len(text)) if valid else (0, 90_000_000)
-        text = text[lo:hi]
-        n = len(text) // self.length
-        for k in range(start, n):
-            yield text[k * self.length:(k + 1) * self.length]
+        yield from text8_documents(text[lo:hi], self.length, start)
+
+
+def text8_documents(text: str, length: int, start: int = 0) -> Iterator[str]:
+    """MDLM's text8 documents: consecutive ``length``-character chunks, the last partial one dropped."""
+    for k in range(start, len(text) // length):
+        yield text[k * length:(k + 1) * length]
+
+
+class FileCorpus:
+    """One held-out file read as the run's corpus reads its documents (text8 runs: L-character chunks);
+    every split is the whole file."""
+
+    def __init__(self, path: str, data_cfg: Any, length: int) -> None:
+        self.path, self.cfg, self.length = Path(path), data_cfg, length
+        if not self.path.is_file() or self.path.suffix not in SUFFIXES:
+            raise UserError(f"heldout={path}: no such {'/'.join(SUFFIXES)} file")
+        self.text8 = data_cfg.source.startswith("hf:text8")
+
+    def documents(self, split: str, start: int = 0) -> Iterator[str]:
+        if self.text8:
+            yield from text8_documents(self.path.read_text(encoding="utf-8").strip(), self.length, start)
+            return
+        for i, text in enumerate(_file_documents(self.path, self.cfg)):
+            if i >= start:
+                yield text
 
 
 def open_corpus(spec: str, data_cfg: Any, length: int) -> LocalCorpus | HFCorpus:
@@ -176,4 +198,4 @@ def open_corpus(spec: str, data_cfg: Any, length: int) -> LocalCorpus | HFCorpus
     return LocalCorpus(spec, data_cfg)
 
 
-__all__ = ["LocalCorpus", "HFCorpus", "open_corpus", "is_valid_doc", "HF_NAMES"]
+__all__ = ["FileCorpus", "LocalCorpus", "HFCorpus", "open_corpus", "is_valid_doc", "text8_documents", "HF_NAMES"]

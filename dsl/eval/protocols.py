@@ -4,8 +4,9 @@
   and sentence entropy of a sample file;
 - :func:`evaluate_calibration` — Fig 4: token ECE against SNR for one or more DSL checkpoints, and the
   reliability diagram, on the same corruption noise for every checkpoint (a paired comparison);
-- :func:`evaluate_likelihood` — Table 3: the path-integral NLL (eq. 3, or eq. 10 with a stopped path)
-  in nats and bits per token/character, with standard errors.
+- :func:`evaluate_likelihood` — Table 3: eq. 4's upper bound on the NLL of the whole held-out split (the
+  path integral to t* = γ_max plus the factorised end term; eq. 3 to γ = ∞ only on request), in nats and
+  bits per token / per text character, with standard errors.
 
 Files are written under temporary names and renamed; bad input raises ConfigError/UserError (one line)
 before any featurization.
@@ -208,33 +209,25 @@ def evaluate_calibration(job: JobConfig) -> dict[str, Any]:
 
 
 def evaluate_likelihood(job: JobConfig) -> dict[str, Any]:
-    from dsl.eval.likelihood import factorised_log_prob, path_integral_likelihood, text8_chunks
+    from dsl.data import SYNTHETIC, heldout_blocks
+    from dsl.eval.likelihood import count_text_characters, factorised_log_prob, path_integral_likelihood
 
     ev = job.eval
     rows = {}
     for label, uri in labelled_checkpoints(job.checkpoint):
         run_cfg, model, tokenizer = _load_dsl_run(uri)
-        if ev.heldout:
-            if not os.path.isfile(ev.heldout):
-                raise UserError(f"eval.heldout={ev.heldout}: file not found (expected a plain text file)")
-            if tokenizer is None:
-                raise UserError(f"checkpoint={uri}: no tokenizer saved with the run; cannot encode heldout text")
-            with open(ev.heldout, encoding="utf-8") as fh:
-                ids = text8_chunks(fh.read(), tokenizer.encode, ev.chunk)[: ev.batches * ev.batch_size]
-            n_chars = ids.numel()
-        else:
-            parts = [b["ids"] for b in _heldout_batches(run_cfg, tokenizer, job)]
-            ids = torch.cat(parts)
-            n_chars = sum(len(tokenizer.decode(r)) for r in ids.tolist()) if tokenizer is not None else ids.numel()
-        stopped = ev.t_end > 0
+        if ev.heldout and tokenizer is None:
+            raise UserError(f"checkpoint={uri}: no tokenizer saved with the run; cannot lay out eval.heldout text")
+        endless = run_cfg.data.source in SYNTHETIC and not ev.heldout
+        limit = ev.max_sequences or (ev.batches * ev.batch_size if endless else 0)
+        ids, _ = heldout_blocks(run_cfg, tokenizer, ev.heldout, limit)
         res = path_integral_likelihood(model.posterior_mean, model.embed, ids, ev.n_mc,
-                                       torch.Generator().manual_seed(job.seed), ev.batch_size, n_chars, job.progress,
-                                       t_end=ev.t_end if stopped else None,
-                                       end_log_prob=factorised_log_prob(model) if stopped else None)
-        rows[label] = {"checkpoint": uri, **res}
-    summary = {"mode": "likelihood", "n_mc": ev.n_mc, "t_end": ev.t_end or None,
-               "estimator": "eq. 10 (factorised end term: upper bound)" if ev.t_end > 0 else "eq. 3",
-               "checkpoints": rows}
+                                       torch.Generator().manual_seed(job.seed), ev.batch_size,
+                                       count_text_characters(ids, tokenizer), job.progress, t_end=ev.t_end,
+                                       gamma_max=run_cfg.channel.gamma_max, end_log_prob=factorised_log_prob(model),
+                                       allow_eq3=ev.allow_eq3)
+        rows[label] = {"checkpoint": uri, "heldout": ev.heldout or "validation split", **res}
+    summary = {"mode": "likelihood", "n_mc": ev.n_mc, "checkpoints": rows}
     if job.out:
         write_json_atomic(os.path.join(job.out, "likelihood.json"), summary)
     return summary

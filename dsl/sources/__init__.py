@@ -113,6 +113,32 @@ class ExactSource:
         return ids
 
 
+class SmoothedPosterior:
+    """An exact source's per-token posterior mixed with ``smoothing`` of the uniform distribution over words:
+    p_θ(x_i | z) = (1 − ε) p(x_i | z) + ε/W. Like any learned softmax it is never exactly one-hot, so
+    x̂_θ(z) ≠ x even as γ → ∞ (the integrand of eq. 3 tends to a positive constant), while its exact
+    likelihood bound stays computable: the stand-in for a learned model in likelihood checks.
+    """
+
+    def __init__(self, source: ExactSource, emb: torch.Tensor, smoothing: float):
+        if not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"smoothing={smoothing} must lie in [0, 1)")
+        self.source, self.emb, self.smoothing = source, emb.to(torch.float64), float(smoothing)
+
+    def word_probs(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, L, W) float64: the smoothed per-token posterior over the words."""
+        exact = self.source.dsl_posterior(z, self.emb)[..., : self.source.n_words]
+        return (1 - self.smoothing) * exact + self.smoothing / self.source.n_words
+
+    def posterior_mean(self, z: torch.Tensor) -> torch.Tensor:
+        """x̂_θ(z) = Σ_w p_θ(w | z) x_w: (B, L, d) float64."""
+        return self.word_probs(z) @ self.emb[: self.source.n_words]
+
+    def factorised_log_prob(self, ids: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Σ_i log p_θ(x_i | z): (B,), the end term of eq. 4's bound for this model."""
+        return self.word_probs(z).log().gather(-1, ids.unsqueeze(-1)).squeeze(-1).sum(-1)
+
+
 def build_source(name: str, data_cfg: DataConfig, length: int) -> ExactSource:
     """The synthetic source ``name`` ("hmm" or "cyclic") with its parameters from ``data_cfg``."""
     if name == "hmm":
