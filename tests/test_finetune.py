@@ -106,6 +106,7 @@ def run_plain(args: list[str], env: dict | None = None) -> subprocess.CompletedP
                           timeout=180, env={**os.environ, **(env or {})})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, needle", [
     (["service.workers=0"], "service.workers=0 is out of range"),
     (["service.storage=gs://bucket/x"], "service.storage='gs://bucket/x'"),
@@ -122,6 +123,7 @@ def test_bad_input_is_one_line_and_exit_2(args, needle, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_hf_init_offline_is_one_clear_line(tmp_path):
     out = run_plain(["init=hf:kuleshov-group/mdlm-owt", f"out={tmp_path}", "service.mlflow=off"],
                     env={"HF_HUB_OFFLINE": "1"})
@@ -130,6 +132,7 @@ def test_hf_init_offline_is_one_clear_line(tmp_path):
     assert last.startswith("error: hf:kuleshov-group/mdlm-owt:") and "local directory" in last
 
 
+@pytest.mark.slow
 def test_unreachable_s3_storage_fails_after_retries_with_one_line(tmp_path):
     dead = f"http://127.0.0.1:{free_port()}"
     out = run_plain(["service.storage=s3://bucket/runs", f"service.storage_endpoint={dead}", f"out={tmp_path}",

@@ -26,6 +26,7 @@ def _run(tmp_path, *args):
     return proc.returncode, proc.stdout, proc.stderr
 
 
+@pytest.mark.slow
 def test_end_to_end_with_trajectory(tmp_path):
     out, traj, plot = tmp_path / "s.jsonl", tmp_path / "traj.npy", tmp_path / "diag.png"
     rc, stdout, stderr = _run(tmp_path, "checkpoint=oracle:cyclic", "sampler=remdm-loop", "sampling.steps=24",

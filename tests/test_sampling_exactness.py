@@ -106,6 +106,7 @@ def dense():
     return source, -source.log_prob(real)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["dense", "project-hmm"])
 def test_i_one_reveal_per_step_is_exact(which, dense):
     if which == "dense":
@@ -127,6 +128,7 @@ def _nll_of(source, sampler: str, steps: int, seed: int = 0, **kw) -> torch.Tens
     return -source.log_prob(batch.ids)
 
 
+@pytest.mark.slow
 def test_ii_mdlm_approaches_the_data_as_steps_grow(dense):
     source, real_nll = dense
     means = [_mean_se(_nll_of(source, "mdlm", steps))[0] for steps in (L // 8, L // 2, 2 * L, 8 * L)]
@@ -135,6 +137,7 @@ def test_ii_mdlm_approaches_the_data_as_steps_grow(dense):
     assert abs(means[-1] - real) / real < 0.02, (means, real)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("length", [L, 4 * L])
 def test_iii_gap_closed_by_remasking_at_L_over_8(length, dense, capsys):
     """A measurement, not a threshold: the fraction of MDLM's gap to the data that cap/loop close.

@@ -95,6 +95,7 @@ def _mean_rewrites(eta_cap_table: str, steps: int) -> float:
     return float(generate(OracleDenoiser(CyclicSource(3, 1024)), cfg, 4, 1024, seed=0).mean_rewrites.mean())
 
 
+@pytest.mark.slow
 def test_table5_rewrites_come_from_eq24_not_from_table5s_own_eta_column():
     tables = _paper_tables()
     rows = tables.table5_comparison({t: _mean_rewrites("eq24", t) for t in tables.STEPS},

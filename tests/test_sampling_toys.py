@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from dsl.sampling.toys import FIG3_DRAFT, FIG3_TRUTH, parse_draft, recover_cyclic, sde_localization
@@ -41,13 +42,14 @@ def test_sde_localization_paths_end_on_the_circle():
     assert torch.allclose(res.mean_path[-1].norm(dim=-1), torch.ones(2, 5, dtype=torch.float64), atol=1e-3)
 
 
+@pytest.mark.slow
 def test_toy_plots_are_written(tmp_path):
     for toy in ("recover", "sde-2d"):
         out = tmp_path / f"{toy}.png"
-        proc = subprocess.run([sys.executable, str(REPO / "jobs/sample.py"), f"toy={toy}", f"out={out}", "n=4",
-                               "steps=10" if toy == "recover" else "steps=48"],
+        proc = subprocess.run([sys.executable, str(REPO / "jobs/sample.py"), toy, f"out={out}", "sampling.num_samples=4",
+                               "sampling.steps=10" if toy == "recover" else "sampling.steps=48"],
                               capture_output=True, text=True, timeout=120, cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr
+        assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr
         summary = json.loads(proc.stdout.strip().splitlines()[-1])
         assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         if toy == "recover":

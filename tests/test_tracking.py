@@ -51,6 +51,7 @@ def test_flat_params_of_the_config_tree():
     assert flat_params({"a": {"b": 1}, "c": "x" * 7000}) == {"a.b": "1", "c": "x" * 6000}
 
 
+@pytest.mark.slow
 def test_training_run_is_created_once_and_found_by_name(sqlite_uri):
     run_id, resumed = ensure_training_run("ft-abc", params={"train": {"lr": 1e-3}}, tags={"dsl.workers": "2"})
     assert not resumed
@@ -66,6 +67,7 @@ def test_training_run_is_created_once_and_found_by_name(sqlite_uri):
     assert run.data.tags["dsl.workers"] == "2" and run.data.tags["mlflow.source.git.commit"]
 
 
+@pytest.mark.slow
 def test_run_logger_metrics_and_checkpoint_tags(sqlite_uri):
     run_id, _ = ensure_training_run("ft-log", params={})
     log = RunLogger(run_id, system_metrics=True, sampling_interval_s=1.0)
@@ -83,6 +85,7 @@ def test_run_logger_metrics_and_checkpoint_tags(sqlite_uri):
     assert run.info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_job_run_links_to_the_training_run_of_its_checkpoint(sqlite_uri, tmp_path):
     train_id, _ = ensure_training_run("ft-link", params={})
     cfg = {"name": "ft-link"}
@@ -121,6 +124,7 @@ def test_against_mlflow_server_with_postgres_and_s3_artifacts(mlflow_server, s3_
     assert any(k.endswith(f"{run_id}/artifacts/curve.txt") for k in keys), keys
 
 
+@pytest.mark.slow
 def test_sample_job_logs_one_run_per_invocation_when_tracking_is_on(tmp_path, monkeypatch):
     import subprocess
     import sys

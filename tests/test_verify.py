@@ -16,6 +16,7 @@ def run(*args):
                           timeout=120)
 
 
+@pytest.mark.slow
 def test_command_reports_exact_and_estimated_nll_on_cyclic():
     proc = run("path-integral", "source=cyclic", "n=16", "seed=0", "n_mc=128")
     assert proc.returncode == 0, proc.stderr
@@ -27,6 +28,7 @@ def test_command_reports_exact_and_estimated_nll_on_cyclic():
     assert result["stderr"] < 0.1 * result["exact_nll"]
 
 
+@pytest.mark.slow
 def test_command_on_a_small_hmm():
     proc = run("path-integral", "source=hmm", "n=8", "seed=1", "length=6", "n_mc=128", "states=5",
                "words=12", "dim=16")
@@ -51,6 +53,7 @@ def test_bad_input_is_one_error_line_and_exit_2(args, words, capsys):
     assert out == ""
 
 
+@pytest.mark.slow
 def test_bad_input_exit_status_of_the_command():
     proc = run("path-integral", "n_mc=1")
     assert proc.returncode == 2 and proc.stderr.startswith("error: n_mc=1") and proc.stdout == ""
