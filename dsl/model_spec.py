@@ -10,7 +10,7 @@ spec                    kind          what it is
 ``none``                none          no model (a judge that is off)
 ``scratch``             scratch       random initialisation
 ``source``              source        the exact likelihood of the ``oracle:*`` being searched
-``oracle:hmm|cyclic``   oracle        an exactly solvable source used as a denoiser or judge
+``oracle:<source>``     oracle        an exactly solvable source (hmm, cyclic, topics) as denoiser or judge
 ``<dir>/manifest.json`` checkpoint    one ``step-<N>`` checkpoint of ours
 ``<dir>/step-<N>/``     run           a run of ours: its latest complete checkpoint
 ``s3://...``            uri           a checkpoint or run of ours in object storage
@@ -30,11 +30,12 @@ from pathlib import Path
 
 from dsl.config import ConfigError
 from dsl.errors import UserError
+from dsl.sources import SOURCE_NAMES
 
-ORACLES = ("hmm", "cyclic")
+ORACLES = SOURCE_NAMES
 WEIGHT_SUFFIXES = (".ckpt", ".safetensors", ".bin", ".pt")
 DESCRIBE = {
-    "none": "none", "scratch": "scratch", "source": "source", "oracle": "oracle:hmm | oracle:cyclic",
+    "none": "none", "scratch": "scratch", "source": "source", "oracle": " | ".join(f"oracle:{n}" for n in ORACLES),
     "checkpoint": "a checkpoint directory (step-<N>)", "run": "a run directory", "uri": "s3://...",
     "hf": "hf:<owner>/<name>", "hf_dir": "a local Hugging Face model directory",
     "weights": "an MDLM .ckpt/.safetensors file", "hub": "a hub model id (e.g. gpt2-large)",
@@ -97,7 +98,7 @@ def parse_model_spec(spec: str, key: str, accept: Sequence[str]) -> ModelSpec:
     if found is None:
         raise UserError(f"{key}={text}: no such file or directory; accepted: {accepted(accept)}")
     if found.kind == "oracle" and found.target not in ORACLES:
-        raise ConfigError(f"{key}={text!r}: oracles are oracle:hmm and oracle:cyclic")
+        raise ConfigError(f"{key}={text!r}: oracles are {', '.join('oracle:' + n for n in ORACLES)}")
     if found.kind == "dir":
         raise UserError(f"{key}={text}: a directory with no manifest.json, no step-<N>/ checkpoints and no "
                         f"config.json; accepted: {accepted(accept)}")

@@ -136,7 +136,7 @@ def test_model_spec_kinds_and_refusals(tmp_path):
     for text, kind in kinds.items():
         assert parse_model_spec(text, "k", every).kind == kind, text
     assert parse_model_spec(str(run), "init", INIT_KINDS).ours
-    with pytest.raises(C.ConfigError, match="checkpoint='oracle:nope': oracles are oracle:hmm and oracle:cyclic"):
+    with pytest.raises(C.ConfigError, match="checkpoint='oracle:nope': oracles are oracle:hmm, oracle:cyclic, oracle:topics"):
         parse_model_spec("oracle:nope", "checkpoint", ("oracle",))
     with pytest.raises(C.ConfigError, match="init=hf:a/b is hf:<owner>/<name>, which init does not take"):
         parse_model_spec("hf:a/b", "init", ("scratch", *OURS))

@@ -77,7 +77,7 @@ class MDLMLossConfig:
 class DataConfig:
     """Where sequences come from and how they are tokenised and wrapped (MDLM's data pipeline)."""
 
-    source: str = text("hmm", "hmm | cyclic | a local file/folder (.txt/.jsonl/.parquet) | "
+    source: str = text("hmm", "hmm | cyclic | topics | a local file/folder (.txt/.jsonl/.parquet) | "
                               "hf:<dataset>[:<config>] (openwebtext, text8, wikitext-103, lm1b)")
     tokenizer: str = text("auto", "auto | char | gpt2 | bpe | a tokenizer directory; auto = the "
                                   "source's own for synthetic sources, gpt2 if available else bpe")
@@ -97,6 +97,11 @@ class DataConfig:
     hmm_words: int = num(120, 4, help="word vocabulary of the synthetic HMM language")
     hmm_seed: int = num(0, 0, help="seed that fixes the HMM's parameters (not its samples)")
     cyclic_k: int = num(7, 2, help="K of the cyclic toy (App B)")
+    topics: int = num(8, 1, help="topics of the sticky-topic language (data.source=topics)")
+    topics_switch: float = num(0.02, 0.0, 1.0, help="P(the topic changes at a sentence start)")
+    topics_smoothing: float = num(0.002, 0.0, 1.0, lo_open=True, hi_open=True,
+                                  help="ε mixed with uniform transitions and emissions (full support)")
+    topics_seed: int = num(0, 0, help="seed that fixes the topic language's words and weights")
 
 
 @dataclass
@@ -189,7 +194,7 @@ class EvalConfig:
     workers: int = num(0, 0, help="MAUVE featurizer actors on Ray; 0 = featurize in this process")
     gpus_per_worker: float = num(0.0, 0.0, help="GPUs per MAUVE featurizer actor")
     judge: str = text("none", "GenPPL judge: none | source (the exact likelihood of checkpoint=oracle:*) | "
-                              "oracle:hmm | oracle:cyclic | gpt2-large | <local HF causal LM dir> | "
+                              "oracle:hmm | oracle:cyclic | oracle:topics | gpt2-large | <local HF causal LM dir> | "
                               "<AR checkpoint dir or s3:// URI>")
     judge_max_length: int = num(1024, 1, help="re-tokenisation max length of an HF judge (ReMDM: 1024)")
     genppl_batch: int = num(8, 1, help="samples per judge forward")
@@ -349,7 +354,7 @@ class JobConfig:
     seed: int = num(0, 0, help=SEED_HELP)
     objective: Literal["dsl", "mdlm", "ar"] = choice("dsl", OBJECTIVE_HELP)
     init: str = text("scratch", INIT_HELP)
-    checkpoint: str = text("", "what the job loads: oracle:hmm | oracle:cyclic | <run dir> (its latest "
+    checkpoint: str = text("", "what the job loads: oracle:hmm|cyclic|topics | <run dir> (its latest "
                                "complete checkpoint) | <checkpoint dir> | s3://... (evaluate calibration/"
                                "likelihood: label=spec,... compares several)")
     out: str = text("", "where the job writes: sample → the .jsonl (a toy: the .png); evaluate, search → a "

@@ -38,8 +38,9 @@ from dsl.data.tokenizers import (
 from dsl.data.wrapping import WrapState, pad_document, wrap_documents
 from dsl.errors import UserError
 from dsl.seeding import sample_generator
+from dsl.sources import SOURCE_NAMES
 
-SYNTHETIC = ("hmm", "cyclic")
+SYNTHETIC = SOURCE_NAMES
 TOKENIZERS = "auto, char, gpt2, bpe or a saved tokenizer directory"
 BPE_TRAIN_CHARS = 50_000_000  # a BPE is trained on at most this much training text (a prefix)
 STREAM_WINDOW_NO_SHUFFLE = 1024  # blocks read at a time by a stream that does not shuffle

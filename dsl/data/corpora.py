@@ -85,7 +85,7 @@ class LocalCorpus:
         root = Path(spec).expanduser()
         if not root.exists():
             raise UserError(f"data.source={spec}: no such file or directory (expected a .txt/.jsonl/.parquet "
-                            "file or a folder of them, hmm, cyclic or hf:<dataset>)")
+                            "file or a folder of them, hmm, cyclic, topics or hf:<dataset>)")
         if root.is_dir():
             self.files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
             if not self.files:

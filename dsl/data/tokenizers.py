@@ -9,7 +9,7 @@ save(dir), load(dir)``; :func:`load_tokenizer` reopens any of them from the dire
 
 ``special_ids`` are the ids that are not text (BOS, EOS, mask, pad, ...): bits per character count the
 characters of every other id.
-- :class:`SourceTokenizer`: the word vocabulary of a synthetic source (``hmm``/``cyclic``).
+- :class:`SourceTokenizer`: the word vocabulary of a synthetic source (``hmm``/``cyclic``/``topics``).
 
 ``encode`` never adds BOS/EOS: wrapping (:mod:`dsl.data.wrapping`) places them.
 """
@@ -198,6 +198,9 @@ class SourceTokenizer:
 
         params = {"hmm_states": data_cfg.hmm_states, "hmm_words": data_cfg.hmm_words,
                   "hmm_seed": data_cfg.hmm_seed, "cyclic_k": data_cfg.cyclic_k, "length": int(length)}
+        if name == "topics":  # only its own keys: tokenizers saved before the topics source load unchanged
+            params.update(topics=data_cfg.topics, topics_switch=data_cfg.topics_switch,
+                          topics_smoothing=data_cfg.topics_smoothing, topics_seed=data_cfg.topics_seed)
         return cls(build_source(name, data_cfg, length), name, params)
 
     def decode(self, ids: Iterable[int]) -> str:

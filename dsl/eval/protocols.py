@@ -91,7 +91,7 @@ def load_judge(job: JobConfig, ids: list[list[int]] | None):
         return None, None
     if spec.kind == "source":
         raise ConfigError("eval.judge=source scores with the exact source of checkpoint=oracle:*, which "
-                          "evaluating a sample file does not load; give eval.judge=oracle:hmm|oracle:cyclic")
+                          "evaluating a sample file does not load; give eval.judge=oracle:<hmm|cyclic|topics>")
     if spec.kind == "oracle":
         from dsl.sources import build_source
 

@@ -139,18 +139,25 @@ class SmoothedPosterior:
         return self.word_probs(z).log().gather(-1, ids.unsqueeze(-1)).squeeze(-1).sum(-1)
 
 
+SOURCE_NAMES = ("hmm", "cyclic", "topics")  # data.source=<name> and oracle:<name>
+
+
 def build_source(name: str, data_cfg: DataConfig, length: int) -> ExactSource:
-    """The synthetic source ``name`` ("hmm" or "cyclic") with its parameters from ``data_cfg``."""
+    """The synthetic source ``name`` (one of ``SOURCE_NAMES``) with its parameters from ``data_cfg``."""
     if name == "hmm":
         return HMMSource(data_cfg.hmm_states, data_cfg.hmm_words, data_cfg.hmm_seed, length)
+    if name == "topics":
+        return TopicSource(data_cfg.topics, data_cfg.topics_seed, length, switch=data_cfg.topics_switch,
+                           smoothing=data_cfg.topics_smoothing)
     if name == "cyclic":
         if data_cfg.cyclic_k > 26:
             raise ConfigError(f"data.cyclic_k={data_cfg.cyclic_k} is too large: the cyclic toy takes 2..26")
         return CyclicSource(data_cfg.cyclic_k, length=length)
-    raise ConfigError(f"data.source={name!r} is not a synthetic source: expected hmm or cyclic")
+    raise ConfigError(f"data.source={name!r} is not a synthetic source: expected {', '.join(SOURCE_NAMES)}")
 
 
 from dsl.sources.cyclic import CyclicSource  # noqa: E402  (the subclasses need ExactSource above)
 from dsl.sources.hmm import HMMSource  # noqa: E402
+from dsl.sources.topics import TopicSource  # noqa: E402
 
-__all__ = ["ExactSource", "CyclicSource", "HMMSource", "build_source"]
+__all__ = ["ExactSource", "CyclicSource", "HMMSource", "TopicSource", "SOURCE_NAMES", "build_source"]

@@ -38,14 +38,21 @@ class HMMSource(ExactSource):
             raise ValueError(f"hmm words={words} must be >= 2 ('.' and one word)")
         if length < 1:
             raise ValueError(f"hmm length={length} must be >= 1")
+        self.seed = seed
+        word_strings = ["."] + _pseudo_words(words - 1, random.Random(derive_seed(seed, "hmm-words")))
+        gen = torch.Generator().manual_seed(derive_seed(seed, "hmm-tables"))
+        self._install(*_tables(states, words, gen), word_strings, length)
+
+    def _install(self, init: torch.Tensor, trans: torch.Tensor, emit: torch.Tensor, word_strings: list[str],
+                 length: int) -> None:
+        """Set the tables (float64 probabilities: init (S,), trans (S, S) [from, to], emit (S, W)) and the
+        word spellings (word 0 is "."); every HMM-structured source shares the inference below."""
+        states, words = emit.shape
         self.n_states = states
         self.length = int(length)
         self.vocab_size = words + 1
         self.mask_id = words
-        self.seed = seed
-        self.word_strings = ["."] + _pseudo_words(words - 1, random.Random(derive_seed(seed, "hmm-words")))
-        gen = torch.Generator().manual_seed(derive_seed(seed, "hmm-tables"))
-        init, trans, emit = _tables(states, words, gen)
+        self.word_strings = list(word_strings)
         with torch.no_grad():
             self.log_init = init.log()  # (S,)
             self.log_trans = trans.log()  # (S, S): [from, to]
@@ -70,6 +77,13 @@ class HMMSource(ExactSource):
         ids = self._check_ids(ids, allow_mask=False, what="ids")
         log_phi = self.log_emit.T[ids]  # (n, L, S): log P(x_i | state)
         return self._forward(log_phi)[1]
+
+    def state_posterior(self, ids: torch.Tensor) -> torch.Tensor:
+        """Exact p(s_i = s | x) (B, L, S) float64 by forward-backward."""
+        ids = self._check_ids(ids, allow_mask=False, what="ids")
+        log_phi = self.log_emit.T[ids]  # (B, L, S)
+        log_pred, log_z = self._forward(log_phi)
+        return (log_pred + log_phi + self._backward(log_phi) - log_z[:, None, None]).exp()
 
     def decode(self, ids: torch.Tensor | list[int]) -> str:
         """Readable text: words separated by spaces, "." closes a sentence, ``_`` marks a mask."""

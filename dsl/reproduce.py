@@ -1,0 +1,450 @@
+"""The small-scale Table 1: pretrain an MDLM on an exact language, fine-tune it two ways, decode it five ways.
+
+The paper's Table 1 (Sec 6.2) compares samplers and fine-tunes of one MDLM checkpoint at step budgets
+T = L/8 … L. At CPU scale on real text every cell sits at MAUVE's floor, so this study runs on the
+sticky-topic language (:mod:`dsl.sources.topics`): full support, exact -log P of every sample, exact
+reference samples, and a structure (a topic shared by the whole sequence) that parallel decoding breaks.
+
+Pipeline (each phase is resumable: a finished phase is read back, a half-finished training resumes
+from its last checkpoint, a finished cell is never recomputed):
+
+1. ``pretrain``: MDLM from scratch on the language;
+2. from that ONE checkpoint, with equal budgets (steps, batch, LR): ``mdlm-ft`` continues the MDLM
+   objective, ``dsl-ft`` fine-tunes with the DSL objective (Sec 6.1; App C.1: no warm-up);
+3. cells: every row × T ∈ {L/8, L/4, L/2, L}; each draws ``n_samples`` sequences and scores them.
+
+Rows (``TABLE1_ROWS``, Sec 6.1 decoding protocols): MDLM (``mdlm``), ReMDM (``remdm-official``),
+DSL-FT + ReMDM (``remdm-official``), DSL-FT + ReMDM-loop η_cap(T) (``dsl-budget``), and DSL-FT with the
+plain ``mdlm`` sampler (separates the model from the sampler). Reference rows: "Data" (a second set of
+exact samples: the ceiling and the noise floor of every metric) and the exact oracle with the ``mdlm``
+sampler (the error of factorised parallel decoding itself, with a perfect denoiser).
+
+Metrics per cell, primary first:
+
+* exact NLL per token of the samples under the true source, mean ± standard error over samples
+  (GenPPL = exp of the pooled NLL per token), and its gap to the source's entropy rate (the Data row);
+  the count and share of samples impossible under the source (0 by construction: full support);
+* MAUVE against exact reference samples, ± its std over k-means seeds and, separately, over bootstrap
+  resamples of the samples (the sampling noise of MAUVE at this n);
+* sentence entropy, NFE, rewrites per token (eq. 25), the η_cap used.
+
+η_cap(T) for ``dsl-budget``: the paper's values are for L = 1024 and hold the mean rewrites per token
+near Table 5's (rewrites ≈ ½T·η·α_on in the loop window). At L ≪ 1024 the same η would rewrite almost
+nothing, so the default table scales the budget: η_mini(T) = η_eq24(T·1024/L)·1024/L, which gives the
+same rewrites per token at the same T/L as the paper (``eta_cap="paper-rewrites"``; at L = 64 it gives
+0.16, 0.128, 0.112, 0.064; Table 5's 1.85 rewrites per token at T = L is met, while at T = L/8 the
+coarse grid and η above (1 − α_on)/α_on saturate the loop's unmasking and rewrites fall short of 0.58,
+see the measured ``rewrites_per_token``); ``"sec6.1"`` etc. take the paper's numbers as printed.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dsl.config import RunConfig, SamplingConfig, load
+from dsl.errors import UserError
+from dsl.seeding import sample_generator
+
+PAPER_LENGTH = 1024  # Table 1's L (Sec 6.1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sizes and rows.
+
+
+@dataclass(frozen=True)
+class StudySize:
+    """Everything that sets the cost of the study. ``model`` holds ``model.*`` overrides."""
+
+    name: str
+    length: int
+    model: dict[str, int] = field(default_factory=dict)
+    pretrain_steps: int = 1200
+    finetune_steps: int = 400
+    batch_size: int = 32
+    pretrain_lr: float = 1e-3
+    finetune_lr: float = 3e-4
+    ema: float = 0.99
+    n_samples: int = 256
+    sample_batch: int = 128
+    mauve_seeds: tuple[int, ...] = (25, 26, 27)
+    mauve_resamples: int = 5
+    ckpt_every: int = 200
+
+
+SIZES: dict[str, StudySize] = {
+    # a test of the wiring: seconds
+    "micro": StudySize("micro", length=8, model=dict(hidden=32, blocks=1, heads=2, cond_dim=32),
+                       pretrain_steps=4, finetune_steps=2, batch_size=8, n_samples=16, sample_batch=16,
+                       mauve_seeds=(25,), mauve_resamples=2, ckpt_every=2),
+    # the whole chain in a few minutes (about 6 CPU-minutes), L = 32
+    "smoke": StudySize("smoke", length=32, model=dict(hidden=96, blocks=2, heads=4, cond_dim=64),
+                       pretrain_steps=600, finetune_steps=200, batch_size=32, n_samples=256, sample_batch=128,
+                       ckpt_every=100),
+    # about 30 minutes on 2 idle cores, training dominating
+    "default": StudySize("default", length=64, model=dict(hidden=128, blocks=3, heads=4, cond_dim=64),
+                         pretrain_steps=1500, finetune_steps=500, batch_size=32, n_samples=384,
+                         sample_batch=128, ckpt_every=250),
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    """A Table 1 row: which model (``mdlm`` = the continued MDLM, ``dsl`` = the DSL fine-tune, ``oracle``
+    = the exact source, ``data`` = exact samples) decoded with which sampler."""
+
+    name: str
+    model: str
+    sampler: str = ""
+
+    @property
+    def slug(self) -> str:
+        keep = "".join(c.lower() if c.isalnum() else "-" for c in self.name)
+        return "-".join(p for p in keep.split("-") if p)
+
+
+TABLE1_ROWS = (
+    Row("MDLM", "mdlm", "mdlm"),
+    Row("ReMDM", "mdlm", "remdm-official"),
+    Row("DSL-FT + ReMDM", "dsl", "remdm-official"),
+    Row("DSL-FT + ReMDM-loop (eta_cap(T))", "dsl", "dsl-budget"),
+    Row("DSL-FT + MDLM sampler", "dsl", "mdlm"),
+)
+REFERENCE_ROWS = (
+    Row("Data (exact samples)", "data"),
+    Row("Exact oracle + MDLM sampler", "oracle", "mdlm"),
+)
+
+
+def step_budgets(length: int) -> list[int]:
+    """T ∈ {L/8, L/4, L/2, L} (Table 1's 128…1024 at L = 1024), at least 1 step each."""
+    return sorted({max(1, length // 8), max(1, length // 4), max(1, length // 2), length})
+
+
+def eta_cap_table(length: int, spec: str = "paper-rewrites") -> str:
+    """The ``sampling.eta_cap_table`` value for this study's step budgets (see the module docstring)."""
+    from dsl.sampling.schedules import load_eta_cap
+
+    if spec != "paper-rewrites":
+        return spec
+    scale = PAPER_LENGTH / length
+    paper = load_eta_cap("eq24")  # the table that reproduces Table 5's rewrite counts
+    table = {str(t): paper(round(t * scale)) * scale for t in step_budgets(length)}
+    return json.dumps({"table": table}, sort_keys=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training.
+
+
+def run_config(size: StudySize, objective: str, name: str, out: str | Path, *, steps: int, lr: float,
+               init: str = "scratch", data: Sequence[str] = (), seed: int = 0) -> RunConfig:
+    """The RunConfig of one training phase (``data``: ``data.*=...`` overrides, e.g. the source)."""
+    args = [f"objective={objective}", f"name={name}", f"out_dir={out}", f"init={init}", f"seed={seed}",
+            "model=toy", f"model.length={size.length}", "model.dropout=0.0", "data.source=topics",
+            f"train.steps={steps}", f"train.batch_size={size.batch_size}", f"train.lr={lr}",
+            "train.warmup_steps=0", f"train.ema={size.ema}", f"train.eval_every={size.ckpt_every}",
+            f"train.ckpt_every={size.ckpt_every}", "train.eval_batches=2", "train.log_every=50",
+            *[f"model.{k}={v}" for k, v in size.model.items()], *data]
+    return load(RunConfig, args)
+
+
+def train_phase(cfg: RunConfig, on_metrics: Callable[[dict, int], None] | None = None) -> str:
+    """Train ``cfg`` to its ``train.steps`` (resuming from its last checkpoint); return the run directory."""
+    from dsl.train import Trainer
+
+    trainer = Trainer(cfg, on_metrics=on_metrics)
+    trainer.resume()
+    if trainer.step_count < cfg.train.steps:
+        trainer.fit()
+    return str(Path(cfg.out_dir) / trainer.name)
+
+
+def train_models(size: StudySize, out: str | Path, *, data: Sequence[str] = (), seed: int = 0,
+                 log: Callable[[str], None] = print) -> dict[str, str]:
+    """Pretrain, then continue MDLM and DSL-fine-tune from that one checkpoint: ``{phase: run dir}``."""
+    out = Path(out)
+    runs = out / "runs"
+    pre = run_config(size, "mdlm", "pretrain", runs, steps=size.pretrain_steps, lr=size.pretrain_lr,
+                     data=data, seed=seed)
+    t0 = time.perf_counter()
+    log(f"[1/3] pretrain MDLM: {size.pretrain_steps} steps x {size.batch_size} x L={size.length}")
+    pre_dir = train_phase(pre)
+    from dsl.checkpoint import latest_complete
+
+    init = latest_complete(pre_dir)
+    if init is None:
+        raise UserError(f"{pre_dir}: pretraining left no complete checkpoint")
+    dirs = {"pretrain": pre_dir}
+    for k, objective in enumerate(("mdlm", "dsl"), start=2):
+        name = f"{objective}-ft"
+        cfg = run_config(size, objective, name, runs, steps=size.finetune_steps, lr=size.finetune_lr,
+                         init=init, data=data, seed=seed)
+        log(f"[{k}/3] {objective} fine-tune from {init}: {size.finetune_steps} steps")
+        dirs[name] = train_phase(cfg)
+    log(f"training done in {time.perf_counter() - t0:.0f} s")
+    return dirs
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring.
+
+
+def nll_stats(source: Any, ids: torch.Tensor) -> dict[str, float]:
+    """Exact per-sample NLL per token under ``source``: mean ± standard error, GenPPL, impossible share."""
+    logp = source.log_prob(ids)  # (n,) float64, exact
+    ok = torch.isfinite(logp)
+    n, length = ids.shape
+    impossible = int((~ok).sum())
+    out = {"n_samples": n, "impossible": impossible, "impossible_share": impossible / n}
+    per_token = (-logp[ok] / length).numpy()
+    if len(per_token):
+        out.update(nll_per_token=float(per_token.mean()),
+                   nll_se=float(per_token.std(ddof=1) / math.sqrt(len(per_token))) if len(per_token) > 1 else 0.0,
+                   genppl=float(math.exp(per_token.mean())))
+    else:
+        out.update(nll_per_token=math.inf, nll_se=math.nan, genppl=math.inf)
+    return out
+
+
+class SourceStatsFeaturizer:
+    """Features of a sequence under an exact HMM-structured source (the ``source-stats`` featurizer).
+
+    Reading chosen: the expected complete-data sufficient statistics of the HMM given x, i.e. what an
+    EM step would read from the sequence: word frequencies (W) and transition statistics
+    Σ_i p(s_i | x) p(s_{i+1} | x)ᵀ / (L-1) (S², the product of the exact posterior marginals standing in
+    for the pair marginals). They see word order, topic changes and grammar, cost one forward-backward,
+    and need no text model.
+    """
+
+    name = "source-stats"
+
+    def __init__(self, source: Any):
+        self.source = source
+
+    def features(self, ids: torch.Tensor) -> np.ndarray:
+        ids = torch.as_tensor(ids).long()
+        b, length = ids.shape
+        words = torch.nn.functional.one_hot(ids, self.source.n_words).double().mean(1)  # (B, W)
+        post = self.source.state_posterior(ids)  # (B, L, S)
+        pairs = torch.einsum("bls,blt->bst", post[:, :-1], post[:, 1:]).reshape(b, -1) / max(1, length - 1)
+        return torch.cat([words, pairs], dim=1).float().numpy()
+
+
+class TextFeaturizer:
+    """MiniLM (or any ``dsl.eval.featurizers`` name) on the decoded text."""
+
+    def __init__(self, source: Any, name: str = "minilm"):
+        from dsl.eval.featurizers import get_featurizer
+
+        self.source = source
+        self.name = name
+        self.inner = get_featurizer(name)
+
+    def features(self, ids: torch.Tensor) -> np.ndarray:
+        texts = [self.source.decode(row) for row in torch.as_tensor(ids)]
+        return self.inner.featurize(texts)
+
+
+def build_featurizer(name: str, source: Any) -> Any:
+    """``source-stats`` (an HMM-structured source's sufficient statistics) or a text featurizer name."""
+    if name == "source-stats":
+        if not hasattr(source, "state_posterior"):
+            raise UserError(f"featurizer=source-stats needs an HMM-structured source (hmm, topics), not "
+                            f"{type(source).__name__}; use featurizer=minilm")
+        return SourceStatsFeaturizer(source)
+    return TextFeaturizer(source, name)
+
+
+def mauve_with_errors(ref: np.ndarray, feats: np.ndarray, seeds: Sequence[int], resamples: int,
+                      seed: int = 0) -> dict[str, Any]:
+    """MAUVE mean ± std over k-means ``seeds``, and its std over ``resamples`` bootstrap draws of the
+    samples (first seed; what another draw of as many samples would have moved it by)."""
+    from dsl.eval.mauve import mauve_score
+
+    base = mauve_score(ref, feats, seeds=seeds)
+    boots = []
+    gen = np.random.default_rng(seed)
+    for _ in range(resamples):
+        pick = gen.integers(0, len(feats), len(feats))
+        boots.append(mauve_score(ref, feats[pick], seeds=seeds[:1])["mean"])
+    return {"mauve": base["mean"], "mauve_std_seeds": base["std"], "mauve_values": base["values"],
+            "mauve_std_resamples": float(np.std(boots, ddof=1)) if len(boots) > 1 else math.nan,
+            "mauve_buckets": base["num_buckets"]}
+
+
+def score_cell(source: Any, ids: torch.Tensor, featurizer: Any, ref_features: np.ndarray,
+               size: StudySize) -> dict[str, Any]:
+    from dsl.eval.entropy import sentence_entropy
+
+    out = nll_stats(source, ids)
+    out["sentence_entropy"] = sentence_entropy(ids.tolist())
+    out.update(mauve_with_errors(ref_features, featurizer.features(ids), size.mauve_seeds, size.mauve_resamples))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Cells.
+
+
+def sampling_config(row: Row, steps: int, size: StudySize, eta_cap: str) -> SamplingConfig:
+    return load(SamplingConfig, [f"sampler={row.sampler}", f"steps={steps}", f"batch_size={size.sample_batch}",
+                                 f"eta_cap_table={eta_cap}"])
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def reference_ids(source: Any, n: int, seed: int, key: str) -> torch.Tensor:
+    """``n`` exact samples from a generator keyed apart from the training stream."""
+    return source.sample(n, sample_generator(seed, "reproduce-reference", key))
+
+
+def run_cells(source: Any, denoisers: dict[str, Any], size: StudySize, out: str | Path, *,
+              rows: Sequence[Row] = REFERENCE_ROWS + TABLE1_ROWS, featurizer: str = "minilm",
+              eta_cap: str = "paper-rewrites", seed: int = 0, log: Callable[[str], None] = print
+              ) -> list[dict[str, Any]]:
+    """Sample and score every row × T (skipping cells already on disk); return one dict per cell."""
+    from dsl.sampling import generate
+
+    out = Path(out)
+    feat = build_featurizer(featurizer, source)
+    ref = reference_ids(source, size.n_samples, seed, "mauve")
+    ref_features = feat.features(ref)
+    eta_table = eta_cap_table(source.length, eta_cap)
+    cells = []
+    for row in rows:
+        for steps in (step_budgets(source.length) if row.model != "data" else [source.length]):
+            path = out / "cells" / row.slug / f"T{steps}.json"
+            if path.is_file():
+                cells.append(json.loads(path.read_text()))
+                continue
+            t0 = time.perf_counter()
+            if row.model == "data":
+                ids = reference_ids(source, size.n_samples, seed, "data-row")
+                extra = {"nfe": 0.0, "rewrites_per_token": 0.0, "eta_cap": None, "eta_cap_source": "none"}
+            else:
+                cfg = sampling_config(row, steps, size, eta_table)
+                batch = generate(denoisers[row.model], cfg, size.n_samples, source.length, seed)
+                ids = batch.ids
+                extra = {"nfe": float(batch.nfe.double().mean()),
+                         "rewrites_per_token": float(batch.mean_rewrites.mean()),
+                         "eta_cap": batch.eta_cap, "eta_cap_source": batch.eta_cap_source,
+                         "rule": batch.settings["resolved"]}
+            cell = {"row": row.name, "model": row.model, "sampler": row.sampler, "steps": steps,
+                    **extra, **score_cell(source, ids, feat, ref_features, size),
+                    "featurizer": feat.name, "wall_s": time.perf_counter() - t0,
+                    "examples": [source.decode(r) for r in ids[:3]], "ids": ids.tolist()}
+            _write_json_atomic(path, cell)
+            log(f"{row.name:34s} T={steps:4d}  NLL/tok {cell['nll_per_token']:.3f} ± {cell['nll_se']:.3f}  "
+                f"MAUVE {cell['mauve']:.3f} ± {cell['mauve_std_resamples']:.3f}  ({cell['wall_s']:.0f} s)")
+            cells.append(cell)
+    return cells
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables.
+
+TABLE_FIELDS = ("row", "steps", "n_samples", "nll_per_token", "nll_se", "nll_gap", "genppl", "impossible",
+                "impossible_share", "mauve", "mauve_std_seeds", "mauve_std_resamples", "sentence_entropy",
+                "nfe", "rewrites_per_token", "eta_cap")
+
+
+def table_rows(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One flat record per cell with ``nll_gap`` = NLL − the Data row's NLL (the source's entropy rate
+    estimate); ids and examples dropped."""
+    data = [c for c in cells if c["model"] == "data"]
+    floor = data[0]["nll_per_token"] if data else math.nan
+    return [{k: (c["nll_per_token"] - floor if k == "nll_gap" else c.get(k)) for k in TABLE_FIELDS}
+            for c in cells]
+
+
+def to_csv(cells: Sequence[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=TABLE_FIELDS)
+    writer.writeheader()
+    for r in table_rows(cells):
+        writer.writerow(r)
+    return buf.getvalue()
+
+
+def to_markdown(cells: Sequence[dict[str, Any]]) -> str:
+    """Table 1's shape: a row per method, a column per T; each entry NLL/token ± SE | MAUVE ± std."""
+    recs = table_rows(cells)
+    budgets = sorted({r["steps"] for r in recs if r["row"] and not r["row"].startswith("Data")})
+    names = list(dict.fromkeys(r["row"] for r in recs))
+    lines = ["| row | " + " | ".join(f"T={t}" for t in budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
+    for name in names:
+        mine = {r["steps"]: r for r in recs if r["row"] == name}
+        entries = []
+        for t in budgets:
+            r = mine.get(t) or (next(iter(mine.values())) if name.startswith("Data") else None)
+            entries.append("–" if r is None else
+                           f"{r['nll_per_token']:.3f} ± {r['nll_se']:.3f} / {r['mauve']:.2f} ± "
+                           f"{max(r['mauve_std_seeds'], r['mauve_std_resamples'] or 0):.2f} / "
+                           f"{r['sentence_entropy']:.2f}")
+        lines.append(f"| {name} | " + " | ".join(entries) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# The study.
+
+
+def load_denoisers(dirs: dict[str, str], source: Any, gamma_vis: float = 50.0) -> dict[str, Any]:
+    """``{"mdlm": continued MDLM, "dsl": DSL fine-tune, "oracle": the exact source}`` as denoisers."""
+    from dsl.checkpoint import load_run
+    from dsl.sampling import DSLDenoiser, MDLMDenoiser, OracleDenoiser
+
+    _, mdlm, tok, _ = load_run(dirs["mdlm-ft"])
+    _, dsl, _, _ = load_run(dirs["dsl-ft"])
+    return {"mdlm": MDLMDenoiser(mdlm, tok), "dsl": DSLDenoiser(dsl, gamma_vis, tok), "oracle": OracleDenoiser(source)}
+
+
+def run_study(size: str | StudySize, out: str | Path, *, data: Sequence[str] = (), featurizer: str = "minilm",
+              eta_cap: str = "paper-rewrites", rows: Sequence[Row] = REFERENCE_ROWS + TABLE1_ROWS, seed: int = 0,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train (or resume) and run every cell; write ``table1.json``, ``table1.csv``, ``table1.md`` in ``out``."""
+    from dsl.sources import build_source
+
+    size = SIZES[size] if isinstance(size, str) else size
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    dirs = train_models(size, out, data=data, seed=seed, log=log)
+    t_train = time.perf_counter() - t0
+    data_cfg = copy.deepcopy(run_config(size, "mdlm", "x", out, steps=1, lr=1e-3, data=data).data)
+    source = build_source(data_cfg.source, data_cfg, size.length)
+    cells = run_cells(source, load_denoisers(dirs, source), size, out, rows=rows, featurizer=featurizer,
+                      eta_cap=eta_cap, seed=seed, log=log)
+    summary = {"size": asdict(size), "data": asdict(data_cfg), "featurizer": featurizer,
+               "eta_cap_table": eta_cap_table(size.length, eta_cap), "runs": dirs,
+               "train_wall_s": t_train, "total_wall_s": time.perf_counter() - t0,
+               "table": table_rows(cells)}
+    _write_json_atomic(out / "table1.json", summary)
+    (out / "table1.csv").write_text(to_csv(cells))
+    (out / "table1.md").write_text(to_markdown(cells))
+    return summary
+
+
+__all__ = ["StudySize", "SIZES", "Row", "TABLE1_ROWS", "REFERENCE_ROWS", "step_budgets", "eta_cap_table",
+           "run_config", "train_phase", "train_models", "nll_stats", "SourceStatsFeaturizer", "TextFeaturizer",
+           "build_featurizer", "mauve_with_errors", "score_cell", "run_cells", "table_rows", "to_csv",
+           "to_markdown", "load_denoisers", "run_study"]
