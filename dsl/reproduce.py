@@ -25,7 +25,11 @@ Metrics per cell, primary first:
   (GenPPL = exp of the pooled NLL per token), and its gap to the source's entropy rate (the Data row);
   the count and share of samples impossible under the source (0 by construction: full support);
 * MAUVE against exact reference samples, ± its std over k-means seeds and, separately, over bootstrap
-  resamples of the samples (the sampling noise of MAUVE at this n);
+  resamples of the samples (the sampling noise of MAUVE at this n). Featurizer: ``source-stats``
+  (:class:`SourceStatsFeaturizer`) by default. MiniLM (mean-pooled layer 3, which sees order in English)
+  is nearly blind to order on this language's made-up words: 192 vs 192 samples at L = 64, 3 seeds,
+  MAUVE of exact samples / of the same samples word-shuffled / of exact-oracle ``mdlm`` samples at
+  T = L/8 was 0.96 / 0.91 / 0.42 with MiniLM and 0.93 / 0.30 / 0.43 with ``source-stats``;
 * sentence entropy, NFE, rewrites per token (eq. 25), the η_cap used.
 
 η_cap(T) for ``dsl-budget``: the paper's values are for L = 1024 and hold the mean rewrites per token
@@ -318,7 +322,7 @@ def reference_ids(source: Any, n: int, seed: int, key: str) -> torch.Tensor:
 
 
 def run_cells(source: Any, denoisers: dict[str, Any], size: StudySize, out: str | Path, *,
-              rows: Sequence[Row] = REFERENCE_ROWS + TABLE1_ROWS, featurizer: str = "minilm",
+              rows: Sequence[Row] = REFERENCE_ROWS + TABLE1_ROWS, featurizer: str = "source-stats",
               eta_cap: str = "paper-rewrites", seed: int = 0, log: Callable[[str], None] = print
               ) -> list[dict[str, Any]]:
     """Sample and score every row × T (skipping cells already on disk); return one dict per cell."""
@@ -418,7 +422,7 @@ def load_denoisers(dirs: dict[str, str], source: Any, gamma_vis: float = 50.0) -
     return {"mdlm": MDLMDenoiser(mdlm, tok), "dsl": DSLDenoiser(dsl, gamma_vis, tok), "oracle": OracleDenoiser(source)}
 
 
-def run_study(size: str | StudySize, out: str | Path, *, data: Sequence[str] = (), featurizer: str = "minilm",
+def run_study(size: str | StudySize, out: str | Path, *, data: Sequence[str] = (), featurizer: str = "source-stats",
               eta_cap: str = "paper-rewrites", rows: Sequence[Row] = REFERENCE_ROWS + TABLE1_ROWS, seed: int = 0,
               log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train (or resume) and run every cell; write ``table1.json``, ``table1.csv``, ``table1.md`` in ``out``."""

@@ -71,14 +71,17 @@ def test_gpt2_offline_is_one_clear_error_and_auto_falls_back(corpus: Path, monke
     assert isinstance(data.tokenizer, BPETokenizer)
 
 
-def test_source_tokenizer_round_trip(tmp_path: Path) -> None:
-    data = build_data(_cfg("data.source=hmm"))
+@pytest.mark.parametrize("source", [("data.source=hmm",), ("data.source=topics", "data.topics=3",
+                                                           "data.topics_seed=4", "data.topics_smoothing=0.01")])
+def test_source_tokenizer_round_trip(tmp_path: Path, source: tuple[str, ...]) -> None:
+    data = build_data(_cfg(*source))
     tok = data.tokenizer
     ids = data.batch("train", 0)["ids"][0].tolist()
     assert tok.encode(tok.decode(ids)) == ids
     tok.save(tmp_path / "src")
     again = load_tokenizer(tmp_path / "src")
     assert again.decode(ids) == tok.decode(ids) and again.vocab_size == data.vocab_size
+    assert vars(again.source).get("topics") == vars(tok.source).get("topics")  # its own parameters came back
 
 
 # -- wrapping -----------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dsl.checkpoint import save_checkpoint
-from dsl.config import ConfigError, RunConfig, SamplingConfig, apply_overrides, to_dict
+from dsl.config import ConfigError, DataConfig, RunConfig, SamplingConfig, apply_overrides, to_dict
 from dsl.errors import UserError
 from dsl.models import build_model
 from dsl.sampling import generate, load_denoiser
@@ -80,7 +80,7 @@ def test_checkpoint_spec_loads_and_samples(tmp_path, objective, sampler):
 
 
 def test_bad_specs():
-    with pytest.raises(ConfigError, match="oracle:hmm and oracle:cyclic"):
+    with pytest.raises(ConfigError, match="oracle:hmm, oracle:cyclic, oracle:topics"):
         load_denoiser("oracle:markov", SamplingConfig())
     with pytest.raises(UserError, match="checkpoint=/no/such/run: no such file or directory; accepted: oracle:hmm"):
         load_denoiser("/no/such/run", SamplingConfig())
@@ -88,6 +88,8 @@ def test_bad_specs():
         load_denoiser("hf:kuleshov-group/mdlm-owt", SamplingConfig())
     den = load_denoiser("oracle:cyclic", SamplingConfig())
     assert isinstance(den, OracleDenoiser) and den.max_length == 7 and den.decode([0, 1, 7]) == "AB_"
+    topics = load_denoiser("oracle:topics", SamplingConfig(), length=16, data_cfg=DataConfig(topics=3))
+    assert isinstance(topics, OracleDenoiser) and topics.source.topics == 3 and topics.max_length == 16
 
 
 def test_ar_checkpoint_is_refused(tmp_path):
