@@ -224,3 +224,29 @@ def test_summary_is_the_last_stdout_line(tmp_path, capsys):
     assert main(JOBS["jobs/sample.py"], ["checkpoint=oracle:cyclic", "sampling.num_samples=2", "sampling.steps=4",
                                          f"out={out}", "service.mlflow=off"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] == 2
+
+
+def _readme_commands() -> list[list[str]]:
+    """Every `python jobs/... | tune/...` command in the READMEs and the scripts' own usage text,
+    continuations joined, placeholders (<...>, [...], ...) left out."""
+    out = []
+    docs = [(REPO / d).read_text() for d in ("README.md", "cluster/README.md")] + [j.doc for j in JOBS.values()]
+    for text in docs:
+        text = text.replace("\\\n", " ")
+        for line in text.splitlines():
+            m = re.search(r"python ((?:jobs|tune)/\w+\.py)((?: [^#`]*)?)", line)
+            if m and not line.lstrip().startswith("|"):
+                rest = re.sub(r"\[[^\]]*\]|<[^>]*>", " ", m.group(2)).split(" |")[0]   # placeholders
+                words = [w.strip("()") for w in rest.split()]
+                words = [w for w in words if re.fullmatch(r"[a-z][\w.]*=\S+|[a-z][\w-]*", w)
+                         and "..." not in w and "…" not in w]
+                out.append([m.group(1), *words])
+    return out
+
+
+def test_documented_commands_use_the_current_vocabulary(capsys):
+    commands = _readme_commands()
+    assert len(commands) >= 20
+    for script, *argv in commands:
+        parse(JOBS[script], argv)
+        assert "warning" not in capsys.readouterr().err, (script, argv)

@@ -2,8 +2,8 @@
 
     python tune/eta_cap_search.py                                  # offline embedded default (oracle:hmm)
     python tune/eta_cap_search.py checkpoint=s3://bucket/run/step-100 budgets=128,256,512,1024 \\
-        trials=24 sampling.num_samples=512 search.study_db=postgresql://postgres@db/optuna \\
-        service.ray_address=auto
+        trials=24 sampling.num_samples=512 eval.references=512 \\
+        search.study_db=postgresql://postgres@db/optuna service.ray_address=auto
 
 Re-running the same command continues the study. The table and the fitted rule land in
 ``<out>/eta_cap_table.json`` / ``eta_cap_rule.json`` for ``jobs/sample.py eta_cap_table=<file>``.
