@@ -6,6 +6,9 @@
   its own process; fake credentials exported to child processes through ``.env``.
 - ``postgres_url``: a fresh database on the machine's PostgreSQL, dropped after the test.
 - ``mlflow_server``: ``mlflow server`` with a PostgreSQL backend store and S3 (moto) artifacts.
+- ``chromium``: headless Chromium (Debian's ``chromium``) that renders a page, runs its scripts for a
+  virtual-time budget and returns the DOM (``.dom(url)``), its visible text (``.text(url)``) or a PNG
+  (``.screenshot(url, path)``): what a person would see, for pages people look at.
 
 Every handle has ``.env``: the variables a subprocess (a job, ``ray job submit``) needs.
 """
@@ -224,3 +227,76 @@ def ray_env(ray_cluster):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     env.update(ray_cluster.env)
     return env
+
+
+# ----------------------------------------------------------------------------------------------
+# Headless Chromium: pages a person looks at are checked as rendered
+
+
+@dataclass
+class Chromium:
+    """Debian's ``chromium`` in headless mode, one fresh profile per page load (no state between loads)."""
+
+    exe: str
+    budget_ms: int = 15000        # virtual time the page's scripts get before the DOM is read
+
+    def _run(self, url: str, *mode: str, budget_ms: int | None = None, timeout: float = 240) -> str:
+        profile = tempfile.mkdtemp(prefix="chromium-")
+        cmd = [self.exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage",
+               f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms or self.budget_ms}", *mode, url]
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        finally:
+            shutil.rmtree(profile, ignore_errors=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"chromium exited {out.returncode} on {url}: {out.stderr[-1500:]}")
+        return out.stdout
+
+    def dom(self, url: str, budget_ms: int | None = None) -> str:
+        """The DOM after the page's scripts ran (``--dump-dom``), as HTML."""
+        return self._run(url, "--dump-dom", budget_ms=budget_ms)
+
+    def text(self, url: str, budget_ms: int | None = None) -> str:
+        """The visible text of the rendered page, whitespace-collapsed (scripts and styles dropped)."""
+        return visible_text(self.dom(url, budget_ms))
+
+    def screenshot(self, url: str, path: str | os.PathLike, size: str = "1400,900",
+                   budget_ms: int | None = None) -> Path:
+        self._run(url, f"--screenshot={path}", f"--window-size={size}", budget_ms=budget_ms)
+        return Path(path)
+
+
+def visible_text(html: str) -> str:
+    """Text a reader sees in ``html``: tags, scripts and styles removed, whitespace collapsed."""
+    from html.parser import HTMLParser
+
+    class _Text(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.parts: list[str] = []
+            self.skip = 0
+
+        def handle_starttag(self, tag, attrs):
+            if tag in ("script", "style", "noscript"):
+                self.skip += 1
+
+        def handle_endtag(self, tag):
+            if tag in ("script", "style", "noscript") and self.skip:
+                self.skip -= 1
+
+        def handle_data(self, data):
+            if not self.skip:
+                self.parts.append(data)
+
+    parser = _Text()
+    parser.feed(html)
+    return " ".join(" ".join(parser.parts).split())
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    exe = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
+    if exe is None:
+        pytest.fail("headless Chromium is needed for the page tests: apt-get install chromium (.ci/run does)")
+    return Chromium(exe=exe)

@@ -77,11 +77,18 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
-def ui_command(tracking_uri: str) -> str:
-    """The one command that opens the MLflow UI on ``tracking_uri`` (loopback only)."""
+def ui_command(tracking_uri: str, experiment: str | None = None) -> str:
+    """How to open the MLflow UI on ``tracking_uri`` (loopback only), at ``experiment``'s runs table
+    when its name is given and it exists."""
+    exp_id = None
+    if experiment:
+        with contextlib.suppress(Exception):  # a hint only: an unreachable store just gives the plain command
+            exp = _client(tracking_uri).get_experiment_by_name(experiment)
+            exp_id = exp.experiment_id if exp is not None else None
     if tracking_uri.startswith(("http://", "https://")):
-        return f"open {scrub(tracking_uri)} in a browser"
-    return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
+        return f"open {scrub(experiment_url(tracking_uri, exp_id) if exp_id else tracking_uri)} in a browser"
+    command = f"mlflow ui --backend-store-uri {scrub(tracking_uri)} --host 127.0.0.1 --port 5000"
+    return command + (f", then open {experiment_url('http://127.0.0.1:5000', exp_id)}" if exp_id else "")
 
 
 def git_commit(path: str | os.PathLike | None = None) -> str | None:
@@ -127,15 +134,33 @@ def _client(tracking_uri: str | None):
 
 
 def experiment_id(client: Any, name: str) -> str:
+    """The id of experiment ``name``, created as a model-training experiment if it does not exist.
+
+    MLflow 3 shows an experiment either as a GenAI app (traces overview) or as model training (the runs
+    table); the experiment tag ``mlflow.experimentKind=custom_model_development`` says the latter. An
+    existing experiment without a kind gets the tag; one whose kind someone chose is left alone.
+    """
     from mlflow.exceptions import MlflowException
 
+    from dsl.service.lineage import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name)
-    except MlflowException:  # created concurrently by another job
-        return client.get_experiment_by_name(name).experiment_id
+    if exp is None:
+        try:
+            return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except MlflowException:  # created concurrently by another job
+            exp = client.get_experiment_by_name(name)
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
+
+
+def experiment_url(base_url: str, exp_id: str) -> str:
+    """The UI page of an experiment's runs table. MLflow >= 3.10 chooses between its GenAI overview and
+    the model-training runs view per browser (a remembered toggle) unless the URL says which."""
+    from dsl.service.lineage import UI_WORKFLOW_QUERY
+
+    return f"{base_url.rstrip('/')}/#/experiments/{exp_id}?{UI_WORKFLOW_QUERY}"
 
 
 def find_run(run_name: str, *, tracking_uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT,
