@@ -91,6 +91,9 @@ class Job:
     defaults: tuple[str, ...] = ()                 # its own starting values, "key=value"
     renamed: Mapping[str, Renamed] = field(default_factory=dict)
     validate: Callable[[JobConfig, str], None] | None = None   # checks across keys, given the mode
+    # fills values in knowing which dotted keys the command line named (a named protocol's settings go in
+    # where the command line is silent, and a named key that contradicts them fails); runs before validate
+    settle: Callable[[JobConfig, str, frozenset[str]], None] | None = None
     bare: str | None = None                        # the mode an empty command line runs
     tracks_by_default: bool = False                # service.mlflow=auto: on even without a store
 
@@ -175,6 +178,9 @@ def parse(job: Job, argv: list[str]) -> tuple[str, JobConfig]:
     mode = mode or next(iter(job.modes))
     cfg = job.default_config(mode)
     apply_overrides(cfg, overrides, ALIASES, keep=job.reads)
+    if job.settle is not None:
+        named = frozenset(ALIASES.get(k, k) for k, _ in map(split_override, overrides) if k != "preset")
+        job.settle(cfg, mode, named)
     if job.validate is not None:
         job.validate(cfg, mode)
     return mode, cfg

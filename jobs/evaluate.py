@@ -1,5 +1,6 @@
 """Evaluate samples (Table 1: MAUVE / GenPPL / sentence entropy), calibration (Fig 4), likelihood (Table 3).
 
+    python jobs/evaluate.py eval.protocol=paper-table1 eval.samples=<5,000 samples>      # Table 1, as the paper
     python jobs/evaluate.py eval.samples=<file> reference=<file|hf:dataset> [featurizer=minilm|gpt2-large|<dir>] \\
         [eval.judge=none|oracle:hmm|gpt2-large|<HF dir>|<AR checkpoint>] [eval.references=N] \\
         [eval.mauve_seeds=25,26,27] [eval.workers=N [service.ray_address=...]] [eval.feature_cache=<dir|s3://>] [out=<dir>]
@@ -7,9 +8,10 @@
     python jobs/evaluate.py likelihood checkpoint=<ckpt> [eval.heldout=<text file>] [eval.max_sequences=N] \\
         [eval.n_mc=32] [eval.t_end=gamma_max|<t*>|inf [eval.allow_eq3=true]]
 
-The last stdout line is a JSON summary: for samples ``mauve_mean, mauve_std, genppl, sentence_entropy,
-n_samples, n_reference, featurizer`` (+ the details: per-seed values, K, the token budget both sets were
-cut to, ...). Calibration writes ``calibration.png`` (ECE vs SNR + reliability diagram) and
+The last stdout line is a JSON summary: for samples ``mauve`` (at the headline seed, the first of
+eval.mauve_seeds), ``mauve_mean, mauve_std, genppl, sentence_entropy, n_samples, n_reference,
+featurizer``, ``protocol`` (its name and every setting that deviates from Table 1's) and the details
+(per-seed values, K, the token budget, the ``<|endoftext|>`` rule applied to both sides, ...). Calibration writes ``calibration.png`` (ECE vs SNR + reliability diagram) and
 ``calibration.json`` under ``out`` (default runs/calibration); likelihood reports eq. 4's upper bound on
 the NLL (the integral to t* = γ_max of the run's channel plus the factorised end term) and bits per text
 character, with standard errors, over the whole held-out split. Reference features are cached only once
@@ -23,6 +25,7 @@ import sys
 import torch  # noqa: F401  -- before mauve/faiss (OpenMP clash in the other order)
 
 from dsl.cli import Job, Mode, main, renamed
+from dsl.config import JobConfig
 from dsl.eval.protocols import evaluate_calibration, evaluate_likelihood, evaluate_samples
 
 RENAMED = {
@@ -37,6 +40,14 @@ RENAMED = {
         "reliability_snr", "batches", "batch_size", "n_mc", "heldout", "t_end")},
 }
 
+def apply_protocol(cfg: JobConfig, mode: str, named: frozenset[str]) -> None:
+    """A named protocol's settings go in before anything runs or is logged (one line on a conflict)."""
+    if mode == "samples" and cfg.eval.protocol != "none":
+        from dsl.eval.paper_protocol import PaperTable1
+
+        PaperTable1().apply(cfg.eval, {k.removeprefix("eval.") for k in named if k.startswith("eval.")})
+
+
 JOB = Job(
     script="jobs/evaluate.py", doc=__doc__,
     modes={"samples": Mode(evaluate_samples, "MAUVE / GenPPL / sentence entropy of eval.samples (the default)",
@@ -49,6 +60,7 @@ JOB = Job(
           "data.hmm_states", "data.hmm_words", "data.hmm_seed", "data.cyclic_k", "service.ray_address",
           "service.device", "service.mlflow", "service.tracking_uri"),
     renamed=RENAMED,
+    settle=apply_protocol,
 )
 
 if __name__ == "__main__":

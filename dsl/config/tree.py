@@ -174,10 +174,22 @@ class SamplingConfig:
 class EvalConfig:
     """Scoring: MAUVE / GenPPL / sentence entropy of samples (Table 1), calibration (Fig 4), likelihood (Table 3)."""
 
+    protocol: Literal["none", "paper-table1"] = choice(
+        "none", "paper-table1 = Table 1's protocol (GPT-2 Large, 1,024 tokens, K=n/10, seed 25, wrapped OWT "
+                "held-out blocks): fixes every setting; stand-ins are recorded as deviations")
     samples: str = text("", "the samples to score: JSON lines with 'text' (+ 'ids') as jobs/sample.py writes, or .txt")
-    reference: str = text("", "reference texts: a .jsonl/.txt file | hf:<dataset>[:<config>] | source (drawn "
-                              "from the checkpoint's exact source, checkpoint=oracle:*)")
-    reference_split: str = text("validation", "split of an hf: reference (MDLM's OWT valid: train[-100000:])")
+    reference: str = text("", "reference texts: a .jsonl/.txt file | hf:<dataset>[:<config>] (a hub name or a local "
+                              "dataset dir/file) | source (drawn from the checkpoint's exact source, checkpoint=oracle:*)")
+    reference_split: str = text("", "split of an hf: reference; '' = MDLM's held-out split (OWT and local "
+                                    "datasets: the last eval.heldout_docs train documents; else validation)")
+    heldout_docs: int = num(100_000, 1, help="documents held out at the end of a train-only dataset (MDLM's OWT: "
+                                             "100,000)")
+    reference_blocks: int = num(0, 0, help="wrap hf: reference documents into [BOS]…[EOS] blocks of N tokens "
+                                           "(MDLM's validation layout; paper-table1: 1024); 0 = documents as stored")
+    reference_tokenizer: str = text("gpt2", "tokenizer that wraps reference blocks, the samples' own: gpt2 | "
+                                            "<tokenizer dir>")
+    eot: Literal["keep", "drop"] = choice("keep", "literal <|endoftext|> in sample and reference texts alike: keep "
+                                                  "(ReMDM decodes with special tokens) | drop")
     references: int = num(0, 0, help="reference texts drawn without replacement; 0 = as many as samples")
     reference_seed: int = num(1, 0, help="seed of the reference draw (MDLM/ReMDM loader seed: 1)")
     words_per_reference: int = num(0, 0, help="cut the reference corpus into chunks of N words; 0 = as stored")

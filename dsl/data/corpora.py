@@ -27,6 +27,18 @@ from dsl.seeding import derive_seed
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 EOT = "<|endoftext|>"
 HF_NAMES = ("openwebtext", "text8", "wikitext-103", "lm1b")
+OWT_HELDOUT_DOCS = 100_000  # kuleshov-group/mdlm dataloader.py: openwebtext-split validates on train[-100000:]
+
+
+def heldout_split(name: str, heldout_docs: int = OWT_HELDOUT_DOCS) -> str:
+    """MDLM's held-out split of a Hugging Face dataset ``name``: the last ``heldout_docs`` documents of
+    the train split for OpenWebText, which has no other split, and for a local dataset path (a copy in
+    that layout); lm1b's test split; every other dataset's validation split."""
+    import os
+
+    if name == "openwebtext" or os.path.exists(name):
+        return f"train[-{int(heldout_docs)}:]"
+    return "test" if name == "lm1b" else "validation"
 
 
 def is_valid_doc(index: int, valid_fraction: float) -> bool:
@@ -144,7 +156,8 @@ class HFCorpus:
             yield from self._text8(valid, start)
             return
         if self.name == "openwebtext":  # reference §4.5: the last 100k documents are validation
-            rows = self._load("openwebtext", None, "train[-100000:]" if valid else "train[:-100000]")
+            rows = self._load("openwebtext", None, heldout_split("openwebtext") if valid
+                              else f"train[:-{OWT_HELDOUT_DOCS}]")
         elif self.name == "wikitext-103":
             rows = self._load("wikitext", self.config or "wikitext-103-raw-v1", "validation" if valid else "train")
         else:  # lm1b validates on its test split (reference §4.5)
@@ -198,4 +211,5 @@ def open_corpus(spec: str, data_cfg: Any, length: int) -> LocalCorpus | HFCorpus
     return LocalCorpus(spec, data_cfg)
 
 
-__all__ = ["FileCorpus", "LocalCorpus", "HFCorpus", "open_corpus", "is_valid_doc", "text8_documents", "HF_NAMES"]
+__all__ = ["FileCorpus", "LocalCorpus", "HFCorpus", "open_corpus", "is_valid_doc", "heldout_split", "text8_documents",
+           "HF_NAMES", "OWT_HELDOUT_DOCS"]

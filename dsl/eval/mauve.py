@@ -98,10 +98,10 @@ def mauve_score(p_features: np.ndarray, q_features: np.ndarray, seeds: Sequence[
 
 
 def read_records(path: str, text_field: str = "text") -> list[dict[str, Any]]:
-    """Records ``{"text": str, ["ids": list[int]]}`` from a file.
+    """Records ``{"text": str, ["ids": list[int]], ["settings": dict]}`` from a file.
 
-    ``.jsonl``/``.json`` lines: one JSON object per line with ``text_field`` (and optionally ``ids``,
-    as jobs/sample.py writes them). ``.txt``: documents separated by ``<|endoftext|>`` if the file has
+    ``.jsonl``/``.json`` lines: one JSON object per line with ``text_field`` (and optionally ``ids`` and
+    the sampler ``settings``, as jobs/sample.py writes them). ``.txt``: documents separated by ``<|endoftext|>`` if the file has
     any, else one document per non-empty line.
     """
     if not os.path.isfile(path):
@@ -119,8 +119,9 @@ def read_records(path: str, text_field: str = "text") -> list[dict[str, Any]]:
                 if not isinstance(obj, dict) or (text_field not in obj and "ids" not in obj):
                     raise UserError(f"{path}:{lineno}: needs a {text_field!r} field (or 'ids')")
                 rec: dict[str, Any] = {"text": obj.get(text_field)}
-                if "ids" in obj:
-                    rec["ids"] = obj["ids"]
+                for key in ("ids", "settings"):
+                    if key in obj:
+                        rec[key] = obj[key]
                 records.append(rec)
     elif path.endswith(".txt"):
         with open(path, encoding="utf-8") as fh:
@@ -141,21 +142,6 @@ def chunk_words(texts: Sequence[str], words: int) -> list[str]:
     return [" ".join(stream[i:i + words]) for i in range(0, len(stream) - words + 1, words)]
 
 
-def _load_hf_texts(spec: str, split: str, text_field: str) -> list[str]:
-    parts = spec[len("hf:"):].split(":")
-    name, config = parts[0], (parts[1] if len(parts) > 1 else None)
-    try:
-        import datasets
-
-        ds = datasets.load_dataset(name, config, split=split)
-    except Exception as exc:
-        raise UserError(f"reference={spec!r}: cannot load the dataset ({type(exc).__name__}: "
-                        f"{' '.join(str(exc).split())[:160]}); offline, pass a local .jsonl/.txt file") from None
-    if text_field not in ds.column_names:
-        raise UserError(f"reference={spec!r}: no column {text_field!r}; columns: {', '.join(ds.column_names)}")
-    return [t for t in ds[text_field] if isinstance(t, str) and t.strip()]
-
-
 # ----------------------------------------------------------------------------------------------
 # Reference sets with cached features.
 
@@ -173,25 +159,33 @@ class ReferenceSet:
     """A fixed set of reference texts and, per featurizer, their cached features.
 
     Build it with :meth:`draw` (``n`` texts drawn without replacement, seeded) or :meth:`from_spec`
-    (a file or ``hf:<dataset>[:<config>]``). ``cache`` is a storage URI (local dir or ``s3://``);
-    '' turns caching off. ``computed`` counts featurizations this object ran (0 = all from cache).
+    (a file or ``hf:<dataset>[:<config>]``, as stored documents or as MDLM's wrapped blocks).
+    ``cache`` is a storage URI (local dir or ``s3://``); '' turns caching off. ``computed`` counts
+    featurizations this object ran (0 = all from cache). ``eot`` is the text rule its texts went through
+    (:func:`dsl.eval.references.apply_eot_rule`); ``layout`` says what one text is.
     """
 
-    def __init__(self, texts: Sequence[str], *, origin: str = "", seed: int | None = None, cache: str = ""):
+    def __init__(self, texts: Sequence[str], *, origin: str = "", seed: int | None = None, cache: str = "",
+                 eot: str = "keep", layout: str = "documents"):
         self.texts = list(texts)
         if not self.texts:
             raise UserError(f"reference set {origin!r} is empty; give a file or dataset with texts")
         self.origin = origin
         self.seed = seed
         self.cache = cache
+        self.eot = eot
+        self.layout = layout
         self.computed = 0
 
     def __len__(self) -> int:
         return len(self.texts)
 
     @classmethod
-    def draw(cls, pool: Sequence[str], n: int, seed: int, *, origin: str = "", cache: str = "") -> ReferenceSet:
-        """``n`` texts of ``pool`` drawn without replacement by a seeded permutation."""
+    def draw(cls, pool: Sequence[str], n: int, seed: int, *, origin: str = "", cache: str = "",
+             eot: str = "keep") -> ReferenceSet:
+        """``n`` texts of ``pool`` drawn without replacement by a seeded permutation (then the ``eot`` rule)."""
+        from dsl.eval.references import apply_eot_rule
+
         pool = [t for t in pool if isinstance(t, str) and t.strip()]
         if n < 1:
             raise UserError(f"number of references must be >= 1, got {n}")
@@ -200,19 +194,42 @@ class ReferenceSet:
                             f"use a larger reference corpus or fewer samples")
         gen = torch.Generator().manual_seed(int(seed))
         order = torch.randperm(len(pool), generator=gen)[:n].tolist()
-        return cls([pool[i] for i in order], origin=origin, seed=seed, cache=cache)
+        return cls(apply_eot_rule([pool[i] for i in order], eot), origin=origin, seed=seed, cache=cache, eot=eot)
 
     @classmethod
     def from_spec(cls, spec: str, n: int, seed: int, *, cache: str = "", text_field: str = "text",
-                  split: str = "validation", words_per_text: int = 0) -> ReferenceSet:
-        """References from a .jsonl/.txt file or ``hf:<dataset>[:<config>]`` (``split``)."""
+                  split: str = "", words_per_text: int = 0, blocks: int = 0, tokenizer: Any = None,
+                  heldout_docs: int = 100_000, eot: str = "keep", progress: bool = False) -> ReferenceSet:
+        """References from a .jsonl/.txt file (its texts) or ``hf:<dataset>[:<config>]`` (the documents of
+        ``split``; '' = MDLM's held-out split, :func:`dsl.data.corpora.heldout_split`).
+
+        ``blocks`` > 0: MDLM's layout — the documents wrapped by ``tokenizer`` into ``blocks``-token
+        ``[BOS] … [EOS]`` blocks, ``n`` of them drawn without replacement, each decoded with its special
+        tokens; ``words_per_text`` > 0 instead cuts the document stream into passages of that many words."""
+        from dsl.eval.references import apply_eot_rule, load_documents, sample_blocks
+
+        if blocks > 0 and words_per_text > 0:
+            raise UserError("eval.reference_blocks and eval.words_per_reference are two layouts; set one")
         if spec.startswith("hf:"):
-            pool = _load_hf_texts(spec, split, text_field)
+            docs, split = load_documents(spec, split, text_field, heldout_docs)
+            origin = f"{spec}[{split}]"
+        elif blocks > 0:
+            raise UserError(f"eval.reference={spec}: wrapped reference blocks are drawn from a dataset's held-out "
+                            f"split; give hf:<dataset> or hf:<local dataset dir or file>")
         else:
-            pool = [r["text"] for r in read_records(spec, text_field) if isinstance(r.get("text"), str)]
+            docs = (r["text"] for r in read_records(spec, text_field) if isinstance(r.get("text"), str))
+            origin = spec
+        if blocks > 0:
+            if tokenizer is None:
+                raise UserError("wrapped reference blocks need the samples' tokenizer (eval.reference_tokenizer)")
+            kept, total = sample_blocks(docs, tokenizer, blocks, n, seed, progress)
+            texts = apply_eot_rule([tokenizer.decode(b) for b in kept], eot)
+            return cls(texts, origin=origin, seed=seed, cache=cache, eot=eot,
+                       layout=f"{blocks}-token wrapped blocks (n of {total})")
+        pool = list(docs)
         if words_per_text > 0:
             pool = chunk_words(pool, words_per_text)
-        return cls.draw(pool, n, seed, origin=spec, cache=cache)
+        return cls.draw(pool, n, seed, origin=origin, cache=cache, eot=eot)
 
     def cache_key(self, featurizer: Featurizer, texts: Sequence[str]) -> str:
         ident = hashlib.sha256(f"{featurizer.identity}|{featurizer.max_length}".encode()).hexdigest()[:16]
@@ -287,10 +304,14 @@ def evaluate_mauve(samples: Sequence[str], references: ReferenceSet, featurizer:
                    **mauve_kwargs: Any) -> dict[str, Any]:
     """MAUVE of ``samples`` against the whole reference set, which must be at least as large.
 
+    The samples go through the reference set's text rule (``references.eot``) first, so P and Q are
+    decoded alike; ``mauve`` is the score at the first seed (the headline), ``mean``/``std`` over all.
     ``n_tokens`` > 0 fixes the token budget; 0 with ``match_length`` = :func:`length_budget`; without
     ``match_length`` texts are only cut at the featurizer's max length.
     """
-    samples = list(samples)
+    from dsl.eval.references import apply_eot_rule, eot_share
+
+    samples = apply_eot_rule(list(samples), references.eot)
     if not samples:
         raise UserError("no samples to evaluate (the sample set is empty)")
     if len(references) < len(samples):
@@ -307,10 +328,12 @@ def evaluate_mauve(samples: Sequence[str], references: ReferenceSet, featurizer:
     q = featurizer.featurize(cut, progress=progress)
     result = mauve_score(p, q, seeds=seeds, num_buckets=num_buckets, **mauve_kwargs)
     result.update(
-        length_budget=budget,
+        mauve=result["values"][0], headline_seed=int(seeds[0]), length_budget=budget,
         sample_tokens_mean=float(np.mean(featurizer.token_lengths(cut))),
         n_samples=len(samples), n_reference=len(references), featurizer=featurizer.name,
-        max_length=featurizer.max_length, seeds=list(seeds))
+        max_length=featurizer.max_length, seeds=list(seeds), eot=references.eot,
+        eot_share={"samples": eot_share(samples), "references": eot_share(references.texts)},
+        reference_layout=references.layout, reference_origin=references.origin)
     return result
 
 

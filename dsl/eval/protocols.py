@@ -1,7 +1,9 @@
 """The evaluation protocols ``jobs/evaluate.py`` runs, each a function of the job config:
 
-- :func:`evaluate_samples` — Table 1's MAUVE (mean ± std over k-means seeds), GenPPL under a judge,
-  and sentence entropy of a sample file;
+- :func:`evaluate_samples` — Table 1's MAUVE (the headline seed's value, and mean ± std over k-means
+  seeds), GenPPL under a judge, and sentence entropy of a sample file; every summary records its
+  protocol (``eval.protocol``, :mod:`dsl.eval.paper_protocol`) and each setting that deviates from
+  Table 1's;
 - :func:`evaluate_calibration` — Fig 4: token ECE against SNR for one or more DSL checkpoints, and the
   reliability diagram, on the same corruption noise for every checkpoint (a paired comparison);
 - :func:`evaluate_likelihood` — Table 3: eq. 4's upper bound on the NLL of the whole held-out split (the
@@ -143,10 +145,17 @@ def evaluate_samples(job: JobConfig) -> dict[str, Any]:
     ids = [r["ids"] for r in records] if all("ids" in r for r in records) else None
     # cheap checks first, so a bad judge or reference fails before any featurization
     judge, judge_items = load_judge(job, ids)
+    buckets = _num_buckets(ev.num_buckets)
+    tokenizer = None
+    if ev.reference_blocks > 0:
+        from dsl.eval.references import load_reference_tokenizer
+
+        tokenizer = load_reference_tokenizer(ev.reference_tokenizer)
     references = ReferenceSet.from_spec(ev.reference, ev.references or len(texts), ev.reference_seed,
                                         cache=ev.feature_cache, text_field=text_field, split=ev.reference_split,
-                                        words_per_text=ev.words_per_reference)
-    buckets = _num_buckets(ev.num_buckets)
+                                        words_per_text=ev.words_per_reference, blocks=ev.reference_blocks,
+                                        tokenizer=tokenizer, heldout_docs=ev.heldout_docs, eot=ev.eot,
+                                        progress=job.progress)
     featurizer, close = open_featurizer(ev.featurizer, ev.workers, ev.max_length, gpus_per_worker=ev.gpus_per_worker,
                                         batch_size=ev.featurize_batch, device=job.service.device,
                                         ray_address=job.service.ray_address)
@@ -158,7 +167,15 @@ def evaluate_samples(job: JobConfig) -> dict[str, Any]:
     ppl = None
     if judge is not None:
         ppl = genppl(judge, judge_items if judge_items is not None else texts, ev.genppl_batch, job.progress)
+    from dsl.eval.paper_protocol import protocol_record
+
+    settings = records[0].get("settings")
     summary = {
+        "protocol": protocol_record(ev, n_samples=len(texts), n_references=len(references),
+                                    num_buckets=scored["num_buckets"],
+                                    sample_settings=settings if all(r.get("settings") == settings for r in records)
+                                    else None),
+        "mauve": scored["mauve"], "mauve_headline_seed": scored["headline_seed"],
         "mauve_mean": scored["mean"], "mauve_std": scored["std"],
         "genppl": None if ppl is None else ppl["genppl"],
         "sentence_entropy": None if ids is None else sentence_entropy(ids),
@@ -167,7 +184,8 @@ def evaluate_samples(job: JobConfig) -> dict[str, Any]:
         "length_budget": scored["length_budget"], "max_length": scored["max_length"],
         "genppl_tokens": None if ppl is None else ppl["n_tokens"],
         "genppl_impossible": None if ppl is None else ppl["impossible"], "judge": ev.judge,
-        "reference": ev.reference, "reference_seed": ev.reference_seed, "workers": ev.workers,
+        "reference": references.origin, "reference_layout": references.layout, "reference_seed": ev.reference_seed,
+        "eot": scored["eot"], "eot_share": scored["eot_share"], "workers": ev.workers,
         "reference_features_computed": references.computed,
     }
     if job.out:
