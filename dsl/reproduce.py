@@ -94,11 +94,13 @@ SIZES: dict[str, StudySize] = {
     "micro": StudySize("micro", length=8, model=dict(hidden=32, blocks=1, heads=2, cond_dim=32),
                        pretrain_steps=4, finetune_steps=2, batch_size=8, n_samples=16, sample_batch=16,
                        mauve_seeds=(25,), mauve_resamples=2, ckpt_every=2),
-    # the whole chain in a few minutes (about 6 CPU-minutes), L = 32
+    # the whole chain in a few minutes on idle cores (about 6 CPU-minutes, estimated), L = 32
     "smoke": StudySize("smoke", length=32, model=dict(hidden=96, blocks=2, heads=4, cond_dim=64),
                        pretrain_steps=600, finetune_steps=200, batch_size=32, n_samples=256, sample_batch=128,
                        ckpt_every=100),
-    # about 30 minutes on 2 idle cores, training dominating
+    # about 30 minutes on 2 idle cores, training dominating (estimated from 0.3 CPU-s per pretrain step
+    # with one thread; under a shared machine's load, set torch.set_num_threads(1): two threads on
+    # oversubscribed cores were measured 15x slower)
     "default": StudySize("default", length=64, model=dict(hidden=128, blocks=3, heads=4, cond_dim=64),
                          pretrain_steps=1500, finetune_steps=500, batch_size=32, n_samples=384,
                          sample_batch=128, ckpt_every=250),
@@ -363,6 +365,14 @@ def run_cells(source: Any, denoisers: dict[str, Any], size: StudySize, out: str 
     return cells
 
 
+def load_cells(out: str | Path) -> list[dict[str, Any]]:
+    """The cells already written under ``out/cells`` (a study in progress or finished), in row order."""
+    order = {row.slug: k for k, row in enumerate(REFERENCE_ROWS + TABLE1_ROWS)}
+    paths = sorted(Path(out).glob("cells/*/T*.json"),
+                   key=lambda p: (order.get(p.parent.name, len(order)), p.parent.name, int(p.stem[1:])))
+    return [json.loads(p.read_text()) for p in paths]
+
+
 # ----------------------------------------------------------------------------------------------
 # Tables.
 
@@ -450,5 +460,5 @@ def run_study(size: str | StudySize, out: str | Path, *, data: Sequence[str] = (
 
 __all__ = ["StudySize", "SIZES", "Row", "TABLE1_ROWS", "REFERENCE_ROWS", "step_budgets", "eta_cap_table",
            "run_config", "train_phase", "train_models", "nll_stats", "SourceStatsFeaturizer", "TextFeaturizer",
-           "build_featurizer", "mauve_with_errors", "score_cell", "run_cells", "table_rows", "to_csv",
+           "build_featurizer", "mauve_with_errors", "score_cell", "run_cells", "load_cells", "table_rows", "to_csv",
            "to_markdown", "load_denoisers", "run_study"]

@@ -15,10 +15,12 @@ from dsl.reproduce import (
     TABLE1_ROWS,
     SourceStatsFeaturizer,
     eta_cap_table,
+    load_cells,
     mauve_with_errors,
     nll_stats,
     run_study,
     step_budgets,
+    table_rows,
 )
 from dsl.sampling import OracleDenoiser, generate, load_eta_cap
 from dsl.seeding import sample_generator
@@ -117,3 +119,4 @@ def test_micro_study_writes_the_table_and_resumes_without_recomputing(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in cells} == stamps
     assert sorted((out / "runs").rglob("manifest.json")) == ckpts
     assert again["table"] == summary["table"]
+    assert table_rows(load_cells(out)) == summary["table"]
