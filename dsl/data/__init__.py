@@ -28,6 +28,8 @@ import torch
 
 from dsl.config import ConfigError, RunConfig
 from dsl.data.corpora import HFCorpus, LocalCorpus, open_corpus
+from dsl.data.order import READ_WINDOW_NO_SHUFFLE, BlockOrder, window_perm
+from dsl.data.prepared import PREFIX as PREPARED  # data.source=prepared:<dir or s3://...>
 from dsl.data.tokenizers import (
     BPETokenizer,
     CharTokenizer,
@@ -43,7 +45,7 @@ from dsl.sources import SOURCE_NAMES
 SYNTHETIC = SOURCE_NAMES
 TOKENIZERS = "auto, char, gpt2, bpe or a saved tokenizer directory"
 BPE_TRAIN_CHARS = 50_000_000  # a BPE is trained on at most this much training text (a prefix)
-STREAM_WINDOW_NO_SHUFFLE = 1024  # blocks read at a time by a stream that does not shuffle
+STREAM_WINDOW_NO_SHUFFLE = READ_WINDOW_NO_SHUFFLE  # blocks read at a time by a stream that does not shuffle
 
 
 def global_rows(batch_size: int, rank: int, world: int, micro: int, accum: int) -> torch.Tensor:
@@ -74,10 +76,6 @@ class _SyntheticBlocks:
 
     def load_state_dict(self, state: dict) -> None:
         pass
-
-
-def _window_perm(seed: int, split: str, epoch: int, window: int, size: int) -> torch.Tensor:
-    return torch.randperm(size, generator=sample_generator(seed, "shuffle", split, epoch, window))
 
 
 class _TextStream:
@@ -118,7 +116,7 @@ class _MemoryBlocks:
 
     def __init__(self, streams: dict[str, _TextStream], seed: int, window: int, cache: Path | None,
                  where: str) -> None:
-        self.seed, self.window = seed, window
+        self.order = BlockOrder(seed, window)
         self.arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for split, stream in streams.items():
             self.arrays[split] = self._load_or_build(stream, cache, where)
@@ -147,12 +145,7 @@ class _MemoryBlocks:
 
     def get(self, split: str, g: int) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask = self.arrays[split]
-        n = ids.shape[0]
-        epoch, p = divmod(g, n)
-        if split == "train" and self.window > 0:
-            w, q = divmod(p, self.window)
-            size = min(self.window, n - w * self.window)
-            p = w * self.window + int(_window_perm(self.seed, split, epoch, w, size)[q])
+        p, _, _ = self.order.locate(split, g, ids.shape[0])
         return torch.from_numpy(np.array(ids[p], dtype=np.int64)), torch.from_numpy(np.array(mask[p], dtype=np.int64))
 
     def state_dict(self) -> dict:
@@ -195,7 +188,7 @@ class _StreamReader:
                                 f"{self.stream.length}-token blocks (empty corpus, or too little text)")
             self.epoch, self.w, self.start_state = self.epoch + 1, 0, WrapState()
             self._it = self.stream.blocks(self.start_state)
-        self.order = (_window_perm(self.seed, self.stream.split, self.epoch, self.w, len(self.rows))
+        self.order = (window_perm(self.seed, self.stream.split, self.epoch, self.w, len(self.rows))
                       if self.shuffle else None)
         self.ended = len(self.rows) < self.window
 
@@ -283,7 +276,7 @@ def _cache_key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _text_tokenizer(name: str, corpus: Any, data_cfg: Any) -> Any:
+def text_tokenizer(name: str, corpus: Any, data_cfg: Any) -> Any:
     if name == "char":
         return CharTokenizer()
     if name == "gpt2":
@@ -343,8 +336,13 @@ def build_data(run_cfg: RunConfig, tokenizer: Any = None) -> Data:
                             f"(model.length={run_cfg.model.length})")
         return Data(tok, store, seq_len, batch_size, source)
 
+    if source.startswith(PREPARED):
+        from dsl.data.prepared import PreparedBlocks, open_for_run
+
+        store, tok, length = open_for_run(run_cfg, tokenizer)
+        return Data(tok, PreparedBlocks(store, run_cfg.seed, data_cfg.shuffle_window), length, batch_size, source)
     corpus = open_corpus(source, data_cfg, length)
-    tok = tokenizer or _text_tokenizer(data_cfg.tokenizer, corpus, data_cfg)
+    tok = tokenizer or text_tokenizer(data_cfg.tokenizer, corpus, data_cfg)
     if tok.bos_id is None or tok.eos_id is None:
         raise ConfigError(f"data.tokenizer={data_cfg.tokenizer!r} has no BOS/EOS ids; text corpora need "
                           "char, gpt2, bpe or a saved text tokenizer")
@@ -397,6 +395,6 @@ def heldout_blocks(run_cfg: RunConfig, tokenizer: Any, path: str = "", limit: in
     return torch.stack([p[0] for p in pairs]).long(), torch.stack([p[1] for p in pairs]).long()
 
 
-__all__ = ["Data", "build_data", "heldout_blocks", "global_rows", "load_tokenizer", "CharTokenizer", "BPETokenizer",
+__all__ = ["Data", "build_data", "heldout_blocks", "text_tokenizer", "global_rows", "load_tokenizer", "CharTokenizer", "BPETokenizer",
            "GPT2Tokenizer", "SourceTokenizer", "LocalCorpus", "HFCorpus", "WrapState", "wrap_documents",
            "pad_document"]

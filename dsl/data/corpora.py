@@ -114,16 +114,32 @@ class LocalCorpus:
                            "valid": self.cfg.valid_fraction})
 
     def documents(self, split: str, start: int = 0) -> Iterator[str]:
-        want_valid = split != "train"
         j = 0
-        i = 0
-        for path in self.files:
-            for text in _file_documents(path, self.cfg):
-                if is_valid_doc(i, self.cfg.valid_fraction) == want_valid:
+        first = 0
+        for part in self.parts():
+            n = 0
+            for doc_split, text in self.part_documents(part, first):
+                n += 1
+                if doc_split == split:
                     if j >= start:
                         yield text
                     j += 1
-                i += 1
+            first += n
+
+    # -- parts: pieces that separate processes read independently, in corpus order ---------------
+    needs_offsets = True  # the train/valid split depends on global document indices
+
+    def parts(self) -> list[dict]:
+        """One part per file; :meth:`part_documents` needs the number of documents before it."""
+        return [{"file": str(p)} for p in self.files]
+
+    def count_documents(self, part: dict) -> int:
+        return sum(1 for _ in _file_documents(Path(part["file"]), self.cfg))
+
+    def part_documents(self, part: dict, first_doc: int) -> Iterator[tuple[str, str]]:
+        """``(split, text)`` for every document of ``part``, whose first document has index ``first_doc``."""
+        for j, text in enumerate(_file_documents(Path(part["file"]), self.cfg)):
+            yield ("valid" if is_valid_doc(first_doc + j, self.cfg.valid_fraction) else "train"), text
 
 
 class HFCorpus:
@@ -136,32 +152,38 @@ class HFCorpus:
             raise UserError(f"data.source={spec}: unknown Hugging Face corpus (known: "
                             f"{', '.join('hf:' + n for n in HF_NAMES)}; or give a local file/folder)")
         self.spec, self.cfg, self.length = spec, data_cfg, length
+        self._parts_data: dict[str, Any] = {}  # split -> its rows (or text8 string), loaded once
 
     def identity(self) -> str:
         return json.dumps({"hf": self.spec, "length": self.length if self.name == "text8" else None})
 
-    def _load(self, path: str, config: str | None, split: str) -> Any:
+    def _load(self, path: str, config: str | None, split: str, streaming: bool | None = None) -> Any:
         from datasets import load_dataset
 
         try:
-            return load_dataset(path, config, split=split, streaming=self.cfg.streaming,
+            return load_dataset(path, config, split=split,
+                                streaming=self.cfg.streaming if streaming is None else streaming,
                                 cache_dir=self.cfg.cache_dir or None)
         except Exception as exc:  # datasets raises many types for "offline" / "not found"
             raise UserError(f"data.source={self.spec}: cannot load Hugging Face dataset {path!r} split "
                             f"{split!r} ({type(exc).__name__}; offline? use a local file or folder)") from None
 
+    def _rows(self, valid: bool, streaming: bool | None = None) -> Any:
+        if self.name == "openwebtext":  # reference §4.5: the last 100k documents are validation
+            return self._load("openwebtext", None, heldout_split("openwebtext") if valid
+                              else f"train[:-{OWT_HELDOUT_DOCS}]", streaming)
+        if self.name == "wikitext-103":
+            return self._load("wikitext", self.config or "wikitext-103-raw-v1", "validation" if valid else "train",
+                              streaming)
+        # lm1b validates on its test split (reference §4.5)
+        return self._load("lm1b", None, "test" if valid else "train", streaming)
+
     def documents(self, split: str, start: int = 0) -> Iterator[str]:
         valid = split != "train"
         if self.name == "text8":
-            yield from self._text8(valid, start)
+            yield from text8_documents(self._text8(valid), self.length, start)
             return
-        if self.name == "openwebtext":  # reference §4.5: the last 100k documents are validation
-            rows = self._load("openwebtext", None, heldout_split("openwebtext") if valid
-                              else f"train[:-{OWT_HELDOUT_DOCS}]")
-        elif self.name == "wikitext-103":
-            rows = self._load("wikitext", self.config or "wikitext-103-raw-v1", "validation" if valid else "train")
-        else:  # lm1b validates on its test split (reference §4.5)
-            rows = self._load("lm1b", None, "test" if valid else "train")
+        rows = self._rows(valid)
         if start:
             rows = rows.skip(start)
         for row in rows:
@@ -169,7 +191,7 @@ class HFCorpus:
             if text and text.strip():
                 yield text
 
-    def _text8(self, valid: bool, start: int) -> Iterator[str]:
+    def _text8(self, valid: bool) -> str:
         # reference §5.4 / §4.5: train chars [0, 90M); MDLM validates text8 on its *test* range
         # [95M, end). Documents are L-character chunks (the last partial one dropped) that then go
         # through the ordinary wrapping, as in MDLM (so a block holds 254 characters and a spurious EOS).
@@ -177,7 +199,38 @@ class HFCorpus:
         rows = self._load("afmck/text8", self.config or None, "train")
         text = "".join(r[self.cfg.text_field] for r in rows)
         lo, hi = (95_000_000, len(text)) if valid else (0, 90_000_000)
-        yield from text8_documents(text[lo:hi], self.length, start)
+        return text[lo:hi]
+
+    # -- parts: row ranges of the (memory-mapped, non-streamed) dataset, read independently -------
+    needs_offsets = False  # the splits are the dataset's own
+    ROWS_PER_PART = 100_000
+
+    def parts(self) -> list[dict]:
+        out = []
+        for split in ("train", "valid"):
+            n = len(self._split_rows(split))
+            if self.name == "text8":
+                n //= self.length  # documents are L-character pieces of one string
+            out.extend({"split": split, "lo": lo, "hi": min(n, lo + self.ROWS_PER_PART)}
+                       for lo in range(0, n, self.ROWS_PER_PART))
+        return out
+
+    def _split_rows(self, split: str) -> Any:
+        if split not in self._parts_data:
+            self._parts_data[split] = self._text8(split != "train") if self.name == "text8" else \
+                self._rows(split != "train", streaming=False)
+        return self._parts_data[split]
+
+    def part_documents(self, part: dict, first_doc: int = 0) -> Iterator[tuple[str, str]]:
+        split, lo, hi = part["split"], int(part["lo"]), int(part["hi"])
+        rows = self._split_rows(split)
+        if self.name == "text8":
+            for text in text8_documents(rows[lo * self.length:hi * self.length], self.length):
+                yield split, text
+            return
+        for text in rows[lo:hi][self.cfg.text_field]:
+            if text and text.strip():
+                yield split, text
 
 
 def text8_documents(text: str, length: int, start: int = 0) -> Iterator[str]:

@@ -242,6 +242,27 @@ class SourceTokenizer:
 _KINDS: dict[str, Any] = {c.kind: c for c in (CharTokenizer, BPETokenizer, GPT2Tokenizer, SourceTokenizer)}
 
 
+def tokenizer_fingerprint(tok: Any) -> str:
+    """sha256 of what the ids mean: kind, special ids and the id -> token table (not how text is split).
+
+    Two tokenizers with the same fingerprint turn the same ids into the same tokens, so blocks made by one
+    can train a model that the other decodes.
+    """
+    import hashlib
+
+    inner = getattr(tok, "_tok", None)
+    if inner is not None:  # tokenizers-library BPEs: the vocabulary with added tokens
+        vocab = inner.get_vocab(with_added_tokens=True)
+        table: Any = sorted((i, t) for t, i in vocab.items())
+    elif isinstance(tok, SourceTokenizer):
+        table = {"source": tok.name, "params": tok.params}
+    else:
+        table = [tok.decode([i]) for i in range(tok.vocab_size)]
+    desc = {"kind": tok.kind, "vocab_size": int(tok.vocab_size), "mask_id": tok.mask_id, "bos_id": tok.bos_id,
+            "eos_id": tok.eos_id, "table": table}
+    return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()
+
+
 def load_tokenizer(directory: str | os.PathLike) -> Any:
     """Reopen a tokenizer from the directory its ``save`` wrote."""
     meta = _read_meta(directory)
@@ -252,4 +273,5 @@ def load_tokenizer(directory: str | os.PathLike) -> Any:
     return _KINDS[kind].load(directory)
 
 
-__all__ = ["CharTokenizer", "BPETokenizer", "GPT2Tokenizer", "SourceTokenizer", "load_tokenizer"]
+__all__ = ["CharTokenizer", "BPETokenizer", "GPT2Tokenizer", "SourceTokenizer", "load_tokenizer",
+           "tokenizer_fingerprint"]

@@ -146,16 +146,20 @@ class S3Storage:
         return self._call("lookup", key, head)
 
     def list(self, prefix: str = "") -> list[str]:
+        return sorted(self.sizes(prefix))
+
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        """``{key: bytes}`` of every object under ``prefix`` (one listing, no per-object request)."""
         full = self._key(prefix) if prefix.strip("/") else self.prefix
         if full and (prefix.endswith("/") or not prefix):
             full += "/"
         strip = len(self.prefix) + 1 if self.prefix else 0
 
-        def listing() -> list[str]:
-            keys = []
+        def listing() -> dict[str, int]:
+            found = {}
             for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
-                keys.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
-            return sorted(keys)
+                found.update((obj["Key"][strip:], int(obj["Size"])) for obj in page.get("Contents", []))
+            return found
 
         return self._call("listing", prefix, listing)
 

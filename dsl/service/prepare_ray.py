@@ -1,0 +1,251 @@
+"""Corpus preparation on Ray Data: the :class:`dsl.data.prepared.PrepWorker` steps as Ray Data stages.
+
+    parts --flat_map(read)--> chunks --map_batches(tokenize, N actors)--> token streams in <out>/_work
+    shard plans --map_batches(write, N actors)--> <out>/<split>/shard-*.bin      (driver: manifest last)
+
+Each stage keeps one ``PrepWorker`` per actor, so a corpus and a tokenizer are opened once per process.
+A chunk row is about ``chunking.chars`` bytes and Ray Data's target block size is set to that, so every
+chunk is its own block and the tokenizer actors share the work at chunk granularity. Each tokenizer actor
+gets ``cpus_per_worker`` CPUs and caps the Rust tokenizers' thread pool to them (``RAYON_NUM_THREADS``),
+so ``workers=N`` means N tokenizing processes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from dsl.config import ConfigError, DataConfig, num, section, text
+from dsl.data.prepared import Preparation, PrepWorker
+
+
+@dataclass
+class PrepareConfig:
+    """``jobs/prepare_data.py``: which corpus, how it is tokenized and wrapped, where the store goes."""
+
+    data: DataConfig = section(DataConfig)
+    out: str = text("", "where the store goes: a (shared) directory or s3://bucket/prefix")
+    workers: int = num(2, 1, help="Ray Data tokenizer / shard-writer actors")
+    cpus_per_worker: float = num(1.0, 0.0, lo_open=True, help="logical CPUs per actor (also its tokenizer threads)")
+    shard_blocks: int = num(0, 0, help="blocks per shard; 0 = about 64 MiB per shard")
+    storage_endpoint: str = text("", "S3-compatible endpoint URL (MinIO, moto); '' = AWS_ENDPOINT_URL or AWS")
+    ray_address: str = text("", "'' = RAY_ADDRESS if set (e.g. inside `ray job submit`), else a local Ray")
+    tracking_uri: str = text("", "MLflow tracking URI; '' = MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db")
+    experiment: str = text("dsl", "MLflow experiment")
+    log_to_mlflow: bool = field(default=True, metadata={"help": "record the preparation and its manifest in MLflow"})
+
+    def validate(self) -> None:
+        if not self.out:
+            raise ConfigError("out= is required: a directory or s3://bucket/prefix for the prepared store")
+        if self.data.length == 0:
+            raise ConfigError("data.length=0: give the block length L the model trains with (e.g. data.length=1024)")
+        if self.data.source in ("hmm", "cyclic") or self.data.source.startswith("prepared:"):
+            raise ConfigError(f"data.source={self.data.source}: preparation takes a text corpus (a .txt/.jsonl/"
+                              ".parquet file or folder, or hf:<dataset>)")
+
+
+ALIASES = {"source": "data.source", "tokenizer": "data.tokenizer", "length": "data.length"}
+
+
+class _Stage:
+    def __init__(self, ctx: dict, endpoint: str) -> None:
+        if endpoint:
+            from dsl.service.storage_s3 import set_default_endpoint
+
+            set_default_endpoint(endpoint)
+        self.worker = PrepWorker(ctx)
+
+
+class _Count(_Stage):
+    def __call__(self, row: dict) -> dict:
+        return {"index": row["index"], "count": self.worker.count(json.loads(row["part"]))}
+
+
+class _Read(_Stage):
+    def __call__(self, row: dict) -> Iterator[dict]:
+        yield from self.worker.chunks(json.loads(row["item"]))
+
+
+def _columns(records: list[dict]) -> dict[str, list]:
+    return {k: [r[k] for r in records] for k in records[0]}
+
+
+class _Tokenize(_Stage):
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        return _columns([self.worker.tokenize({"split": str(s), "part": int(p), "sub": int(b),
+                                               "texts": [str(t) for t in texts]})
+                         for s, p, b, texts in zip(batch["split"], batch["part"], batch["sub"], batch["texts"])])
+
+
+class _Write(_Stage):
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        return _columns([self.worker.write_shard(json.loads(spec)) for spec in batch["spec"]])
+
+
+class RayDataExecutor:
+    """:class:`dsl.data.prepared.Executor` on Ray Data (the caller holds the Ray connection)."""
+
+    def __init__(self, ctx: dict, workers: int, cpus_per_worker: float = 1.0, endpoint: str = "") -> None:
+        # Ray Data's usage collector polls a Prometheus on localhost:9090 and logs tracebacks when none runs
+        os.environ.setdefault("RAY_DATA_USAGE_DISABLED", "1")
+        import ray.data
+
+        self.ctx, self.workers, self.cpus, self.endpoint = ctx, workers, cpus_per_worker, endpoint
+        dctx = ray.data.DataContext.get_current()
+        dctx.enable_progress_bars = False   # the job draws its own bars
+        dctx.print_on_execution_start = False
+        dctx.target_max_block_size = int(ctx["chunking"]["chars"])
+        threads = str(max(1, math.floor(cpus_per_worker)))
+        self.actor_env = {"env_vars": {"RAYON_NUM_THREADS": threads, "OMP_NUM_THREADS": threads}}
+
+    def _kwargs(self) -> dict:
+        return {"ctx": self.ctx, "endpoint": self.endpoint}
+
+    def count(self, parts: list[dict]) -> list[int]:
+        import ray.data
+
+        rows = [{"index": i, "part": json.dumps(p)} for i, p in enumerate(parts)]
+        ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map(
+            _Count, fn_constructor_kwargs=self._kwargs(), num_cpus=self.cpus,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(self.workers, len(rows))))
+        return [r["count"] for r in sorted(ds.take_all(), key=lambda r: r["index"])]
+
+    def tokenize(self, items: list[dict]) -> Iterator[dict]:
+        import ray.data
+
+        rows = [{"item": json.dumps(it)} for it in items]
+        ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+        ds = ds.flat_map(_Read, fn_constructor_kwargs=self._kwargs(), num_cpus=min(self.cpus, 0.5),
+                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(self.workers, len(rows))))
+        ds = ds.map_batches(_Tokenize, fn_constructor_kwargs=self._kwargs(), batch_size=1, num_cpus=self.cpus,
+                            compute=ray.data.ActorPoolStrategy(size=self.workers), runtime_env=self.actor_env)
+        for row in ds.iter_rows():
+            yield {k: (v.item() if isinstance(v, np.generic) else v) for k, v in row.items()}
+
+    def write(self, specs: list[dict]) -> Iterator[dict]:
+        import ray.data
+
+        if not specs:
+            return
+        rows = [{"spec": json.dumps(s)} for s in specs]
+        ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+            _Write, fn_constructor_kwargs=self._kwargs(), batch_size=1, num_cpus=self.cpus,
+            compute=ray.data.ActorPoolStrategy(size=min(self.workers, len(rows))))
+        for row in ds.iter_rows():
+            yield {k: (v.item() if isinstance(v, np.generic) else v) for k, v in row.items()}
+
+
+def _progress(desc: str, total: int | None) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="doc" if total is None else "shard", file=sys.stderr,
+                mininterval=1.0, dynamic_ncols=True)
+
+
+@dataclass
+class PrepareResult:
+    out: str
+    manifest: dict
+    documents: int
+    tokens: int
+    seconds: float
+    reused_chunks: int
+    reused_shards: int
+    mlflow_run_id: str | None = None
+
+    def summary(self) -> dict:
+        splits = self.manifest["splits"]
+        return {"out": self.out, "documents": self.documents, "tokens": self.tokens,
+                "seconds": round(self.seconds, 3),
+                "documents_per_s": round(self.documents / self.seconds, 1) if self.seconds else None,
+                "tokens_per_s": round(self.tokens / self.seconds, 1) if self.seconds else None,
+                "train_blocks": splits["train"]["blocks"], "valid_blocks": splits["valid"]["blocks"],
+                "shards": sum(len(s["shards"]) for s in splits.values()), "length": self.manifest["length"],
+                "dtype": self.manifest["dtype"], "reused_chunks": self.reused_chunks,
+                "reused_shards": self.reused_shards, "mlflow_run_id": self.mlflow_run_id}
+
+
+def _connect(address: str, cpus_needed: float) -> bool:
+    from dsl.service.ray_train import _connect_ray
+
+    return _connect_ray(address, cpus_needed)
+
+
+def prepare(cfg: PrepareConfig) -> PrepareResult:
+    """Prepare ``cfg.data``'s corpus into ``cfg.out`` on Ray Data (resuming an unfinished preparation)."""
+    if cfg.storage_endpoint:
+        from dsl.service.storage_s3 import set_default_endpoint
+
+        set_default_endpoint(cfg.storage_endpoint)
+    prep = Preparation(cfg.data, cfg.data.length, cfg.out, shard_blocks=cfg.shard_blocks,
+                       log=lambda msg: print(msg, file=sys.stderr, flush=True), progress=_progress)
+    started = _connect(cfg.ray_address, cfg.workers * cfg.cpus_per_worker + 0.5)
+    try:
+        manifest = prep.run(lambda ctx: RayDataExecutor(ctx, cfg.workers, cfg.cpus_per_worker,
+                                                       cfg.storage_endpoint))
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    s = prep.stats
+    result = PrepareResult(out=prep.storage.uri, manifest=manifest, documents=s.documents, tokens=s.tokens,
+                           seconds=s.seconds, reused_chunks=s.reused_chunks, reused_shards=s.reused_shards)
+    if s.seconds:
+        print(f"prepared {s.documents:,} documents, {s.tokens:,} tokens in {s.seconds:.1f} s with {cfg.workers} "
+              f"Ray worker(s): {s.documents / s.seconds:,.1f} documents/s, {s.tokens / s.seconds:,.0f} tokens/s "
+              f"(reused {s.reused_chunks} chunks, {s.reused_shards} shards)", flush=True)
+    if cfg.log_to_mlflow:
+        result.mlflow_run_id = _track(cfg, result)
+    return result
+
+
+def _track(cfg: PrepareConfig, result: PrepareResult) -> str:
+    """One MLflow run per preparation: the config, the throughput, and the manifest as an artifact."""
+    import tempfile
+    from pathlib import Path
+
+    from dsl.config import to_dict
+    from dsl.service import tracking
+
+    if cfg.tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = cfg.tracking_uri
+    params = {k: v for k, v in to_dict(cfg).items() if k not in ("ray_address", "tracking_uri")}
+    with tracking.job_run("prepare", params, tracking_uri=cfg.tracking_uri or tracking.default_tracking_uri(),
+                          experiment=cfg.experiment) as logger:
+        logger.set_tags({"dsl.prepared_store": tracking.scrub(result.out)})
+        summary = result.summary()
+        logger.log_metrics({k: float(v) for k, v in summary.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=0)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "manifest.json"
+            path.write_text(json.dumps(result.manifest, indent=2, sort_keys=True))
+            logger.log_artifact(str(path))
+        return logger.run_id
+
+
+def check_prepared_source(source: str, endpoint: str = "") -> None:
+    """Before a training run starts: the prepared store is complete and every shard's sha256 matches."""
+    from dsl.data.prepared import PreparedStore, prepared_uri
+
+    uri = prepared_uri(source)
+    if uri is None:
+        return
+    if endpoint:
+        from dsl.service.storage_s3 import set_default_endpoint
+
+        set_default_endpoint(endpoint)
+    started = time.perf_counter()
+    PreparedStore(uri).verify(progress=_progress)
+    print(f"data.source={source}: every shard verified ({time.perf_counter() - started:.1f} s)", file=sys.stderr)
+
+
+__all__ = ["PrepareConfig", "ALIASES", "RayDataExecutor", "PrepareResult", "prepare", "check_prepared_source"]
