@@ -39,6 +39,7 @@ that touch many documents take a :class:`Executor`; :class:`InProcess` runs them
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import itertools
 import json
@@ -77,6 +78,22 @@ WRAP_RULE = ("mdlm-wrap: each document's tokens + EOS, concatenated in corpus or
 PAD_RULE = "one document per block: [BOS] doc[:L-2] [EOS] padded with EOS; attended length stored per block"
 _SPILL = re.compile(r"^(\d+)-(\d+)\.d(\d+)\.u(\d+)\.t(\d+)\.([0-9a-f]{16})\.tok$")
 _SHARD = re.compile(r"^shard-(\d+)-([0-9a-f]{16})\.bin$")
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _bar(progress: Callable[[str, int | None], Any] | None, desc: str, total: int | None) -> Iterator[Any]:
+    """A progress bar from ``progress`` (e.g. tqdm), closed before an error propagates."""
+    bar = progress(desc, total) if progress else _NoBar()
+    try:
+        yield bar
+    finally:
+        if progress:
+            bar.close()
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -355,7 +372,8 @@ class PrepStats:
     documents: int = 0
     tokens: int = 0
     chunks: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0           # the whole run (counting, tokenizing, writing shards)
+    tokenize_seconds: float = 0.0  # reading + tokenizing the chunks
     reused_chunks: int = 0
     reused_shards: int = 0
 
@@ -507,16 +525,15 @@ class Preparation:
                  for i, p in enumerate(parts)]
         self.stats.reused_chunks = len(done)
         chunks = dict(done)
-        bar = self.progress("tokenize (documents)", None) if self.progress else None
-        for rec in executor.tokenize(items):
-            chunks[(rec["split"], rec["part"], rec["sub"])] = rec
-            self.stats.documents += rec["docs"]
-            self.stats.tokens += rec["tokens"]
-            self.stats.chunks += 1
-            if bar is not None:
+        t_tok = time.perf_counter()
+        with _bar(self.progress, "tokenize (documents)", None) as bar:
+            for rec in executor.tokenize(items):
+                chunks[(rec["split"], rec["part"], rec["sub"])] = rec
+                self.stats.documents += rec["docs"]
+                self.stats.tokens += rec["tokens"]
+                self.stats.chunks += 1
                 bar.update(rec["docs"])
-        if bar is not None:
-            bar.close()
+        self.stats.tokenize_seconds = time.perf_counter() - t_tok
 
         plan = plan_shards(chunks.values(), self.length, self.wrap, self.blocks_per_shard, self.dtype.itemsize)
         for split, p in plan.items():
@@ -532,14 +549,11 @@ class Preparation:
                 specs.append(spec)
             stale.extend(k for keys in existing.values() for k in keys)
         written: dict[tuple[str, int], dict] = {}
-        bar = self.progress("shards", len(specs)) if self.progress else None
-        for rec in executor.write(specs):
-            written[(rec["split"], rec["shard"])] = rec
-            self.stats.reused_shards += bool(rec["reused"])
-            if bar is not None:
+        with _bar(self.progress, "shards", len(specs)) as bar:
+            for rec in executor.write(specs):
+                written[(rec["split"], rec["shard"])] = rec
+                self.stats.reused_shards += bool(rec["reused"])
                 bar.update(1)
-        if bar is not None:
-            bar.close()
         missing = [f"{s['split']}/{s['shard']}" for s in specs if (s["split"], s["shard"]) not in written]
         if missing:
             raise RuntimeError(f"shards {', '.join(missing[:5])} were not written")
@@ -670,21 +684,16 @@ class PreparedStore:
     def verify(self, progress: Callable[[str, int | None], Any] | None = None, threads: int = 4) -> None:
         """sha256 of every shard against the manifest; one UserError naming the first bad file."""
         shards = [s for split in SPLITS for s in self.manifest["splits"][split]["shards"]]
-        bar = progress("verify shards", len(shards)) if progress else None
-
         def check(s: dict) -> None:
             data = self.storage.get_bytes(s["file"])
             if _sha256(data) != s["sha256"]:
                 raise UserError(f"{_where(self.storage, s['file'])}: sha256 mismatch with the manifest (corrupt "
                                 "shard; prepare the store again)")
 
-        with ThreadPoolExecutor(max_workers=threads) as pool:
+        with ThreadPoolExecutor(max_workers=threads) as pool, _bar(progress, "verify shards", len(shards)) as bar:
             for fut in [pool.submit(check, s) for s in shards]:
                 fut.result()
-                if bar is not None:
-                    bar.update(1)
-        if bar is not None:
-            bar.close()
+                bar.update(1)
 
     def local_path(self, key: str) -> Path | None:
         return self.storage.root / key if isinstance(self.storage, LocalStorage) else None

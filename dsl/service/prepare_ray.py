@@ -3,7 +3,8 @@
     parts --flat_map(read)--> chunks --map_batches(tokenize, N actors)--> token streams in <out>/_work
     shard plans --map_batches(write, N actors)--> <out>/<split>/shard-*.bin      (driver: manifest last)
 
-Each stage keeps one ``PrepWorker`` per actor, so a corpus and a tokenizer are opened once per process.
+Every Ray worker process keeps one ``PrepWorker`` per preparation, so a corpus and a tokenizer are opened
+once per process.
 A chunk row is about ``chunking.chars`` bytes and Ray Data's target block size is set to that, so every
 chunk is its own block and the tokenizer actors share the work at chunk granularity. Each tokenizer actor
 gets ``cpus_per_worker`` CPUs and caps the Rust tokenizers' thread pool to them (``RAYON_NUM_THREADS``),
@@ -55,43 +56,56 @@ class PrepareConfig:
 ALIASES = {"source": "data.source", "tokenizer": "data.tokenizer", "length": "data.length"}
 
 
-class _Stage:
-    def __init__(self, ctx: dict, endpoint: str) -> None:
+_WORKERS: dict[str, PrepWorker] = {}  # one per preparation per Ray worker process (tasks reuse processes)
+
+
+def _worker(ctx: dict, endpoint: str) -> PrepWorker:
+    key = ctx["out"] + "|" + json.dumps(ctx["data"], sort_keys=True)
+    if key not in _WORKERS:
         if endpoint:
             from dsl.service.storage_s3 import set_default_endpoint
 
             set_default_endpoint(endpoint)
-        self.worker = PrepWorker(ctx)
+        _WORKERS[key] = PrepWorker(ctx)
+    return _WORKERS[key]
 
 
-class _Count(_Stage):
-    def __call__(self, row: dict) -> dict:
-        return {"index": row["index"], "count": self.worker.count(json.loads(row["part"]))}
+def _count(row: dict, ctx: dict, endpoint: str) -> dict:
+    return {"index": row["index"], "count": _worker(ctx, endpoint).count(json.loads(row["part"]))}
 
 
-class _Read(_Stage):
-    def __call__(self, row: dict) -> Iterator[dict]:
-        yield from self.worker.chunks(json.loads(row["item"]))
+def _read(row: dict, ctx: dict, endpoint: str) -> Iterator[dict]:
+    yield from _worker(ctx, endpoint).chunks(json.loads(row["item"]))
 
 
 def _columns(records: list[dict]) -> dict[str, list]:
     return {k: [r[k] for r in records] for k in records[0]}
 
 
-class _Tokenize(_Stage):
+def _write(batch: dict[str, np.ndarray], ctx: dict, endpoint: str) -> dict[str, list]:
+    worker = _worker(ctx, endpoint)
+    return _columns([worker.write_shard(json.loads(spec)) for spec in batch["spec"]])
+
+
+class _Tokenize:
+    """A tokenizer actor: its Rust thread pool is capped to the actor's CPUs before the first encode."""
+
+    def __init__(self, ctx: dict, endpoint: str, threads: int) -> None:
+        os.environ["RAYON_NUM_THREADS"] = str(threads)
+        self.worker = _worker(ctx, endpoint)
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         return _columns([self.worker.tokenize({"split": str(s), "part": int(p), "sub": int(b),
                                                "texts": [str(t) for t in texts]})
                          for s, p, b, texts in zip(batch["split"], batch["part"], batch["sub"], batch["texts"])])
 
 
-class _Write(_Stage):
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        return _columns([self.worker.write_shard(json.loads(spec)) for spec in batch["spec"]])
-
-
 class RayDataExecutor:
-    """:class:`dsl.data.prepared.Executor` on Ray Data (the caller holds the Ray connection)."""
+    """:class:`dsl.data.prepared.Executor` on Ray Data (the caller holds the Ray connection).
+
+    Tokenization runs on ``workers`` long-lived actors (one tokenizer each); reading parts, counting
+    their documents and writing shards are light and run as tasks, at most ``workers`` at a time.
+    """
 
     def __init__(self, ctx: dict, workers: int, cpus_per_worker: float = 1.0, endpoint: str = "") -> None:
         # Ray Data's usage collector polls a Prometheus on localhost:9090 and logs tracebacks when none runs
@@ -103,19 +117,21 @@ class RayDataExecutor:
         dctx.enable_progress_bars = False   # the job draws its own bars
         dctx.print_on_execution_start = False
         dctx.target_max_block_size = int(ctx["chunking"]["chars"])
-        threads = str(max(1, math.floor(cpus_per_worker)))
-        self.actor_env = {"env_vars": {"RAYON_NUM_THREADS": threads, "OMP_NUM_THREADS": threads}}
 
     def _kwargs(self) -> dict:
         return {"ctx": self.ctx, "endpoint": self.endpoint}
+
+    def _tasks(self, n: int) -> Any:
+        import ray.data
+
+        return ray.data.TaskPoolStrategy(size=max(1, min(self.workers, n)))
 
     def count(self, parts: list[dict]) -> list[int]:
         import ray.data
 
         rows = [{"index": i, "part": json.dumps(p)} for i, p in enumerate(parts)]
         ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map(
-            _Count, fn_constructor_kwargs=self._kwargs(), num_cpus=self.cpus,
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(self.workers, len(rows))))
+            _count, fn_kwargs=self._kwargs(), num_cpus=self.cpus, compute=self._tasks(len(rows)))
         return [r["count"] for r in sorted(ds.take_all(), key=lambda r: r["index"])]
 
     def tokenize(self, items: list[dict]) -> Iterator[dict]:
@@ -123,10 +139,10 @@ class RayDataExecutor:
 
         rows = [{"item": json.dumps(it)} for it in items]
         ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-        ds = ds.flat_map(_Read, fn_constructor_kwargs=self._kwargs(), num_cpus=min(self.cpus, 0.5),
-                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(self.workers, len(rows))))
-        ds = ds.map_batches(_Tokenize, fn_constructor_kwargs=self._kwargs(), batch_size=1, num_cpus=self.cpus,
-                            compute=ray.data.ActorPoolStrategy(size=self.workers), runtime_env=self.actor_env)
+        ds = ds.flat_map(_read, fn_kwargs=self._kwargs(), num_cpus=min(self.cpus, 0.5), compute=self._tasks(len(rows)))
+        ds = ds.map_batches(_Tokenize, batch_size=1, num_cpus=self.cpus,
+                            fn_constructor_kwargs={**self._kwargs(), "threads": max(1, math.floor(self.cpus))},
+                            compute=ray.data.ActorPoolStrategy(size=self.workers))
         for row in ds.iter_rows():
             yield {k: (v.item() if isinstance(v, np.generic) else v) for k, v in row.items()}
 
@@ -136,9 +152,9 @@ class RayDataExecutor:
         if not specs:
             return
         rows = [{"spec": json.dumps(s)} for s in specs]
-        ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
-            _Write, fn_constructor_kwargs=self._kwargs(), batch_size=1, num_cpus=self.cpus,
-            compute=ray.data.ActorPoolStrategy(size=min(self.workers, len(rows))))
+        # a few shards per block: consecutive shards share chunks, read once per block
+        ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), 4 * self.workers)).map_batches(
+            _write, fn_kwargs=self._kwargs(), batch_size=None, num_cpus=self.cpus, compute=self._tasks(len(rows)))
         for row in ds.iter_rows():
             yield {k: (v.item() if isinstance(v, np.generic) else v) for k, v in row.items()}
 
@@ -157,6 +173,7 @@ class PrepareResult:
     documents: int
     tokens: int
     seconds: float
+    tokenize_seconds: float
     reused_chunks: int
     reused_shards: int
     mlflow_run_id: str | None = None
@@ -164,7 +181,7 @@ class PrepareResult:
     def summary(self) -> dict:
         splits = self.manifest["splits"]
         return {"out": self.out, "documents": self.documents, "tokens": self.tokens,
-                "seconds": round(self.seconds, 3),
+                "seconds": round(self.seconds, 3), "tokenize_seconds": round(self.tokenize_seconds, 3),
                 "documents_per_s": round(self.documents / self.seconds, 1) if self.seconds else None,
                 "tokens_per_s": round(self.tokens / self.seconds, 1) if self.seconds else None,
                 "train_blocks": splits["train"]["blocks"], "valid_blocks": splits["valid"]["blocks"],
@@ -198,7 +215,8 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
             ray.shutdown()
     s = prep.stats
     result = PrepareResult(out=prep.storage.uri, manifest=manifest, documents=s.documents, tokens=s.tokens,
-                           seconds=s.seconds, reused_chunks=s.reused_chunks, reused_shards=s.reused_shards)
+                           seconds=s.seconds, tokenize_seconds=s.tokenize_seconds, reused_chunks=s.reused_chunks,
+                           reused_shards=s.reused_shards)
     if s.seconds:
         print(f"prepared {s.documents:,} documents, {s.tokens:,} tokens in {s.seconds:.1f} s with {cfg.workers} "
               f"Ray worker(s): {s.documents / s.seconds:,.1f} documents/s, {s.tokens / s.seconds:,.0f} tokens/s "
@@ -232,20 +250,22 @@ def _track(cfg: PrepareConfig, result: PrepareResult) -> str:
         return logger.run_id
 
 
-def check_prepared_source(source: str, endpoint: str = "") -> None:
-    """Before a training run starts: the prepared store is complete and every shard's sha256 matches."""
-    from dsl.data.prepared import PreparedStore, prepared_uri
+def check_prepared_data(run_cfg: Any, endpoint: str = "") -> None:
+    """Before a training run starts: a prepared ``data.source`` fits the model (L, tokenizer, layout), is
+    complete, and every shard's sha256 matches its manifest — so bad data is one line, never a step."""
+    from dsl.data.prepared import open_for_run, prepared_uri
 
-    uri = prepared_uri(source)
-    if uri is None:
+    if prepared_uri(run_cfg.data.source) is None:
         return
     if endpoint:
         from dsl.service.storage_s3 import set_default_endpoint
 
         set_default_endpoint(endpoint)
     started = time.perf_counter()
-    PreparedStore(uri).verify(progress=_progress)
-    print(f"data.source={source}: every shard verified ({time.perf_counter() - started:.1f} s)", file=sys.stderr)
+    store, _, _ = open_for_run(run_cfg)
+    store.verify(progress=_progress)
+    print(f"data.source={run_cfg.data.source}: every shard verified ({time.perf_counter() - started:.1f} s)",
+          file=sys.stderr, flush=True)
 
 
-__all__ = ["PrepareConfig", "ALIASES", "RayDataExecutor", "PrepareResult", "prepare", "check_prepared_source"]
+__all__ = ["PrepareConfig", "ALIASES", "RayDataExecutor", "PrepareResult", "prepare", "check_prepared_data"]

@@ -276,6 +276,9 @@ def run_finetune(cfg: JobConfig, *, name: str | None = None) -> FinetuneResult:
     root = storage_root(cfg, name)
     check_storage(root, svc.storage_endpoint)
     check_init(run_cfg.init)
+    from dsl.service.prepare_ray import check_prepared_data
+
+    check_prepared_data(run_cfg, svc.storage_endpoint)
 
     run_id = None
     resumed = latest_complete(root) is not None
