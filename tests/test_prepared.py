@@ -147,6 +147,34 @@ def test_bpe_tokenizer_is_trained_once_and_saved_beside_the_shards(corpus: Path,
         assert torch.equal(ref.batch("train", step)["ids"], data.batch("train", step)["ids"])
 
 
+def test_hugging_face_corpus_parts_give_the_same_blocks(tmp_path: Path, monkeypatch) -> None:
+    """Row ranges of a (memory-mapped) dataset split, read independently, in dataset order."""
+    import datasets
+
+    from dsl.data.corpora import HFCorpus
+
+    rng = np.random.default_rng(1)
+    words = "a stitch in time saves nine but only when the needle is sharp".split()
+    rows = {s: [" ".join(rng.choice(words, size=int(rng.integers(0, 9)))) for _ in range(n)]
+            for s, n in (("train", 40), ("validation", 15))}
+
+    def load_dataset(path, name=None, split=None, streaming=False, **kw):
+        assert (path, name, streaming) == ("wikitext", "wikitext-103-raw-v1", False)
+        return datasets.Dataset.from_dict({"text": rows[split]})  # includes empty texts, which are skipped
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(HFCorpus, "ROWS_PER_PART", 7)
+    cfg = load(RunConfig, [*RUN, "data.source=hf:wikitext-103", "data.tokenizer=char"])
+    prep = Preparation(cfg.data, L, str(tmp_path / "hf"), shard_blocks=5, chunk_docs=3)
+    assert len(prep.corpus.parts()) == 6 + 3
+    prep.run(InProcess)
+    ref, got = build_data(cfg), build_data(prepared_cfg(tmp_path / "hf"))
+    for split in ("train", "valid"):
+        assert got.store.readers[split].blocks == ref.store.arrays[split][0].shape[0]
+        for step in range(8):
+            assert torch.equal(ref.batch(split, step)["ids"], got.batch(split, step)["ids"]), (split, step)
+
+
 def test_training_reads_never_tokenize(store: Path, monkeypatch) -> None:
     def refuse(self, text):
         raise AssertionError("a training process tokenized")
