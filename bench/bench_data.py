@@ -64,12 +64,12 @@ def train_tokenizer(corpus: Path, vocab: int, out: Path) -> None:
 
 
 def prepare_with(workers: int, corpus: Path, tok: Path, length: int, out: Path) -> dict:
-    from dsl.config import load
-    from dsl.service.prepare_ray import ALIASES, PrepareConfig, prepare
+    from dsl.cli import load_job, parse
+    from dsl.service.prepare_ray import prepare
 
-    cfg = load(PrepareConfig, [f"data.source={corpus}", f"data.tokenizer={tok}", f"data.length={length}",
-                               "data.valid_fraction=0.01", f"workers={workers}", f"out={out}",
-                               "log_to_mlflow=false"], aliases=ALIASES)
+    _, cfg = parse(load_job("jobs/prepare_data.py"), [
+        f"data.source={corpus}", f"data.tokenizer={tok}", f"data.length={length}", "data.valid_fraction=0.01",
+        f"prepare.workers={workers}", f"out={out}", "service.mlflow=off"])
     result = prepare(cfg)
     return {"tokens": result.tokens, "seconds": result.seconds, "tokenize_seconds": result.tokenize_seconds,
             "documents": result.documents}

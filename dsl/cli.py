@@ -56,6 +56,8 @@ class Mode:
     help: str
     tracked: bool = False          # one MLflow run around it (when service.mlflow resolves to on)
     tags: Callable[[JobConfig], Mapping[str, str]] | None = None   # extra MLflow tags of that run
+    after: Callable[[Any, dict], None] | None = None   # (run logger, summary): artifacts of a finished run
+    check: Callable[[JobConfig], None] | None = None   # inputs the mode requires, checked before anything is written
     defaults: tuple[str, ...] = ()   # the mode's own starting values, after the job's ("preset=..." allowed)
 
 
@@ -204,6 +206,8 @@ def changed_keys(job: Job, mode: str, cfg: JobConfig) -> set[str]:
 
 def run_mode(job: Job, mode: str, cfg: JobConfig) -> dict:
     m = job.modes[mode]
+    if m.check is not None:
+        m.check(cfg)
     if not m.tracked:
         return m.run(cfg)
     from dsl.service.tracking import resolve_tracking_uri, tracked_job
@@ -211,7 +215,7 @@ def run_mode(job: Job, mode: str, cfg: JobConfig) -> dict:
     kind = job.name if mode == job.name else f"{job.name}-{mode}"
     checkpoint = cfg.checkpoint.split(",")[0] or None if job.reads("checkpoint") else None
     return tracked_job(kind, used_params(job, cfg), checkpoint, lambda: m.run(cfg),
-                       tags=m.tags(cfg) if m.tags else None,
+                       tags=m.tags(cfg) if m.tags else None, after=m.after,
                        tracking_uri=resolve_tracking_uri(cfg.service, default_on=job.tracks_by_default),
                        experiment=cfg.experiment, run_name=cfg.name or kind)
 

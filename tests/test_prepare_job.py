@@ -21,7 +21,7 @@ from dsl.data import build_data
 from dsl.data.prepared import MANIFEST, InProcess, Preparation
 
 REPO = Path(__file__).resolve().parents[1]
-PREP = ["data.tokenizer=char", f"data.length={L}", "data.valid_fraction=0.25", "shard_blocks=7"]
+PREP = ["data.tokenizer=char", f"data.length={L}", "data.valid_fraction=0.25", "prepare.shard_blocks=7"]
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +49,8 @@ def files_of(root: Path) -> dict[str, bytes]:
 def test_one_two_three_workers_write_byte_identical_stores(ray_env, corpus: Path, tmp_path: Path) -> None:
     stores = {}
     for n in (1, 2, 3):
-        out = run_job("jobs/prepare_data.py", [f"data.source={corpus}", *PREP, f"workers={n}",
-                                               f"out={tmp_path / f'w{n}'}", "log_to_mlflow=false"], ray_env)
+        out = run_job("jobs/prepare_data.py", [f"data.source={corpus}", *PREP, f"prepare.workers={n}",
+                                               f"out={tmp_path / f'w{n}'}", "service.mlflow=off"], ray_env)
         summary = summary_of(out)
         assert summary["documents"] == 105 and summary["tokens_per_s"] > 0
         assert f"with {n} Ray worker(s):" in out.stdout and "documents/s" in out.stdout and "tokens/s" in out.stdout
@@ -76,8 +76,8 @@ def test_s3_store_via_ray_job_submit_resumes_and_is_recorded_in_mlflow(ray_clust
     import mlflow
 
     uri = f"{s3_bucket}/prepared/docs"
-    args = [f"data.source={corpus}", *PREP, "workers=2", f"out={uri}", f"tracking_uri={mlflow_server.tracking_uri}",
-            "experiment=prepare-test"]
+    args = [f"data.source={corpus}", *PREP, "prepare.workers=2", f"out={uri}",
+            f"service.tracking_uri={mlflow_server.tracking_uri}", "experiment=prepare-test"]
     cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", ray_cluster.dashboard_url,
            "--working-dir", str(REPO), "--", "python", "jobs/prepare_data.py", *args]
     first = summary_of(subprocess.run(cmd, env=ray_env, capture_output=True, text=True, timeout=400, cwd=REPO))
@@ -98,9 +98,11 @@ def test_s3_store_via_ray_job_submit_resumes_and_is_recorded_in_mlflow(ray_clust
     assert again["splits"] == manifest["splits"]
 
     mlflow.set_tracking_uri(mlflow_server.tracking_uri)
-    run = mlflow.get_run(second["mlflow_run_id"])
-    assert run.data.tags["dsl.kind"] == "prepare" and run.data.tags["dsl.prepared_store"] == uri
-    assert run.data.metrics["tokens_per_s"] > 0 and run.data.params["workers"] == "2"
+    (run,) = mlflow.search_runs(experiment_names=["prepare-test"], output_format="list",
+                                filter_string="tags.`dsl.kind` = 'prepare_data'", order_by=["start_time DESC"],
+                                max_results=1)
+    assert run.data.tags["dsl.prepared_store"] == uri and run.data.metrics["reused_shards"] == len(shard_keys) - 1
+    assert run.data.metrics["tokens_per_s"] > 0 and run.data.params["prepare.workers"] == "2"
     local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="manifest.json")
     assert json.loads(Path(local).read_text())["splits"] == manifest["splits"]
 
@@ -109,8 +111,8 @@ def finetune_args(source: str, name: str, tmp_path: Path) -> list[str]:
     return ["model=toy", f"model.length={L}", "objective=dsl", f"data.source={source}", "data.tokenizer=char",
             "data.valid_fraction=0.25", "data.shuffle_window=5", "train.batch_size=4", "train.steps=3",
             "train.eval_every=0", "train.eval_batches=1", "train.ckpt_every=0", "train.log_every=1",
-            "train.lr=3e-3", "workers=1", f"name={name}", f"storage={tmp_path / 'runs'}",
-            f"tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+            "train.lr=3e-3", "service.workers=1", f"name={name}", f"service.storage={tmp_path / 'runs'}",
+            f"service.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
 
 
 @pytest.mark.integration
@@ -131,8 +133,7 @@ def test_finetune_from_a_prepared_store_has_the_raw_corpus_losses(ray_env, corpu
     losses = [m.value for m in sorted(history, key=lambda m: m.step)]
 
     torch.set_num_threads(1)  # as the Ray worker (threads_per_worker = cpus_per_worker = 1)
-    raw_args = [a for a in finetune_args(str(corpus), "raw", tmp_path) if a.split("=")[0] not in
-                ("workers", "storage", "tracking_uri")]
+    raw_args = [a for a in finetune_args(str(corpus), "raw", tmp_path) if not a.startswith("service.")]
     raw = Trainer(load(RunConfig, raw_args), storage=tmp_path / "raw")
     expected = [raw.step()["loss"] for _ in range(3)]
     assert len(losses) == 3 and losses == expected
@@ -148,7 +149,7 @@ def test_finetune_stops_on_a_bad_store_with_one_line_before_any_step(corpus: Pat
     store = tmp_path / "store"
     manifest = Preparation(cfg.data, L, str(store), shard_blocks=7).run(InProcess)
     shard = store / manifest["splits"]["train"]["shards"][-1]["file"]  # the last shard: read late in an epoch
-    args = finetune_args(f"prepared:{store}", "bad", tmp_path) + ["service.log_to_mlflow=false"]
+    args = finetune_args(f"prepared:{store}", "bad", tmp_path) + ["service.mlflow=off"]
     if damage == "missing":
         shard.unlink()
     elif damage == "corrupt":

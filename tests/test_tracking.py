@@ -38,6 +38,9 @@ def test_scrub_removes_credentials(monkeypatch):
     assert scrub("http://h/x?token=abc&b=1") == f"http://h/x?token={REDACTED}&b=1"
     assert scrub("v=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY") == f"v={REDACTED}"
     assert scrub("hunter22", key="service.aws_secret_access_key") == REDACTED
+    assert scrub("hunter22", key="hf_token") == scrub("hunter22", key="auth_token_path") == REDACTED
+    for key in ("data.tokenizer", "tokens_per_s", "tokenize_seconds", "max_tokens"):  # not secrets
+        assert scrub("gpt2", key=key) == "gpt2", key
     assert scrub("s3://bucket/run") == "s3://bucket/run"
 
 

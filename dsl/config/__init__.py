@@ -34,6 +34,7 @@ from dsl.config.tree import (
     JobConfig,
     MDLMLossConfig,
     ModelConfig,
+    PrepareConfig,
     RunConfig,
     SamplingConfig,
     SearchConfig,
@@ -47,7 +48,7 @@ RUN_PRESETS = run_presets()
 
 __all__ = [
     "ConfigError", "ModelConfig", "ChannelConfig", "MDLMLossConfig", "DataConfig", "TrainConfig",
-    "SamplingConfig", "EvalConfig", "SearchConfig", "ServiceConfig", "RunConfig", "JobConfig",
+    "SamplingConfig", "EvalConfig", "SearchConfig", "PrepareConfig", "ServiceConfig", "RunConfig", "JobConfig",
     "run_config_of", "MODEL_PRESETS", "RUN_PRESETS", "model_presets", "run_presets", "describe_presets",
     "apply_overrides", "load", "set_key", "validate", "to_dict", "from_dict", "flatten", "dumps", "describe",
     "parse_value", "split_override", "leaf_keys", "choice", "num", "text", "flag", "values", "section",

@@ -301,6 +301,17 @@ class SearchConfig:
 
 
 @dataclass
+class PrepareConfig:
+    """Corpus preparation (jobs/prepare_data.py): the corpus tokenized and wrapped once, on Ray Data, into a
+    sharded token store that training reads as ``data.source=prepared:<out>``."""
+
+    workers: int = num(2, 1, help="Ray Data tokenizer actors (and at most as many shard-writing tasks)")
+    cpus_per_worker: float = num(1.0, 0.0, lo_open=True, help="logical CPUs per tokenizer actor (also the "
+                                                              "tokenizer's threads)")
+    shard_blocks: int = num(0, 0, help="L-token blocks per shard; 0 = about 64 MiB per shard")
+
+
+@dataclass
 class ServiceConfig:
     """Where and how a job executes and where it is tracked (never part of a checkpoint's config)."""
 
@@ -370,7 +381,8 @@ class JobConfig:
                                "complete checkpoint) | <checkpoint dir> | s3://... (evaluate calibration/"
                                "likelihood: label=spec,... compares several)")
     out: str = text("", "where the job writes: sample → the .jsonl (a toy: the .png); evaluate, search → a "
-                        "directory; finetune → local root of runs when service.storage is ''")
+                        "directory; finetune → local root of runs when service.storage is ''; prepare_data → "
+                        "the token store (a shared directory or s3://bucket/prefix)")
     progress: bool = flag(True, "tqdm progress bars on long work")
     model: ModelConfig = section(ModelConfig)
     channel: ChannelConfig = section(ChannelConfig)
@@ -380,6 +392,7 @@ class JobConfig:
     sampling: SamplingConfig = section(SamplingConfig)
     eval: EvalConfig = section(EvalConfig)
     search: SearchConfig = section(SearchConfig)
+    prepare: PrepareConfig = section(PrepareConfig)
     service: ServiceConfig = section(ServiceConfig)
 
 
@@ -398,5 +411,5 @@ def run_config_of(job: JobConfig) -> RunConfig:
 
 
 __all__ = ["ModelConfig", "ChannelConfig", "MDLMLossConfig", "DataConfig", "TrainConfig", "SamplingConfig",
-           "EvalConfig", "SearchConfig", "ServiceConfig", "RunConfig", "JobConfig", "run_config_of",
+           "EvalConfig", "SearchConfig", "PrepareConfig", "ServiceConfig", "RunConfig", "JobConfig", "run_config_of",
            "check_search_range", "MAX_BUDGET", "field"]

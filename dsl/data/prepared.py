@@ -27,7 +27,7 @@ the number of workers:
    stream. Block k is ``[BOS] stream[k(L-2):(k+1)(L-2)] [EOS]``; the tail shorter than L-2 is dropped.
    Shard s holds blocks ``[sK, (s+1)K)`` and is cut out of the chunks that overlap its tokens, so the
    carry across documents, chunks and shards is exactly the sequential wrapping's carry.
-   Unwrapped stores (``data.wrap=false``) have one block per document: ``[BOS] doc[:L-2] [EOS]`` + padding.
+   Unwrapped stores (``data.wrap=false``) have one block per document: ``[BOS] doc[:L-2] [EOS]`` + [PAD]s.
 4. ``manifest.json`` is written after every shard, then ``_work/`` is removed.
 
 Re-running a preparation into the same root resumes: chunks already tokenized and shards already
@@ -75,7 +75,7 @@ LENGTH_DTYPE = np.dtype("<u4")
 WRAP_RULE = ("mdlm-wrap: each document's tokens + EOS, concatenated in corpus order and cut into L-2 token "
              "chunks, each block [BOS] chunk [EOS]; the remainder carries over to the next document, the "
              "split's tail shorter than L-2 is dropped")
-PAD_RULE = "one document per block: [BOS] doc[:L-2] [EOS] padded with EOS; attended length stored per block"
+PAD_RULE = "one document per block: [BOS] doc[:L-2] [EOS] padded with [PAD]; attended length stored per block"
 _SPILL = re.compile(r"^(\d+)-(\d+)\.d(\d+)\.u(\d+)\.t(\d+)\.([0-9a-f]{16})\.tok$")
 _SHARD = re.compile(r"^shard-(\d+)-([0-9a-f]{16})\.bin$")
 
@@ -198,7 +198,7 @@ class PrepWorker:
         else:
             rows, lengths = [], []
             for d in docs:
-                ids, mask = pad_document(d, L, tok.bos_id, tok.eos_id)
+                ids, mask = pad_document(d, L, tok.bos_id, tok.eos_id, tok.pad_id)
                 rows.append(ids)
                 lengths.append(sum(mask))
             data = (_as_dtype(np.asarray(rows, dtype=np.int64).reshape(-1, L), self.dtype, tok.vocab_size).tobytes()
@@ -585,7 +585,7 @@ class Preparation:
                        "split_rule": ("global document index i is valid iff hash(i) < valid_fraction"
                                       if self.corpus.needs_offsets else "the dataset's own train/valid splits")},
             "tokenizer": {"kind": tok.kind, "vocab_size": int(tok.vocab_size), "mask_id": int(tok.mask_id),
-                          "bos_id": int(tok.bos_id), "eos_id": int(tok.eos_id),
+                          "bos_id": int(tok.bos_id), "eos_id": int(tok.eos_id), "pad_id": int(tok.pad_id),
                           "fingerprint": tokenizer_fingerprint(tok),
                           "files": {f"tokenizer/{n}": {"sha256": _sha256(b), "bytes": len(b)}
                                     for n, b in self.tok_files.items()}},

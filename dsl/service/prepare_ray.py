@@ -19,42 +19,13 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from dsl.config import ConfigError, DataConfig, num, section, text
+from dsl.config import ConfigError
 from dsl.data.prepared import Preparation, PrepWorker
-
-
-@dataclass
-class PrepareConfig:
-    """``jobs/prepare_data.py``: which corpus, how it is tokenized and wrapped, where the store goes."""
-
-    data: DataConfig = section(DataConfig)
-    out: str = text("", "where the store goes: a (shared) directory or s3://bucket/prefix")
-    workers: int = num(2, 1, help="Ray Data tokenizer / shard-writer actors")
-    cpus_per_worker: float = num(1.0, 0.0, lo_open=True, help="logical CPUs per actor (also its tokenizer threads)")
-    shard_blocks: int = num(0, 0, help="blocks per shard; 0 = about 64 MiB per shard")
-    storage_endpoint: str = text("", "S3-compatible endpoint URL (MinIO, moto); '' = AWS_ENDPOINT_URL or AWS")
-    ray_address: str = text("", "'' = RAY_ADDRESS if set (e.g. inside `ray job submit`), else a local Ray")
-    tracking_uri: str = text("", "MLflow tracking URI; '' = MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db")
-    experiment: str = text("dsl", "MLflow experiment")
-    log_to_mlflow: bool = field(default=True, metadata={"help": "record the preparation and its manifest in MLflow"})
-
-    def validate(self) -> None:
-        if not self.out:
-            raise ConfigError("out= is required: a directory or s3://bucket/prefix for the prepared store")
-        if self.data.length == 0:
-            raise ConfigError("data.length=0: give the block length L the model trains with (e.g. data.length=1024)")
-        if self.data.source in ("hmm", "cyclic") or self.data.source.startswith("prepared:"):
-            raise ConfigError(f"data.source={self.data.source}: preparation takes a text corpus (a .txt/.jsonl/"
-                              ".parquet file or folder, or hf:<dataset>)")
-
-
-ALIASES = {"source": "data.source", "tokenizer": "data.tokenizer", "length": "data.length"}
-
 
 _WORKERS: dict[str, PrepWorker] = {}  # one per preparation per Ray worker process (tasks reuse processes)
 
@@ -170,84 +141,89 @@ def _progress(desc: str, total: int | None) -> Any:
 class PrepareResult:
     out: str
     manifest: dict
+    workers: int
     documents: int
     tokens: int
     seconds: float
     tokenize_seconds: float
     reused_chunks: int
     reused_shards: int
-    mlflow_run_id: str | None = None
 
     def summary(self) -> dict:
         splits = self.manifest["splits"]
-        return {"out": self.out, "documents": self.documents, "tokens": self.tokens,
+
+        def rate(n: int, seconds: float) -> float | None:
+            return round(n / seconds, 1) if seconds else None
+
+        return {"out": self.out, "workers": self.workers, "documents": self.documents, "tokens": self.tokens,
                 "seconds": round(self.seconds, 3), "tokenize_seconds": round(self.tokenize_seconds, 3),
-                "documents_per_s": round(self.documents / self.seconds, 1) if self.seconds else None,
-                "tokens_per_s": round(self.tokens / self.seconds, 1) if self.seconds else None,
+                "documents_per_s": rate(self.documents, self.seconds), "tokens_per_s": rate(self.tokens, self.seconds),
                 "train_blocks": splits["train"]["blocks"], "valid_blocks": splits["valid"]["blocks"],
                 "shards": sum(len(s["shards"]) for s in splits.values()), "length": self.manifest["length"],
                 "dtype": self.manifest["dtype"], "reused_chunks": self.reused_chunks,
-                "reused_shards": self.reused_shards, "mlflow_run_id": self.mlflow_run_id}
+                "reused_shards": self.reused_shards}
 
 
-def _connect(address: str, cpus_needed: float) -> bool:
+def check_prepare(cfg: Any) -> None:
+    """Before anything is written: a store location, a length and a text corpus that exists (one line)."""
+    if not cfg.out:
+        raise ConfigError("out= is required: the token store's directory (shared by the nodes) or "
+                          "s3://bucket/prefix")
+    if cfg.data.length == 0:
+        raise ConfigError("data.length=0: give the block length L the model trains with (e.g. data.length=1024)")
+    if cfg.data.source in ("hmm", "cyclic") or cfg.data.source.startswith("prepared:"):
+        raise ConfigError(f"data.source={cfg.data.source}: preparation takes a text corpus (a .txt/.jsonl/.parquet "
+                          "file or folder, or hf:<dataset>)")
+    from dsl.data.corpora import open_corpus
+
+    open_corpus(cfg.data.source, cfg.data, cfg.data.length)  # a missing file or unknown dataset: one line
+
+
+def prepare(cfg: Any) -> PrepareResult:
+    """Prepare ``cfg.data``'s corpus into ``cfg.out`` on Ray Data, resuming an unfinished preparation
+    (``cfg`` is a :class:`dsl.config.JobConfig`: ``data``, ``out``, ``prepare`` and ``service`` keys)."""
     from dsl.service.ray_train import _connect_ray
 
-    return _connect_ray(address, cpus_needed)
-
-
-def prepare(cfg: PrepareConfig) -> PrepareResult:
-    """Prepare ``cfg.data``'s corpus into ``cfg.out`` on Ray Data (resuming an unfinished preparation)."""
-    if cfg.storage_endpoint:
+    check_prepare(cfg)
+    workers, cpus = cfg.prepare.workers, cfg.prepare.cpus_per_worker
+    endpoint = cfg.service.storage_endpoint
+    if endpoint:
         from dsl.service.storage_s3 import set_default_endpoint
 
-        set_default_endpoint(cfg.storage_endpoint)
-    prep = Preparation(cfg.data, cfg.data.length, cfg.out, shard_blocks=cfg.shard_blocks,
-                       log=lambda msg: print(msg, file=sys.stderr, flush=True), progress=_progress)
-    started = _connect(cfg.ray_address, cfg.workers * cfg.cpus_per_worker + 0.5)
+        set_default_endpoint(endpoint)
+    prep = Preparation(cfg.data, cfg.data.length, cfg.out, shard_blocks=cfg.prepare.shard_blocks,
+                       log=lambda msg: print(msg, file=sys.stderr, flush=True),
+                       progress=_progress if cfg.progress else None)
+    started = _connect_ray(cfg.service.ray_address, workers * cpus + 0.5)
     try:
-        manifest = prep.run(lambda ctx: RayDataExecutor(ctx, cfg.workers, cfg.cpus_per_worker,
-                                                       cfg.storage_endpoint))
+        manifest = prep.run(lambda ctx: RayDataExecutor(ctx, workers, cpus, endpoint))
     finally:
         if started:
             import ray
 
             ray.shutdown()
     s = prep.stats
-    result = PrepareResult(out=prep.storage.uri, manifest=manifest, documents=s.documents, tokens=s.tokens,
-                           seconds=s.seconds, tokenize_seconds=s.tokenize_seconds, reused_chunks=s.reused_chunks,
-                           reused_shards=s.reused_shards)
     if s.seconds:
-        print(f"prepared {s.documents:,} documents, {s.tokens:,} tokens in {s.seconds:.1f} s with {cfg.workers} "
-              f"Ray worker(s): {s.documents / s.seconds:,.1f} documents/s, {s.tokens / s.seconds:,.0f} tokens/s "
+        print(f"prepared {s.documents:,} documents, {s.tokens:,} tokens in {s.seconds:.1f} s with {workers} Ray "
+              f"worker(s): {s.documents / s.seconds:,.1f} documents/s, {s.tokens / s.seconds:,.0f} tokens/s "
               f"(reused {s.reused_chunks} chunks, {s.reused_shards} shards)", flush=True)
-    if cfg.log_to_mlflow:
-        result.mlflow_run_id = _track(cfg, result)
-    return result
+    return PrepareResult(out=prep.storage.uri, manifest=manifest, workers=workers, documents=s.documents,
+                         tokens=s.tokens, seconds=s.seconds, tokenize_seconds=s.tokenize_seconds,
+                         reused_chunks=s.reused_chunks, reused_shards=s.reused_shards)
 
 
-def _track(cfg: PrepareConfig, result: PrepareResult) -> str:
-    """One MLflow run per preparation: the config, the throughput, and the manifest as an artifact."""
+def log_manifest(logger: Any, summary: dict) -> None:
+    """Into the preparation's MLflow run: the store's ``manifest.json`` as an artifact."""
     import tempfile
     from pathlib import Path
 
-    from dsl.config import to_dict
-    from dsl.service import tracking
+    from dsl.checkpoint import open_storage
+    from dsl.data.prepared import MANIFEST
 
-    if cfg.tracking_uri:
-        os.environ["MLFLOW_TRACKING_URI"] = cfg.tracking_uri
-    params = {k: v for k, v in to_dict(cfg).items() if k not in ("ray_address", "tracking_uri")}
-    with tracking.job_run("prepare", params, tracking_uri=cfg.tracking_uri or tracking.default_tracking_uri(),
-                          experiment=cfg.experiment) as logger:
-        logger.set_tags({"dsl.prepared_store": tracking.scrub(result.out)})
-        summary = result.summary()
-        logger.log_metrics({k: float(v) for k, v in summary.items()
-                            if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=0)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "manifest.json"
-            path.write_text(json.dumps(result.manifest, indent=2, sort_keys=True))
-            logger.log_artifact(str(path))
-        return logger.run_id
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / MANIFEST
+        path.write_bytes(open_storage(summary["out"]).get_bytes(MANIFEST))
+        logger.log_artifact(str(path))
 
 
 def check_prepared_data(run_cfg: Any, endpoint: str = "") -> None:
@@ -268,4 +244,4 @@ def check_prepared_data(run_cfg: Any, endpoint: str = "") -> None:
           file=sys.stderr, flush=True)
 
 
-__all__ = ["PrepareConfig", "ALIASES", "RayDataExecutor", "PrepareResult", "prepare", "check_prepared_data"]
+__all__ = ["RayDataExecutor", "PrepareResult", "check_prepare", "prepare", "log_manifest", "check_prepared_data"]

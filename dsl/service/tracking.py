@@ -26,7 +26,8 @@ PARAM_MAX = 6000                       # MLflow's limit on a param value
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "HF_TOKEN",
                "HUGGING_FACE_HUB_TOKEN", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD",
                "RAY_AUTH_TOKEN", "GITHUB_TOKEN")
-_SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|api_?key|access_?key)", re.I)
+# "token" as a word of the key (hf_token, auth_token_path), not the start of tokens/tokenizer/tokenize
+_SECRET_KEY = re.compile(r"(secret|password|passwd|(?<![a-z])token(?![a-z])|credential|api_?key|access_?key)", re.I)
 _AWS_KEY_ID = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b")
 _URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 _QUERY_SECRET = re.compile(r"([?&](?:[^=&\s]*(?:secret|token|password|key|signature)[^=&\s]*)=)[^&\s]+", re.I)
@@ -331,9 +332,11 @@ def resolve_tracking_uri(service: Any, *, default_on: bool) -> str | None:
 
 def tracked_job(kind: str, params: Any, checkpoint_uri: str | None, body: Any, *,
                 tags: Mapping[str, str] | None = None, tracking_uri: str | None = None,
-                experiment: str = DEFAULT_EXPERIMENT, run_name: str | None = None) -> Any:
+                experiment: str = DEFAULT_EXPERIMENT, run_name: str | None = None,
+                after: Any = None) -> Any:
     """Run ``body()`` inside :func:`job_run` when ``tracking_uri`` is given (see
-    :func:`resolve_tracking_uri`) and log the numbers of its summary.
+    :func:`resolve_tracking_uri`) and log the numbers of its summary; ``after(logger, summary)`` then
+    adds what else the run records (artifacts).
 
     Tracking trouble (a locked SQLite file, an unreachable server) never fails the job: it is reported
     as one warning line on stderr and the job's own result stands.
@@ -361,6 +364,8 @@ def tracked_job(kind: str, params: Any, checkpoint_uri: str | None, body: Any, *
     try:
         if isinstance(summary, Mapping):
             logger.log_metrics({k: float(v) for k, v in flat_params(summary).items() if _is_number(v)}, step=0)
+        if after is not None:
+            after(logger, summary)
         ctx.__exit__(None, None, None)
         print(f"mlflow run: {logger.run_id} ({scrub(logger.tracking_uri)})", file=sys.stderr)
     except Exception as exc:  # noqa: BLE001
