@@ -97,13 +97,14 @@ def test_s3_store_via_ray_job_submit_resumes_and_is_recorded_in_mlflow(ray_clust
     again = json.loads(client.get_object(Bucket=bucket, Key=f"prepared/docs/{MANIFEST}")["Body"].read())
     assert again["splits"] == manifest["splits"]
 
-    mlflow.set_tracking_uri(mlflow_server.tracking_uri)
-    (run,) = mlflow.search_runs(experiment_names=["prepare-test"], output_format="list",
-                                filter_string="tags.`dsl.kind` = 'prepare_data'", order_by=["start_time DESC"],
-                                max_results=1)
+    client = mlflow.MlflowClient(mlflow_server.tracking_uri)  # never the process-wide tracking URI
+    (exp,) = [e for e in client.search_experiments() if e.name == "prepare-test"]
+    (run,) = client.search_runs([exp.experiment_id], filter_string="tags.`dsl.kind` = 'prepare_data'",
+                                order_by=["attributes.start_time DESC"], max_results=1)
     assert run.data.tags["dsl.prepared_store"] == uri and run.data.metrics["reused_shards"] == len(shard_keys) - 1
     assert run.data.metrics["tokens_per_s"] > 0 and run.data.params["prepare.workers"] == "2"
-    local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="manifest.json")
+    local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="manifest.json",
+                                                tracking_uri=mlflow_server.tracking_uri)
     assert json.loads(Path(local).read_text())["splits"] == manifest["splits"]
 
 

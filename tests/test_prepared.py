@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dsl.config import RunConfig, load
-from dsl.data import CharTokenizer, build_data
+from dsl.data import CharTokenizer, build_data, heldout_blocks
 from dsl.data.prepared import MANIFEST, InProcess, Preparation, PreparedStore, PrepWorker
 from dsl.data.wrapping import wrap_documents
 from dsl.errors import UserError
@@ -96,6 +96,10 @@ def test_prepared_batches_equal_build_data_for_every_step(corpus: Path, tmp_path
         for step in range(2 * ids.shape[0] // 4 + 3):  # more than two epochs through the shuffle windows
             a, b = ref.batch(split, step), got.batch(split, step)
             assert torch.equal(a["ids"], b["ids"]) and torch.equal(a["mask"], b["mask"]), (split, step)
+    # evaluation's held-out blocks (calibration, likelihood) of a run trained from the store
+    want, got_ids = heldout_blocks(raw_cfg(corpus, f"data.wrap={wrap}"), ref.tokenizer), \
+        heldout_blocks(prepared_cfg(tmp_path / "s", f"data.wrap={wrap}"), got.tokenizer)
+    assert torch.equal(want[0], got_ids[0]) and torch.equal(want[1], got_ids[1])
 
 
 def test_blocks_are_the_sequential_wrapping_of_the_split(corpus: Path, store: Path) -> None:
@@ -400,9 +404,12 @@ def test_s3_bad_input_is_one_clear_line(store: Path, s3_server, s3_bucket: str) 
     client.delete_object(Bucket=bucket, Key=s3_key(uri, MANIFEST)[1])
     with pytest.raises(UserError, match="manifest.json: missing"):
         build_data(prepared_cfg(uri))
+    upload(store, f"{s3_bucket}/ok")
     with pytest.raises(UserError, match="L=16"):
-        upload(store, f"{s3_bucket}/ok")
         build_data(load(RunConfig, ["model=toy", "model.length=32", f"data.source=prepared:{s3_bucket}/ok"]))
+    with pytest.raises(UserError, match="prepared with char"):
+        build_data(prepared_cfg(f"{s3_bucket}/ok", "data.tokenizer=gpt2"))
+    assert build_data(prepared_cfg(f"{s3_bucket}/ok")).batch("valid", 0)["ids"].shape == (4, L)
 
 
 @pytest.mark.integration

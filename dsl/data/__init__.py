@@ -370,6 +370,10 @@ def heldout_blocks(run_cfg: RunConfig, tokenizer: Any, path: str = "", limit: in
     sources have no end, so they need it."""
     data_cfg = run_cfg.data
     length = data_cfg.length or run_cfg.model.length
+    if data_cfg.source.startswith(PREPARED) and not path:  # the store's validation blocks, already laid out
+        from dsl.data.prepared import PreparedStore, read_blocks
+
+        return read_blocks(PreparedStore(data_cfg.source[len(PREPARED):]), "valid", limit)
     if data_cfg.source in SYNTHETIC and not path:
         if limit < 1:
             raise ConfigError(f"data.source={data_cfg.source} is an endless synthetic stream: give how many "

@@ -811,6 +811,19 @@ class PreparedBlocks:
         pass
 
 
+def read_blocks(store: PreparedStore, split: str, limit: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, mask)`` (N, L) of the first ``limit`` blocks of ``split`` (all when 0), in corpus order."""
+    reader = _SplitReader(store, split)
+    n = min(limit, reader.blocks) if limit > 0 else reader.blocks
+    ids = torch.empty(n, reader.L, dtype=torch.long)
+    mask = torch.zeros(n, reader.L, dtype=torch.long)
+    for i in range(n):
+        row, attended = reader.block(i)
+        ids[i] = torch.from_numpy(row.astype(np.int64))
+        mask[i, :attended] = 1
+    return ids, mask
+
+
 def prepared_uri(source: str) -> str | None:
     """The store URI of ``data.source=prepared:<uri>`` (None for any other source)."""
     if not source.startswith(PREFIX):
@@ -858,5 +871,5 @@ def open_for_run(run_cfg: Any, tokenizer: Any = None) -> tuple[PreparedStore, An
 
 
 __all__ = ["FORMAT", "PREFIX", "MANIFEST", "Preparation", "PrepWorker", "InProcess", "Executor", "PreparedStore",
-           "PreparedBlocks", "plan_shards", "token_dtype", "prepared_uri", "open_for_run", "read_manifest",
+           "PreparedBlocks", "plan_shards", "token_dtype", "prepared_uri", "read_blocks", "open_for_run", "read_manifest",
            "tokenizer_from_files", "tokenizer_files"]

@@ -171,7 +171,9 @@ def check_prepare(cfg: Any) -> None:
                           "s3://bucket/prefix")
     if cfg.data.length == 0:
         raise ConfigError("data.length=0: give the block length L the model trains with (e.g. data.length=1024)")
-    if cfg.data.source in ("hmm", "cyclic") or cfg.data.source.startswith("prepared:"):
+    from dsl.data import PREPARED, SYNTHETIC
+
+    if cfg.data.source in SYNTHETIC or cfg.data.source.startswith(PREPARED):
         raise ConfigError(f"data.source={cfg.data.source}: preparation takes a text corpus (a .txt/.jsonl/.parquet "
                           "file or folder, or hf:<dataset>)")
     from dsl.data.corpora import open_corpus
