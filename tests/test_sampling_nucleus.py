@@ -61,3 +61,124 @@ def test_top_p_one_leaves_rows_untouched():
     assert torch.allclose(res.dense(50), rows, atol=1e-15)
     logit_res = top_p_filter(rows.log(), 1.0, kind="logits")
     assert torch.allclose(logit_res.dense(50), rows, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------
+# Exactness of the sort-free filter against the full stable sort (kept set, k_t, probabilities).
+
+
+def _reference(rows: torch.Tensor, top_p: float, diag_p: float, kind: str):
+    # the rule's probabilities: softmax in the logits' own precision; sums and comparisons in float64
+    probs = torch.softmax(rows, -1).double() if kind == "logits" else rows.double() / rows.double().sum(-1, keepdim=True)
+    cums = probs.sort(dim=-1, descending=True, stable=True).values.cumsum(-1)
+    size = ((cums < diag_p).sum(-1) + 1).clamp(max=rows.shape[1]).double()
+    first = probs.argmax(-1)  # the lowest id among the most probable
+    return sort_top_p_filter(probs, top_p), size, first
+
+
+def _assert_exact(rows: torch.Tensor, top_p: float, kind: str = "logits", diag_p: float = 0.9):
+    res = top_p_filter(rows, top_p, diag_p, kind)
+    ref, size, first = _reference(rows, top_p, diag_p, kind)
+    ours = res.dense(rows.shape[1])
+    assert torch.equal(ours > 0, ref > 0), "kept sets differ"
+    assert torch.equal(res.kept, (ref > 0).sum(-1))
+    assert torch.equal(res.nucleus_size, size)
+    assert torch.equal(res.ids[:, 0], first)
+    assert torch.allclose(ours, ref, rtol=0, atol=1e-12)
+    return res
+
+
+def _zipf_logits(n: int, vocab: int, exponent: float, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    ranks = torch.argsort(torch.rand(n, vocab, generator=gen), dim=-1).float() + 1
+    logits = -exponent * ranks.log()
+    logits[:, -1] = -1.0e30  # a masked-out id, as the denoiser passes it
+    return logits
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_broad_rows_are_decided_by_the_histogram_band_exactly(dtype, monkeypatch):
+    from dsl.sampling import nucleus
+
+    calls = {"band": 0, "reference": 0}
+    band, reference = nucleus._band, nucleus._reference_rows
+
+    def spy_band(p, rows, targets):
+        calls["band"] += rows.numel()
+        return band(p, rows, targets)
+
+    def spy_reference(p, *args):
+        calls["reference"] += p.shape[0]
+        return reference(p, *args)
+
+    monkeypatch.setattr(nucleus, "_band", spy_band)
+    monkeypatch.setattr(nucleus, "_reference_rows", spy_reference)
+    logits = _zipf_logits(24, 20_000, 1.0, seed=0).to(dtype)  # nucleus ~ 7e3: far past the topk window
+    res = _assert_exact(logits, 0.9)
+    assert (res.kept > 1000).all()
+    assert calls["band"] == 24 and calls["reference"] <= 2  # the sort is a rare last resort
+    assert torch.allclose(res.max_prob, torch.softmax(logits.double(), -1).amax(-1), rtol=1e-6)
+    entropy = torch.special.entr(torch.softmax(logits.double(), -1)).sum(-1)
+    assert torch.allclose(res.entropy, entropy, rtol=1e-4)
+
+
+@pytest.mark.parametrize("exponent,top_p", [(0.6, 0.9), (1.0, 0.5), (1.6, 0.95), (3.0, 0.9), (1.2, 0.3)])
+def test_mixed_sharpness_matches_the_full_sort(exponent, top_p):
+    logits = _zipf_logits(32, 6000, exponent, seed=int(exponent * 10))
+    logits[::4] *= 8.0  # a few sharp rows among broad ones
+    _assert_exact(logits, top_p)
+    _assert_exact(logits.double(), top_p)
+    _assert_exact(torch.softmax(logits.double(), -1), top_p, kind="probs")
+
+
+@pytest.mark.parametrize("vocab", [9, 300, 5000])
+def test_ties_keep_the_lowest_ids_like_the_stable_sort(vocab):
+    gen = torch.Generator().manual_seed(vocab)
+    # logits on a coarse grid: tie groups everywhere, also across the cut and the topk window's end
+    logits = (torch.randn(40, vocab, generator=gen) * 1.5).round() / 2
+    logits[0] = 0.0  # one uniform row: every token tied
+    logits[1, :3] = 5.0  # a tied top-1 that alone exceeds p
+    for top_p in (0.9, 0.5, 0.05):
+        _assert_exact(logits, top_p)
+        _assert_exact(torch.softmax(logits.double(), -1), top_p, kind="probs")
+
+
+def test_cumulative_sum_exactly_at_p_follows_the_float64_comparison():
+    # dyadic probabilities: 0.5 + 0.375 is exactly 0.875, so the second token is kept at p = 0.875 and
+    # dropped one ulp below
+    rows = torch.tensor([[0.5, 0.375, 0.125], [0.125, 0.375, 0.5]], dtype=torch.float64)
+    assert _assert_exact(rows, 0.875, kind="probs").kept.tolist() == [2, 2]
+    assert _assert_exact(rows, float(torch.nextafter(torch.tensor(0.875, dtype=torch.float64),
+                                                     torch.tensor(0.0, dtype=torch.float64))),
+                         kind="probs").kept.tolist() == [1, 1]
+    gen = torch.Generator().manual_seed(7)
+    for kind, dtype in (("probs", torch.float64), ("logits", torch.float64), ("logits", torch.float32)):
+        logits = _zipf_logits(16, 3000, 0.8, seed=3).to(dtype)
+        rows = torch.softmax(logits, -1) if kind == "probs" else logits
+        probs = torch.softmax(logits, -1).double()
+        cums = probs.sort(dim=-1, descending=True, stable=True).values.cumsum(-1)
+        for row in range(4):
+            at = int(torch.randint(100, 2000, (1,), generator=gen))
+            boundary = float(cums[row, at])  # p equal to one float64 cumulative sum, and one ulp on each side
+            for p in (boundary, float(torch.nextafter(cums[row, at], torch.tensor(2.0, dtype=torch.float64))),
+                      float(torch.nextafter(cums[row, at], torch.tensor(0.0, dtype=torch.float64)))):
+                _assert_exact(rows, p, kind=kind)
+
+
+def test_each_row_is_decided_on_its_own():
+    logits = _zipf_logits(12, 4000, 1.0, seed=5)
+    logits[::3] *= 6.0
+    batch = top_p_filter(logits, 0.9, kind="logits")
+    for i in range(12):
+        one = top_p_filter(logits[i:i + 1], 0.9, kind="logits")
+        k = int(one.kept)
+        assert torch.equal(batch.ids[i, :k], one.ids[0, :k])
+        assert torch.equal(batch.probs[i, :k], one.probs[0, :k])
+
+
+def test_top_p_one_reports_the_nucleus_size_of_broad_rows():
+    logits = _zipf_logits(6, 8000, 1.0, seed=9)
+    res = top_p_filter(logits, 1.0, 0.9, kind="logits")
+    _, size, _ = _reference(logits, 0.9, 0.9, "logits")
+    assert torch.equal(res.nucleus_size, size)
+    assert torch.equal(res.dense(8000), torch.softmax(logits, -1).double())

@@ -293,26 +293,35 @@ class NucleusCache:
     def write(self, rows: torch.Tensor, masked: torch.Tensor, nuc: Nucleus) -> None:
         b, length = masked.shape
         width = nuc.ids.shape[1]
-        if width > self.ids.shape[2]:
-            pad = width - self.ids.shape[2]
-            self.ids = torch.nn.functional.pad(self.ids, (0, pad))
-            self.probs = torch.nn.functional.pad(self.probs, (0, pad))
-        full = self.ids.shape[2]
-        ids = torch.zeros(b, length, full, dtype=torch.long)
-        probs = torch.zeros(b, length, full, dtype=torch.float64)
-        ids[masked, :width] = nuc.ids
-        probs[masked, :width] = nuc.probs
-        self.ids[rows], self.probs[rows] = ids, probs
+        if bool(masked.all()):  # every position masked (the first steps): the nucleus rows are the layout
+            ids = nuc.ids.reshape(b, length, width).contiguous()  # (a copy only of expanded ids, top_p = 1)
+            probs = nuc.probs.reshape(b, length, width).contiguous()
+        else:
+            ids = torch.zeros(b, length, width, dtype=torch.long)
+            probs = torch.zeros(b, length, width, dtype=torch.float64)
+            ids[masked], probs[masked] = nuc.ids, nuc.probs
         kept = torch.zeros(b, length, dtype=torch.long)
         kept[masked] = torch.minimum(nuc.kept, torch.tensor(width))
-        self.kept[rows] = kept
+        if rows.numel() == self.ids.shape[0]:  # every sample replaced: nothing of the old cache survives
+            self.ids, self.probs, self.kept = ids, probs, kept
+        else:
+            full = max(width, self.ids.shape[2])
+            self.ids = _widen(self.ids, full)
+            self.probs = _widen(self.probs, full)
+            self.ids[rows], self.probs[rows] = _widen(ids, full), _widen(probs, full)
+            self.kept[rows] = kept
         need = max(int(self.kept.max()), 1)
-        if need < full:  # a broad early nucleus no longer cached: free its width
+        if need < self.ids.shape[2]:  # a broad early nucleus no longer cached: free its width
             self.ids = self.ids[:, :, :need].contiguous()
             self.probs = self.probs[:, :, :need].contiguous()
 
     def top1(self) -> torch.Tensor:
         return self.ids[:, :, 0]
+
+
+def _widen(x: torch.Tensor, width: int) -> torch.Tensor:
+    """x (n, L, K) zero-padded to K = width (itself when already that wide)."""
+    return x if x.shape[2] == width else torch.nn.functional.pad(x, (0, width - x.shape[2]))
 
 
 def _per_sample_means(masked: torch.Tensor, nuc: Nucleus) -> torch.Tensor:

@@ -1,20 +1,33 @@
 """Nucleus (top-p) filtering with the official ReMDM rule, plus the sharpness statistics of Sec 7.4.
 
-Official rule (reference §3.0, pitfall 3): sort p descending, keep the tokens whose cumulative mass is
-still ≤ p, and always keep the top-1. The token that crosses p is dropped (unlike HF top-p).
+Official rule (kuleshov-group/remdm, ``diffusion.py``, the nucleus step of the samplers): sort p descending,
+keep the tokens whose cumulative mass is still ≤ p, and always keep the top-1. The token that crosses p is
+dropped (unlike HF top-p).
 
-Cost matters at V = 50258 (``bench/bench_sampler.py``), so the filter works on the denoiser's raw rows in
-their own precision and never sorts or densifies the vocabulary:
+Which probabilities: the denoiser's, in the precision of its logits — p = softmax(logits) in float32 for a
+model (what the official code and a GPU run compute), float64 for probability rows — with the cumulative
+sums and comparisons in float64. The reference is that rule through one stable full sort
+(:func:`sort_top_p_filter` on ``p.double()``); :func:`top_p_filter` returns **exactly** its kept set, ties
+and boundary cases included, without sorting the vocabulary:
 
-* one ``topk`` of growing width (×8 while the top-k mass is still ≤ p; past V/16 a full sort of the rows
-  still pending) finds the nucleus, because once the top-k mass exceeds p every kept token is among
-  them. Broad rows (the first steps, nucleus ~10^4 in Table 6) therefore cost one sort, like the
-  baseline; sharp rows (most steps) cost one ``topk`` of width 64;
-* for logits, one fused softmax pass in the logits' precision gives p; log Z = l_max − log p_max and
-  one dot product Σ_v p_v l_v give the entropy H = log Z − Σ p l, without a float64 copy of the row;
-* only the kept tokens are turned into float64 probabilities (exact categorical sampling, pitfall 1).
-The result is sparse: per row the kept ids (most probable first) and their renormalised probabilities.
-With ``top_p >= 1`` nothing is filtered and the rows are returned dense (every id, float64).
+1. one ``topk`` of width 64: a row whose crossings lie in that window (most steps) is decided from the
+   window's float64 cumulative sums;
+2. a broad row (the first steps, nucleus ~10^4 in Table 6) gets one histogram of its probabilities over
+   bins of 1/16 of an octave (the float bits' exponent and 4 mantissa bits, one ``bincount``). The bins
+   whose cumulative mass crosses p form a band of a few hundred tokens; every token above the band is
+   kept, and only the band is sorted;
+3. the sums agree with the reference's bit for bit: float32 probabilities ≥ 2^-30 are multiples of 2^-53,
+   so every float64 partial sum below 1 is exact in any order. A row whose decisions would involve smaller
+   probabilities (or float64 rows whose sums round: a cumulative sum within the summation's error bound of
+   p) is handed to the reference sort.
+
+The statistics come from the same passes: max p, the entropy H = log Z − Σ_v p_v l_v with
+log Z = l_max − log p_max, and k_t = the smallest set with mass ≥ ``diag_p`` (Sec 7.4).
+
+The result is sparse: per row the kept ids, the top-1 first (rows decided in the window or by the sort are
+ordered by probability; rows decided by the histogram list the tokens above the band in id order, then the
+band sorted) and their float64 probabilities renormalised over the kept set (exact categorical sampling,
+in any order). With ``top_p >= 1`` nothing is filtered and the rows are returned dense (every id, float64).
 """
 
 from __future__ import annotations
@@ -23,16 +36,17 @@ from dataclasses import dataclass
 
 import torch
 
-_FIRST_WIDTH = 64
-_GROWTH = 8
-_SORT_FRACTION = 16  # a topk wider than V/16 costs more than sorting the row: sort instead
+_WINDOW = 64               # the topk width that decides rows with a narrow nucleus
+_KEY_MANTISSA = 4          # histogram bins: exponent and 4 mantissa bits, 1/16 of an octave wide
+_EXACT_FLOOR = 2.0 ** -30  # float32 probabilities from here up add exactly in float64 (below 1)
+_U64 = 2.0 ** -53          # unit roundoff of float64
 
 
 @dataclass
 class Nucleus:
     """Kept tokens per row, padded to the widest row (padding has probability 0), and row statistics."""
 
-    ids: torch.Tensor           # (N, K) long, most probable first
+    ids: torch.Tensor           # (N, K) long, the top-1 first
     probs: torch.Tensor         # (N, K) float64, renormalised over the kept tokens
     max_prob: torch.Tensor      # (N,) max_v p(v) of the unfiltered row
     nucleus_size: torch.Tensor  # (N,) smallest set with mass ≥ diag_p (Sec 7.4's k_t), float64
@@ -45,82 +59,263 @@ class Nucleus:
         return out.scatter_add_(1, self.ids, self.probs)
 
 
+@dataclass
+class _Window:
+    """Candidates of some rows sorted as the reference sorts them (p desc, then id), after a base.
+
+    The base (possibly empty) holds tokens more probable than the whole window, all of them kept; only its
+    mass and count enter the decisions. Every token outside base and window has p ≤ ``beyond``.
+    """
+
+    ids: torch.Tensor         # (R, W) long
+    p: torch.Tensor           # (R, W) float64, −1 where padded
+    base_mass: torch.Tensor   # (R,) float64
+    base_count: torch.Tensor  # (R,) long
+    beyond: torch.Tensor      # (R,) float64, −1 if no token is outside
+
+    def select(self, keep: torch.Tensor) -> _Window:
+        return _Window(self.ids[keep], self.p[keep], self.base_mass[keep], self.base_count[keep], self.beyond[keep])
+
+
+def _decide(win: _Window, top_p: float | None, diag_p: float, exact_sums: bool
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(kept count, k_t, decided) per row from the window's float64 cumulative sums.
+
+    A row is decided when the window holds both crossings, every counted token is more probable than any
+    token outside, and our sums are the reference's: exactly so for float32 probabilities ≥ 2^-30
+    (``exact_sums``), else when no sum lies within the two summations' rounding bound of a threshold.
+    """
+    valid = win.p >= 0
+    p = win.p.clamp(min=0)
+    width = p.shape[1]
+    cums = win.base_mass.unsqueeze(-1) + p.cumsum(-1)
+    targets = [diag_p] + ([top_p] if top_p is not None else [])
+    last_valid = (valid.sum(-1) - 1).clamp(min=0).unsqueeze(-1)
+    decided = cums.gather(1, last_valid).squeeze(-1) > max(targets)  # both crossings inside
+    decided &= (win.base_mass <= min(targets)) | (win.base_count == 0)
+    size = win.base_count + (valid & (cums < diag_p)).sum(-1) + 1
+    kept = torch.zeros_like(win.base_count)
+    counted = size
+    if top_p is not None:
+        kept = (win.base_count + (valid & (cums <= top_p)).sum(-1)).clamp(min=1)  # the top-1 is always kept
+        counted = torch.maximum(size, kept)
+    lightest = p.gather(1, (counted - win.base_count - 1).clamp(min=0, max=width - 1).unsqueeze(-1)).squeeze(-1)
+    decided &= lightest > win.beyond  # a tie with a token outside would reorder the sums
+    if exact_sums:
+        decided &= lightest >= _EXACT_FLOOR
+    else:  # both sums lie within (count + 8)·u·c of the exact one
+        counts = win.base_count.unsqueeze(-1) + torch.arange(1, width + 1)
+        tol = 2 * (counts + 8) * _U64 * cums
+        for q in targets:
+            decided &= ~(valid & ((cums - q).abs() <= tol)).any(-1)
+    return kept, size.double(), decided
+
+
+def _top_window(p: torch.Tensor, idx: torch.Tensor) -> _Window:
+    """The topk window re-sorted by (p desc, id asc): topk orders tied values arbitrarily."""
+    n = idx.shape[0]
+    by_id = idx.sort(-1).values
+    vals, order = p.gather(1, by_id).double().sort(dim=-1, descending=True, stable=True)
+    beyond = vals[:, -1].clone() if idx.shape[1] < p.shape[1] else torch.full((n,), -1.0, dtype=torch.float64)
+    return _Window(ids=by_id.gather(1, order), p=vals, base_mass=torch.zeros(n, dtype=torch.float64),
+                   base_count=torch.zeros(n, dtype=torch.long), beyond=beyond)
+
+
+def _key_layout(dtype: torch.dtype) -> tuple[torch.dtype, int, int]:
+    """(int view, right shift, bins) of the histogram keys of probabilities of ``dtype``: the float bits
+    without their lowest mantissa bits, so a key never decreases with the probability."""
+    int_dtype, mantissa = (torch.int32, 23) if dtype == torch.float32 else (torch.int64, 52)
+    shift = mantissa - _KEY_MANTISSA
+    top = int(torch.tensor([1.0], dtype=dtype).view(int_dtype)) >> shift
+    return int_dtype, shift, top + 1
+
+
+@dataclass
+class _Band:
+    """Band windows of broad rows and the tokens above them (the base)."""
+
+    window: _Window
+    base_flat: torch.Tensor    # (M,) long: local row·V + id of every base token, row-major (ids ascend)
+    base_counts: torch.Tensor  # (R,) long
+
+
+def _band(p: torch.Tensor, rows: torch.Tensor, targets: list[float]) -> _Band:
+    """The band of ``rows`` where the cumulative mass crosses ``targets``, proposed by one histogram.
+
+    Flat (row-major) indices and per-row segments throughout: (row, column) indexing is several times
+    slower at this size.
+    """
+    r_count, vocab = rows.numel(), p.shape[1]
+    sub = p if r_count == p.shape[0] else p[rows]
+    int_dtype, shift, n_bins = _key_layout(sub.dtype)
+    key = sub.view(int_dtype) >> shift
+    key += (torch.arange(r_count, dtype=int_dtype) * n_bins).unsqueeze(-1)  # row r owns bins [r·n, (r+1)·n)
+    # float64 bin masses: exact for float32 probabilities ≥ 2^-30 (the only ones the decisions add)
+    hist = torch.bincount(key.view(-1), weights=sub.reshape(-1).double(), minlength=r_count * n_bins)
+    above = hist.view(r_count, n_bins).flip(-1).cumsum(-1).flip(-1)  # mass of the bins ≥ j
+    band_top = (above > min(targets)).sum(-1) - 1  # the highest bin that the first crossing may lie in
+    band_bottom = ((above > max(targets)).sum(-1) - 1).clamp(min=0)  # ... and the last one
+    base_mass = torch.where(band_top + 1 < n_bins, above.gather(1, (band_top + 1).clamp(max=n_bins - 1)
+                                                                .unsqueeze(-1)).squeeze(-1), 0.0)
+    offset = torch.arange(r_count) * n_bins
+    top_key = (band_top + offset).to(int_dtype).unsqueeze(-1)
+    in_base = key > top_key
+    in_band = (key >= (band_bottom + offset).to(int_dtype).unsqueeze(-1)).logical_and_(~in_base)
+    del key
+    row_start = torch.cat([torch.arange(r_count) * vocab, torch.tensor([r_count * vocab])])
+    base_flat = in_base.view(-1).nonzero().squeeze(-1)  # row-major: ids ascend within a row
+    base_counts = torch.diff(torch.searchsorted(base_flat, row_start))
+    band_flat = in_band.view(-1).nonzero().squeeze(-1)
+    band_counts = torch.diff(torch.searchsorted(band_flat, row_start))
+    band_rows = torch.repeat_interleave(torch.arange(r_count), band_counts)
+    width = max(int(band_counts.max()), 1)
+    slot = torch.arange(band_flat.numel()) + torch.repeat_interleave(
+        torch.arange(r_count) * width - (band_counts.cumsum(0) - band_counts), band_counts)
+    ids = torch.zeros(r_count * width, dtype=torch.long).index_copy_(0, slot, band_flat - band_rows * vocab)
+    vals = torch.full((r_count * width,), -1.0, dtype=torch.float64)
+    vals.index_copy_(0, slot, sub.reshape(-1).index_select(0, band_flat).double())
+    vals, order = vals.view(r_count, width).sort(dim=-1, descending=True, stable=True)  # ties stay in id order
+    # everything below the band lies in lower bins: strictly less probable than every band token
+    window = _Window(ids=ids.view(r_count, width).gather(1, order), p=vals, base_mass=base_mass,
+                     base_count=base_counts, beyond=torch.full((r_count,), -1.0, dtype=torch.float64))
+    return _Band(window, base_flat, base_counts)
+
+
+def _reference_rows(p: torch.Tensor, top_p: float | None, diag_p: float
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rule through the full stable sort of float64 rows: (ids sorted, kept probs, kept, k_t)."""
+    vals, idx = p.sort(dim=-1, descending=True, stable=True)
+    cums = vals.cumsum(-1)
+    size = ((cums < diag_p).sum(-1) + 1).clamp(max=p.shape[1]).double()
+    if top_p is None:
+        return idx, vals, torch.full((p.shape[0],), p.shape[1]), size
+    keep = cums <= top_p
+    keep[:, 0] = True
+    return idx, vals * keep, keep.sum(-1), size
+
+
+TOP, BAND, REFERENCE = 0, 1, 2
+
+
 def top_p_filter(rows: torch.Tensor, top_p: float, diag_p: float = 0.9, kind: str = "probs") -> Nucleus:
     """Apply the official top-p rule to each row of ``rows`` (N, V).
 
-    ``kind="probs"``: non-negative rows (any float dtype; normalised here). ``kind="logits"``: finite
-    logits (a masked-out id should carry a large negative finite value, e.g. −1e30, not −inf, or the
-    entropy of that row is NaN). ``diag_p`` only sets the nucleus-size statistic.
+    ``kind="probs"``: non-negative rows (any float dtype; normalised here in float64). ``kind="logits"``:
+    finite logits (a masked-out id should carry a large negative finite value, e.g. −1e30, not −inf, or
+    the entropy of that row is NaN); p = softmax in their own precision. ``diag_p`` only sets the
+    nucleus-size statistic.
     """
     n, vocab = rows.shape
     if n == 0:
         empty = torch.zeros(0, dtype=torch.float64)
         return Nucleus(ids=torch.zeros(0, 1, dtype=torch.long), probs=torch.zeros(0, 1, dtype=torch.float64),
                        max_prob=empty, nucleus_size=empty, entropy=empty, kept=torch.zeros(0, dtype=torch.long))
-    filter_rows = top_p < 1.0
-    need = max(top_p if filter_rows else 0.0, diag_p)
-    width = min(_FIRST_WIDTH, vocab)
+    filter_p = top_p if top_p < 1.0 else None
+    targets = [diag_p] + ([filter_p] if filter_p is not None else [])
     if kind == "logits":
-        p = torch.softmax(rows, dim=-1)  # (N, V) in the rows' precision: the one full pass besides topk
-        vals, idx = p.topk(width, dim=-1, sorted=True)
+        p = torch.softmax(rows, dim=-1)  # (N, V): the one exp pass over the vocabulary
+        vals, idx = p.topk(min(_WINDOW, vocab), dim=-1, sorted=True)
         max_prob = vals[:, 0].double()
         log_z = rows.gather(-1, idx[:, :1]).squeeze(-1).double() - max_prob.log()  # lse = l_max − log p_max
         dot = torch.bmm(p.unsqueeze(1), rows.unsqueeze(-1)).reshape(n).double()  # Σ_v p_v l_v
         entropy = log_z - dot  # H = log Z − Σ p l
     else:
         p = rows.double() / rows.sum(-1, keepdim=True, dtype=torch.float64)
-        vals, idx = p.topk(width, dim=-1, sorted=True)
-        max_prob = vals[:, 0]
+        vals, idx = p.topk(min(_WINDOW, vocab), dim=-1, sorted=True)
+        max_prob = vals[:, 0].clone()
         entropy = torch.special.entr(p).sum(-1)
-    full = p.double() if not filter_rows else None
+    exact_sums = p.dtype == torch.float32
 
+    kept = torch.ones(n, dtype=torch.long)
     size = torch.zeros(n, dtype=torch.float64)
-    kept = torch.full((n,), vocab, dtype=torch.long)
-    groups = []  # (row indices, ids, probs, keep mask) per width tried
-    pending = torch.arange(n)
-    while True:
-        probs = vals.double()  # (n', width)
-        cums = probs.cumsum(-1)
-        done = (cums[:, -1] > need) | (width >= vocab)
-        rows_done = pending[done]
-        c = cums[done]
-        size[rows_done] = ((c < diag_p).sum(-1) + 1).clamp(max=vocab).double()
-        if filter_rows:
-            keep = c <= top_p
-            keep[:, 0] = True  # the top-1 is always kept
-            kept[rows_done] = keep.sum(-1)
-            groups.append((rows_done, idx[done], probs[done], keep))
-        # sorted probabilities decrease, so mass(top-k) ≤ k/width · mass(top-width): a row needs at least
-        # width · need / mass(top-width) tokens; jump there directly (and to a sort if that is wide)
-        lower_bound = int((width * need / cums[~done, -1].clamp(min=1e-300)).max().ceil()) if (~done).any() else 0
-        pending = pending[~done]
-        if not pending.numel():
-            break
-        width = max(width * _GROWTH, lower_bound)
-        if width * _SORT_FRACTION > vocab:
-            width = vocab
-        sub = p[pending]
-        if width >= vocab:
-            vals, idx = sub.sort(dim=-1, descending=True, stable=True)
-        else:
-            vals, idx = sub.topk(width, dim=-1, sorted=True)
+    source = torch.full((n,), REFERENCE, dtype=torch.long)
 
-    if not filter_rows:
-        ids = torch.arange(vocab).expand(n, vocab)
-        return Nucleus(ids=ids, probs=full, max_prob=max_prob, nucleus_size=size, entropy=entropy, kept=kept)
-    k_max = int(kept.max())
-    out_ids = torch.zeros(n, k_max, dtype=torch.long)
-    out_p = torch.zeros(n, k_max, dtype=torch.float64)
-    for rows_done, i, p, keep in groups:
-        w = min(k_max, i.shape[1])
-        out_ids[rows_done, :w] = i[:, :w]
-        out_p[rows_done, :w] = (p * keep)[:, :w]
-    out_p = out_p / out_p.sum(-1, keepdim=True)
+    def settle(rows_s, k, s, ok, how):
+        kept[rows_s[ok]], size[rows_s[ok]], source[rows_s[ok]] = k[ok], s[ok], how
+        return ok
+
+    all_rows = torch.arange(n)
+    top = _top_window(p, idx)
+    ok = settle(all_rows, *_decide(top, filter_p, diag_p, exact_sums), TOP)
+    broad, band = all_rows[~ok], None
+    if broad.numel():
+        band = _band(p, broad, targets)
+        settle(broad, *_decide(band.window, filter_p, diag_p, exact_sums), BAND)
+    last = all_rows[source == REFERENCE]
+    ref = None
+    if last.numel():  # the last resort: the reference sort itself
+        ref = _reference_rows(p[last].double(), filter_p, diag_p)
+        kept[last], size[last] = ref[2], ref[3]
+
+    if filter_p is None:
+        return Nucleus(ids=torch.arange(vocab).expand(n, vocab), probs=p.double(), max_prob=max_prob,
+                       nucleus_size=size, entropy=entropy, kept=torch.full((n,), vocab, dtype=torch.long))
+    # the top-1 (lowest id among the most probable) is the window's first unless ties fill the whole window
+    top1 = top.ids[:, 0].clone()
+    crowded = (top.beyond >= 0) & (top.p[:, 0] == top.p[:, -1])
+    if crowded.any():
+        top1[crowded] = p[crowded].argmax(-1)
+    out_ids, out_p = _assemble(p, kept, source, top, top1, broad, band, last, ref)
     return Nucleus(ids=out_ids, probs=out_p, max_prob=max_prob, nucleus_size=size, entropy=entropy, kept=kept)
 
 
+def _assemble(p: torch.Tensor, kept: torch.Tensor, source: torch.Tensor, top: _Window, top1: torch.Tensor,
+              broad: torch.Tensor, band: _Band | None, last: torch.Tensor, ref) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded (N, K) kept ids and renormalised float64 probabilities, the top-1 first."""
+    n, vocab, k_max = p.shape[0], p.shape[1], int(kept.max())
+    out_ids = torch.empty(n * k_max, dtype=torch.long)  # slots past a row's kept count are cleared at the end
+    out_p = torch.empty(n * k_max, dtype=torch.float64)
+    mass = torch.zeros(n, dtype=torch.float64)  # Σ of the kept probabilities, from each row's own values
+
+    def put_window(rows, win, take, first):
+        """Window entries j < take of ``rows`` at output slots first + j."""
+        rr, jj = (torch.arange(win.p.shape[1]) < take.unsqueeze(-1)).nonzero(as_tuple=True)
+        slot = rows[rr] * k_max + first[rr] + jj
+        out_ids.index_copy_(0, slot, win.ids[rr, jj])
+        out_p.index_copy_(0, slot, win.p[rr, jj])
+        sums = win.p.clamp(min=0).cumsum(-1).gather(1, (take - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        mass[rows] = win.base_mass + torch.where(take > 0, sums, torch.zeros_like(sums))
+
+    from_top = source == TOP
+    put_window(from_top.nonzero().squeeze(-1), top.select(from_top), kept[from_top],
+               torch.zeros(int(from_top.sum()), dtype=torch.long))
+    if band is not None:
+        local = source[broad] == BAND
+        rows_b, counts = broad[local], band.base_counts[local]
+        flat = band.base_flat
+        if not bool(local.all()):
+            flat = flat[torch.repeat_interleave(local, band.base_counts)]
+        # the base first, in id order (the top-1 is then swapped to the front), then the band's kept tokens
+        local_rows = torch.repeat_interleave(local.nonzero().squeeze(-1), counts)
+        ids = flat - local_rows * vocab
+        slot = torch.arange(flat.numel()) + torch.repeat_interleave(rows_b * k_max - (counts.cumsum(0) - counts),
+                                                                    counts)
+        out_ids.index_copy_(0, slot, ids)
+        out_p.index_copy_(0, slot, p.view(-1).index_select(0, ids + broad.index_select(0, local_rows) * vocab)
+                          .double())
+        win = band.window.select(local)
+        put_window(rows_b, win, kept[rows_b] - win.base_count, win.base_count)
+        with_base = local & (band.base_counts > 0)
+        local_idx = with_base.nonzero().squeeze(-1)
+        seg_start = band.base_counts.cumsum(0) - band.base_counts
+        at = torch.searchsorted(band.base_flat, local_idx * vocab + top1[broad[local_idx]]) - seg_start[local_idx]
+        front = broad[local_idx] * k_max
+        ids_front, p_front = out_ids[front].clone(), out_p[front].clone()
+        out_ids[front], out_p[front] = out_ids[front + at], out_p[front + at]
+        out_ids[front + at], out_p[front + at] = ids_front, p_front
+    if ref is not None:
+        width = min(k_max, ref[0].shape[1])
+        out_ids.view(n, k_max)[last, :width] = ref[0][:, :width]
+        out_p.view(n, k_max)[last, :width] = ref[1][:, :width]
+        mass[last] = ref[1].cumsum(-1).gather(1, (kept[last] - 1).unsqueeze(-1)).squeeze(-1)
+    inside = torch.arange(k_max) < kept.unsqueeze(-1)
+    out_p = out_p.view(n, k_max).masked_fill_(~inside, 0.0)
+    out_p /= mass.unsqueeze(-1)
+    return out_ids.view(n, k_max).masked_fill_(~inside, 0), out_p
+
+
 def sort_top_p_filter(rows: torch.Tensor, top_p: float) -> torch.Tensor:
-    """The same rule through one full-vocabulary sort of (N, V) probabilities: the reference and baseline."""
+    """The same rule through one full-vocabulary stable sort of (N, V) probabilities: the reference."""
     vals, idx = rows.sort(dim=-1, descending=True, stable=True)
     keep = vals.cumsum(-1) <= top_p
     keep[:, 0] = True
