@@ -21,7 +21,22 @@ def run_cli(body) -> int:
     try:
         summary = body()
     except (ConfigError, UserError) as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
+        from dsl.redact import scrub
+
+        print(f"error: {scrub(one_line(exc))}", file=sys.stderr)
         return 2
-    print(json.dumps(summary, sort_keys=True))
+    print(json.dumps(_scrubbed(summary), sort_keys=True))
     return 0
+
+
+def _scrubbed(value):
+    """``value`` with every string passed through :func:`dsl.redact.scrub` (URIs in a summary)."""
+    from dsl.redact import scrub
+
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, dict):
+        return {k: _scrubbed(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_scrubbed(v) for v in value]
+    return value

@@ -153,6 +153,16 @@ def postgres_url():
         _drop_database(name)
 
 
+@pytest.fixture
+def second_postgres_url():
+    """Another fresh database: MLflow and Optuna each migrate their own schema (never share one)."""
+    name = _create_database()
+    try:
+        yield _pg_url(name)
+    finally:
+        _drop_database(name)
+
+
 # ----------------------------------------------------------------------------------------------
 # MLflow tracking server (PostgreSQL backend store, S3 artifacts)
 

@@ -167,3 +167,84 @@ def test_one_mlflow_switch(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     (tmp_path / "mlflow.db").write_bytes(b"")
     assert uri(ServiceConfig(mlflow="auto"), default_on=False) == local
+
+
+PASSWORD = "pw-5e1f0c77d2"  # distinctive, so a scan cannot match by accident
+
+
+def test_ui_line_and_progress_note_never_print_the_password(monkeypatch, capsys):
+    from dsl.service.ray_train import FinetuneResult, print_progress_note
+
+    uri = f"postgresql+psycopg2://alice:{PASSWORD}@db.internal:5432/mlflow"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    line = tracking.ui_command(uri)
+    assert PASSWORD not in line and line.startswith('mlflow ui --backend-store-uri "$MLFLOW_TRACKING_URI"')
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert PASSWORD not in tracking.ui_command(uri) and "alice" not in tracking.ui_command(uri)
+    local = "sqlite:////tmp/x/mlflow.db"
+    assert tracking.ui_command(local) == f"mlflow ui --backend-store-uri {local} --host 127.0.0.1 --port 5000"
+    result = FinetuneResult(name="r", step=4, checkpoint=f"s3://k:{PASSWORD}@bucket/r/step-4", storage_root="x",
+                            mlflow_run_id="abc", tracking_uri=uri, resumed=False)
+    print_progress_note(result)
+    out = capsys.readouterr().out
+    assert "open the UI: mlflow ui" in out and PASSWORD not in out
+
+
+def test_credentials_in_the_storage_endpoint_never_reach_params():
+    from dsl.config import ServiceConfig, to_dict
+    from dsl.service.ray_train import LOGGED_SERVICE_KEYS
+
+    svc = ServiceConfig(storage_endpoint=f"http://AKIAIOSFODNN7EXAMPLE:{PASSWORD}@minio.local:9000",
+                        storage=f"s3://bucket/runs?X-Amz-Signature={PASSWORD}")
+    params = flat_params({"service": {k: v for k, v in to_dict(svc).items() if k in LOGGED_SERVICE_KEYS}})
+    assert PASSWORD not in repr(params) and "AKIAIOSFODNN7EXAMPLE" not in repr(params)
+    assert params["service.storage_endpoint"] == f"http://{REDACTED}@minio.local:9000"
+
+
+def test_error_lines_and_summaries_are_scrubbed(tmp_path, capsys):
+    from dsl.errors import UserError, run_cli
+
+    def bad():
+        raise UserError(f"service.tracking_uri=postgresql://u:{PASSWORD}@h/db: cannot connect")
+
+    assert run_cli(bad) == 2
+    assert run_cli(lambda: {"storage": f"postgresql://u:{PASSWORD}@h/db", "n": [f"s3://a:{PASSWORD}@b"]}) == 0
+    out, err = capsys.readouterr()
+    assert PASSWORD not in out + err and err.startswith("error: service.tracking_uri=postgresql://***@h/db")
+
+
+@pytest.mark.integration
+def test_a_bare_postgresql_uri_uses_the_installed_driver_for_mlflow_and_optuna(postgres_url, second_postgres_url,
+                                                                              tmp_path):
+    """``postgresql://`` alone means psycopg 3 to SQLAlchemy 2.1; with psycopg2 installed both stores work."""
+    import importlib.util
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dsl.service.database_url import with_installed_driver
+    from dsl.service.search import open_storage
+
+    def bare_of(url: str) -> str:  # trust auth: the password is accepted and must never be shown
+        return "postgresql://" + url.split("://", 1)[1].replace("postgres@", f"postgres:{PASSWORD}@")
+
+    bare = bare_of(postgres_url)
+    driver = with_installed_driver(bare).split("://")[0]
+    assert driver.startswith("postgresql+") and importlib.util.find_spec(driver.split("+")[1]) is not None
+    assert with_installed_driver("postgresql+pg8000://h/db") == "postgresql+pg8000://h/db"   # explicit stays
+    open_storage(bare_of(second_postgres_url))  # Optuna's RDB storage through the same helper
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": bare}
+    cmd = [sys.executable, "jobs/sample.py", "checkpoint=oracle:hmm", "sampling.num_samples=2", "sampling.steps=4",
+           "sampler=mdlm", "sampling.length=8", f"out={tmp_path / 's.jsonl'}", "name=bare-uri"]
+    out = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "No module named" not in out.stderr and PASSWORD not in out.stdout + out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1])["n"] == 2
+    client = mlflow.MlflowClient(with_installed_driver(bare))
+    (run,) = client.search_runs([client.get_experiment_by_name("dsl").experiment_id])
+    assert run.info.run_name == "bare-uri" and run.info.status == "FINISHED"
+    assert PASSWORD not in json.dumps({**run.data.params, **run.data.tags})

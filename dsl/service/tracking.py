@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import subprocess
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from dsl.redact import REDACTED, scrub
+from dsl.service.database_url import with_installed_driver
 
 DEFAULT_EXPERIMENT = "dsl"
 TAG_RUN_NAME = "dsl.run_name"          # the stable training-run name (resume key)
@@ -22,31 +24,6 @@ TAG_KIND = "dsl.kind"                  # finetune | sample | evaluate | ...
 TAG_CHECKPOINT = "dsl.checkpoint"      # latest checkpoint URI of a training run / input of a job
 TAG_TRAINING_RUN = "dsl.training_run_id"
 PARAM_MAX = 6000                       # MLflow's limit on a param value
-
-_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "HF_TOKEN",
-               "HUGGING_FACE_HUB_TOKEN", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD",
-               "RAY_AUTH_TOKEN", "GITHUB_TOKEN")
-# "token" as a word of the key (hf_token, auth_token_path), not the start of tokens/tokenizer/tokenize
-_SECRET_KEY = re.compile(r"(secret|password|passwd|(?<![a-z])token(?![a-z])|credential|api_?key|access_?key)", re.I)
-_AWS_KEY_ID = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b")
-_URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
-_QUERY_SECRET = re.compile(r"([?&](?:[^=&\s]*(?:secret|token|password|key|signature)[^=&\s]*)=)[^&\s]+", re.I)
-REDACTED = "***"
-
-
-def scrub(value: Any, key: str = "") -> str:
-    """``value`` as text with credentials replaced by ``***`` (and all of it if ``key`` names a secret)."""
-    text = str(value)
-    if key and _SECRET_KEY.search(key.rsplit(".", 1)[-1]) and text:
-        return REDACTED
-    text = _URL_USERINFO.sub(lambda m: m.group("scheme") + REDACTED + "@", text)
-    text = _QUERY_SECRET.sub(lambda m: m.group(1) + REDACTED, text)
-    text = _AWS_KEY_ID.sub(REDACTED, text)
-    for name in _SECRET_ENV:
-        secret = os.environ.get(name)
-        if secret and len(secret) >= 6:
-            text = text.replace(secret, REDACTED)
-    return text
 
 
 def flat_params(params: Mapping[str, Any] | Any) -> dict[str, str]:
@@ -74,13 +51,14 @@ def flat_params(params: Mapping[str, Any] | Any) -> dict[str, str]:
 def default_tracking_uri() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
-        return uri
+        return with_installed_driver(uri, "MLFLOW_TRACKING_URI")
     return f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
 def ui_command(tracking_uri: str, experiment: str | None = None) -> str:
     """How to open the MLflow UI on ``tracking_uri`` (loopback only), at ``experiment``'s runs table
-    when its name is given and it exists."""
+    when its name is given and it exists; never with credentials: a URI that holds some is named by the
+    variable that holds it, or shown redacted."""
     exp_id = None
     if experiment:
         with contextlib.suppress(Exception):  # a hint only: an unreachable store just gives the plain command
@@ -88,7 +66,14 @@ def ui_command(tracking_uri: str, experiment: str | None = None) -> str:
             exp_id = exp.experiment_id if exp is not None else None
     if tracking_uri.startswith(("http://", "https://")):
         return f"open {scrub(experiment_url(tracking_uri, exp_id) if exp_id else tracking_uri)} in a browser"
-    command = f"mlflow ui --backend-store-uri {scrub(tracking_uri)} --host 127.0.0.1 --port 5000"
+    shown = scrub(tracking_uri)
+    if shown != tracking_uri:
+        env = os.environ.get("MLFLOW_TRACKING_URI", "")
+        if env and with_installed_driver(env) == tracking_uri:
+            shown = '"$MLFLOW_TRACKING_URI"'
+        else:
+            shown = f"'{shown}' (fill in the credentials)"
+    command = f"mlflow ui --backend-store-uri {shown} --host 127.0.0.1 --port 5000"
     return command + (f", then open {experiment_url('http://127.0.0.1:5000', exp_id)}" if exp_id else "")
 
 
@@ -326,7 +311,8 @@ def resolve_tracking_uri(service: Any, *, default_on: bool) -> str | None:
         return None
     configured = service.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     if service.mlflow == "on" or default_on or configured or Path("mlflow.db").is_file():
-        return configured or default_tracking_uri()
+        key = "service.tracking_uri" if service.tracking_uri else "MLFLOW_TRACKING_URI"
+        return with_installed_driver(configured, key) if configured else default_tracking_uri()
     return None
 
 
@@ -381,6 +367,6 @@ def _is_number(text: str) -> bool:
     return text.lower() not in ("true", "false", "nan", "inf", "-inf")
 
 
-__all__ = ["resolve_tracking_uri", "tracked_job", "DEFAULT_EXPERIMENT", "TAG_RUN_NAME", "TAG_KIND", "TAG_CHECKPOINT", "TAG_TRAINING_RUN", "scrub",
+__all__ = ["resolve_tracking_uri", "tracked_job", "DEFAULT_EXPERIMENT", "TAG_RUN_NAME", "TAG_KIND", "TAG_CHECKPOINT", "TAG_TRAINING_RUN", "scrub", "REDACTED",
            "flat_params", "default_tracking_uri", "ui_command", "git_commit", "code_digest", "find_run",
            "ensure_training_run", "RunLogger", "training_run_of", "job_run", "experiment_id"]
