@@ -310,10 +310,38 @@ def read_manifest(storage: Storage, prefix: str) -> dict:
         manifest = json.loads(storage.get_bytes(key))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{where}: not valid JSON") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise UserError(f"{where}: format {manifest.get('format') if isinstance(manifest, dict) else None!r} "
-                        f"is not {FORMAT!r}")
+    if not isinstance(manifest, dict):
+        raise UserError(f"{where}: expected a JSON object with format, step, config, metrics and files, "
+                        f"not a {type(manifest).__name__}")
+    if manifest.get("format") != FORMAT:
+        raise UserError(f"{where}: format {manifest.get('format')!r} is not {FORMAT!r}")
+    check_manifest(manifest, where)
     return manifest
+
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def check_manifest(manifest: dict, where: str) -> None:
+    """One UserError naming the first field of ``manifest`` that is not what :func:`save_checkpoint` writes."""
+    step = manifest.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise UserError(f"{where}: 'step' must be a step number >= 0, not {step!r}")
+    for key in ("config", "metrics"):
+        if not isinstance(manifest.get(key, {}), dict):
+            raise UserError(f"{where}: {key!r} must be a JSON object, not a {type(manifest[key]).__name__}")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise UserError(f"{where}: 'files' must be a JSON object {{name: {{sha256, bytes}}}}, not "
+                        f"{'empty' if files in ({}, [], None) else 'a ' + type(files).__name__}")
+    for name, meta in files.items():
+        parts = name.split("/")
+        if not name or any(p in ("", ".", "..") for p in parts):
+            raise UserError(f"{where}: file name {name!r} is not a relative path inside the checkpoint")
+        ok = (isinstance(meta, dict) and isinstance(meta.get("sha256"), str) and _SHA256.match(meta["sha256"])
+              and isinstance(meta.get("bytes"), int) and not isinstance(meta["bytes"], bool) and meta["bytes"] >= 0)
+        if not ok:
+            raise UserError(f"{where}: files[{name!r}] must be {{\"sha256\": <64 hex>, \"bytes\": <int >= 0>}}")
 
 
 def _verified_files(storage: Storage, prefix: str, manifest: dict) -> dict[str, bytes]:
@@ -472,5 +500,5 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], where
 
 __all__ = ["FORMAT", "Storage", "LocalStorage", "register_storage", "open_storage", "LoadedCheckpoint",
            "save_checkpoint", "load_checkpoint", "verify_checkpoint", "read_manifest", "list_checkpoints",
-           "latest_complete", "apply_retention", "load_run", "read_tokenizer", "load_weights", "step_dir", "join_uri",
+           "latest_complete", "apply_retention", "check_manifest", "load_run", "read_tokenizer", "load_weights", "step_dir", "join_uri",
            "tensors_to_bytes", "tensors_from_bytes", "encode_rng", "decode_rng"]

@@ -31,12 +31,14 @@ def diagnostics_path(out: str) -> str:
     return stem + ".diagnostics.jsonl"
 
 
-def _check_out(path: str, key: str = "out") -> str:
+def _check_out(path: str, key: str = "out", example: str = "samples.jsonl") -> str:
     if not path:
         raise ConfigError(f"{key}='' : give the output file, e.g. {key}=samples.jsonl")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise UserError(f"{key}={path}: directory {parent} does not exist")
+    if os.path.isdir(path):
+        raise UserError(f"{key}={path} is a directory; give a file path, e.g. {key}={os.path.join(path, example)}")
     return path
 
 
@@ -65,10 +67,11 @@ def run_sampling(job: JobConfig) -> dict:
     if not job.checkpoint:
         raise ConfigError("checkpoint='' : give checkpoint=<run dir|checkpoint dir|s3://...|oracle:hmm|oracle:cyclic>")
     out = _check_out(job.out)
+    _check_out(diagnostics_path(out), "out (its diagnostics file)")
     if cfg.trajectory:
-        _check_out(cfg.trajectory, "sampling.trajectory")
+        _check_out(cfg.trajectory, "sampling.trajectory", "trajectory.npy")
     if cfg.plot:
-        _check_out(cfg.plot, "sampling.plot")
+        _check_out(cfg.plot, "sampling.plot", "diagnostics.png")
     denoiser = load_denoiser(job.checkpoint, cfg, length=cfg.length or None, data_cfg=job.data)
     length = cfg.length or denoiser.max_length
     if not length:
@@ -114,7 +117,7 @@ def run_sampling(job: JobConfig) -> dict:
 
 
 def _png_out(job: JobConfig) -> str:
-    out = _check_out(job.out)
+    out = _check_out(job.out, example="figure.png")
     if not out.endswith(".png"):
         raise ConfigError(f"out={out}: a toy writes a PNG; give out=<file>.png")
     return out

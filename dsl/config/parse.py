@@ -172,12 +172,29 @@ def _fill(node: Any, data: dict[str, Any], prefix: str, where: str) -> None:
                 raise ConfigError(f"{where}: {prefix + k} must be a mapping")
             _fill(cur, v, prefix + k + ".", where)
             continue
-        tp, _ = strip_optional(hints[k])
+        tp, optional = strip_optional(hints[k])
         if typing.get_origin(tp) is tuple and isinstance(v, list):
             v = tuple(v)
         if tp is float and isinstance(v, int) and not isinstance(v, bool):
             v = float(v)
+        if not (optional and v is None) and not _has_type(v, tp):
+            raise ConfigError(f"{where}: {prefix + k}={v!r} is not a valid {type_name(hints[k])}")
         setattr(node, k, v)
+
+
+def _has_type(value: Any, tp: Any) -> bool:
+    """Whether a value read back from JSON is of the field type ``tp`` (bool is not an int here)."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return value in typing.get_args(tp)
+    if origin is tuple:
+        inner = typing.get_args(tp)[0]
+        return isinstance(value, tuple) and all(_has_type(v, inner) for v in value)
+    if tp is float:
+        return isinstance(value, float)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp) if isinstance(tp, type) else True
 
 
 def flatten(cfg: Any) -> dict[str, Any]:

@@ -16,6 +16,15 @@ from typing import Literal
 
 from dsl.config.fields import ConfigError, choice, flag, num, section, text, values
 
+# The largest step budget T a sampler or a search accepts.
+MAX_BUDGET = 1 << 20
+# Sampling's final time: MDLM and ReMDM stop at 1e-5; past a few percent of the path a noticeable share
+# of positions is still masked when the grid ends and the final pass fills them greedily.
+MAX_SAMPLING_EPS = 0.05
+# SNRs of the samplers: far above every trained γ_max (Sec 4.1, App C.1: 50), where the softmax of the
+# exact posterior is already one-hot in float64.
+MAX_SNR = 1.0e4
+
 # ----------------------------------------------------------------------------------------------
 # Science sections (a checkpoint stores model, channel, mdlm, data, train).
 
@@ -136,21 +145,25 @@ class SamplingConfig:
     sampler: Literal["mdlm", "remdm-cap", "remdm-rescale", "remdm-conf", "remdm-loop",
                      "forward-backward", "remdm-official", "dsl-budget", "sde"] = choice(
         "dsl-budget", "remdm-official: cap for T<L, loop for T>=L; dsl-budget: loop with η_cap(T)")
-    steps: int = num(128, 1, help="the sampler's step budget T")
+    steps: int = num(128, 1, MAX_BUDGET, help="the sampler's step budget T")
     num_samples: int = num(16, 1, help="sequences each sampling run draws")
     length: int = num(0, 0, help="sequence length L of the samples; 0 = the model's/source's own")
     top_p: float = num(0.9, 0.0, 1.0, lo_open=True, help="nucleus mass (official rule)")
-    eta: float = num(0.02, 0.0, help="remasking η (cap/rescale/loop)")
-    t_on: float = num(0.55, 0.0, 1.0, help="loop window start (eq. 22)")
-    t_off: float = num(0.05, 0.0, 1.0, help="loop window end (eq. 22)")
+    eta: float = num(0.02, 0.0, 1.0, help="remasking η (cap/rescale/loop): a remasking probability σ or its "
+                                          "share of σ_max (ReMDM §3.3-3.4), so at most 1")
+    t_on: float = num(0.55, 0.0, 1.0, lo_open=True, hi_open=True,
+                      help="loop window start (eq. 22); t_on=1 leaves no time to reach α_on")
+    t_off: float = num(0.05, 0.0, 1.0, hi_open=True, help="loop window end (eq. 22)")
     alpha_on: float = num(0.9, 0.0, 1.0, lo_open=True, hi_open=True, help="α held in the loop (eq. 22)")
     eta_cap_table: str = text("", "η_cap(T) table or fitted rule (JSON file/URI); '' = Sec 6.1 values")
-    eps: float = num(1e-5, 0.0, 1.0, lo_open=True, hi_open=True, help="final time of the grid")
+    eps: float = num(1e-5, 0.0, MAX_SAMPLING_EPS, lo_open=True,
+                     help="final time of the grid (MDLM/ReMDM: 1e-5); larger values stop with tokens still masked")
     noise_removal: bool = flag(True, "final greedy pass (+1 NFE)")
     cache: bool = flag(True, "reuse p(x0) when the draft did not change")
-    gamma_vis: float = num(50.0, 0.0, lo_open=True, help="SNR of visible tokens for a DSL denoiser")
+    gamma_vis: float = num(50.0, 0.0, MAX_SNR, lo_open=True,
+                           help="SNR of visible tokens for a DSL denoiser (trained up to channel.gamma_max)")
     sde_path: Literal["linear", "left-to-right", "random-order"] = choice("linear", "SNR path of the SDE sampler")
-    sde_gamma_end: float = num(50.0, 0.0, lo_open=True, help="SNR at which the SDE stops")
+    sde_gamma_end: float = num(50.0, 0.0, MAX_SNR, lo_open=True, help="SNR at which the SDE stops")
     batch_size: int = num(16, 1, help="sequences per denoiser forward")
     rewrite_count: Literal["remask", "change"] = choice(
         "remask", "R_i reading (eq. 25): remask = times token i is masked and resampled (Sec 5.2; "
@@ -202,7 +215,8 @@ class EvalConfig:
     num_buckets: str = text("auto", "k-means buckets K: auto = n/10 (K=500 for 5k samples) or an integer")
     match_length: bool = flag(True, "cut samples and references to one token budget (recorded as length_budget)")
     length_budget: int = num(0, 0, help="token budget when matching lengths; 0 = the shorter set's longest text")
-    feature_cache: str = text("runs/feature-cache", "reference-feature cache: local dir or s3://...; '' = off")
+    feature_cache: str = text("auto", "reference-feature cache: auto = <cache root>/mauve-features ($DSL_CACHE_DIR, "
+                                      "else ~/.cache/dsl) | a local dir | s3://... | '' = off")
     workers: int = num(0, 0, help="MAUVE featurizer actors on Ray; 0 = featurize in this process")
     gpus_per_worker: float = num(0.0, 0.0, help="GPUs per MAUVE featurizer actor")
     judge: str = text("none", "GenPPL judge: none | source (the exact likelihood of checkpoint=oracle:*) | "
@@ -227,7 +241,6 @@ class EvalConfig:
     allow_eq3: bool = flag(False, "likelihood: allow t_end=inf for a learned model (its estimate has no finite mean)")
 
 
-MAX_BUDGET = 1 << 20
 
 
 def _fmt(vals: tuple) -> str:

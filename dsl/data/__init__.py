@@ -315,6 +315,18 @@ def text_tokenizer(name: str, corpus: Any, data_cfg: Any) -> Any:
     raise ConfigError(f"data.tokenizer={name!r} is not one of: {TOKENIZERS} (no such directory)")
 
 
+def check_source(run_cfg: RunConfig) -> None:
+    """Cheap checks of ``data.source`` before anything is started: a local file or folder exists and has
+    a readable type, an ``hf:`` name is known. Nothing is read or tokenized (a prepared store is checked
+    by :func:`dsl.service.prepare_ray.check_prepared_data`)."""
+    length = run_cfg.data.length or run_cfg.model.length
+    if length > run_cfg.model.length:
+        raise ConfigError(f"data.length={length} is longer than the model (model.length="
+                          f"{run_cfg.model.length}); use data.length <= model.length")
+    if run_cfg.data.source not in SYNTHETIC and not run_cfg.data.source.startswith(PREPARED):
+        open_corpus(run_cfg.data.source, run_cfg.data, length)
+
+
 def build_data(run_cfg: RunConfig, tokenizer: Any = None) -> Data:
     """The run's :class:`Data`; ``tokenizer`` (e.g. the one saved in a checkpoint) skips building one."""
     data_cfg = run_cfg.data
@@ -399,6 +411,6 @@ def heldout_blocks(run_cfg: RunConfig, tokenizer: Any, path: str = "", limit: in
     return torch.stack([p[0] for p in pairs]).long(), torch.stack([p[1] for p in pairs]).long()
 
 
-__all__ = ["Data", "build_data", "heldout_blocks", "text_tokenizer", "global_rows", "load_tokenizer", "CharTokenizer", "BPETokenizer",
+__all__ = ["Data", "build_data", "check_source", "heldout_blocks", "text_tokenizer", "global_rows", "load_tokenizer", "CharTokenizer", "BPETokenizer",
            "GPT2Tokenizer", "SourceTokenizer", "LocalCorpus", "HFCorpus", "WrapState", "wrap_documents",
            "pad_document"]

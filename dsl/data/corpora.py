@@ -23,6 +23,7 @@ from typing import Any
 
 from dsl.errors import UserError
 from dsl.seeding import derive_seed
+from dsl.utf8 import read_utf8, utf8_lines
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 EOT = "<|endoftext|>"
@@ -62,20 +63,19 @@ def _split_txt(text: str, how: str) -> list[str]:
 
 def _file_documents(path: Path, data_cfg: Any) -> Iterator[str]:
     if path.suffix == ".txt":
-        yield from _split_txt(path.read_text(encoding="utf-8", errors="replace"), data_cfg.txt_split)
+        yield from _split_txt(read_utf8(path), data_cfg.txt_split)
     elif path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    text = row[data_cfg.text_field]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise UserError(f"{path}:{lineno}: expected a JSON object with a string field "
-                                    f"{data_cfg.text_field!r} (data.text_field)") from None
-                if isinstance(text, str) and text.strip():
-                    yield text
+        for lineno, line in utf8_lines(path):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                text = row[data_cfg.text_field]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(f"{path}:{lineno}: expected a JSON object with a string field "
+                                f"{data_cfg.text_field!r} (data.text_field)") from None
+            if isinstance(text, str) and text.strip():
+                yield text
     else:
         from datasets import load_dataset
 

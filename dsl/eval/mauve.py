@@ -29,6 +29,7 @@ import numpy as np
 import torch  # noqa: F401  -- before mauve/faiss: the reverse order can crash in OpenMP (faiss#3401)
 
 from dsl.errors import UserError
+from dsl.utf8 import read_utf8, utf8_lines
 
 DEFAULT_SEEDS = (25, 26, 27)
 CACHE_FORMAT = "dsl-mauve-features/1"
@@ -108,24 +109,27 @@ def read_records(path: str, text_field: str = "text") -> list[dict[str, Any]]:
         raise UserError(f"file not found: {path!r} (expected a .jsonl with a {text_field!r} field or a .txt)")
     records: list[dict[str, Any]] = []
     if path.endswith((".jsonl", ".json")):
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError:
-                    raise UserError(f"{path}:{lineno}: not a JSON line (expected one object per line)") from None
-                if not isinstance(obj, dict) or (text_field not in obj and "ids" not in obj):
-                    raise UserError(f"{path}:{lineno}: needs a {text_field!r} field (or 'ids')")
-                rec: dict[str, Any] = {"text": obj.get(text_field)}
-                for key in ("ids", "settings"):
-                    if key in obj:
-                        rec[key] = obj[key]
-                records.append(rec)
+        for lineno, line in utf8_lines(path):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                raise UserError(f"{path}:{lineno}: not a JSON line (expected one object per line)") from None
+            if not isinstance(obj, dict) or (text_field not in obj and "ids" not in obj):
+                raise UserError(f"{path}:{lineno}: needs a {text_field!r} field (or 'ids')")
+            rec: dict[str, Any] = {"text": obj.get(text_field)}
+            if "settings" in obj:
+                rec["settings"] = obj["settings"]
+            if "ids" in obj:
+                ids = obj["ids"]
+                if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                        for i in ids):
+                    raise UserError(f"{path}:{lineno}: 'ids' must be a list of token ids (integers >= 0)")
+                rec["ids"] = ids
+            records.append(rec)
     elif path.endswith(".txt"):
-        with open(path, encoding="utf-8") as fh:
-            body = fh.read()
+        body = read_utf8(path)
         docs = body.split("<|endoftext|>") if "<|endoftext|>" in body else body.splitlines()
         records = [{"text": d.strip()} for d in docs if d.strip()]
     else:

@@ -25,6 +25,7 @@ import torch
 
 from dsl.config import ConfigError, JobConfig
 from dsl.errors import UserError
+from dsl.outputs import RUNS_ROOT, cache_root, output_dir
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
@@ -123,6 +124,16 @@ def _num_buckets(raw: str) -> int | str:
         raise ConfigError(f"eval.num_buckets={raw!r}: expected 'auto' or an integer") from None
 
 
+def feature_cache(spec: str) -> str:
+    """The storage URI of ``eval.feature_cache``: ``auto`` is the cache root's ``mauve-features``; a local
+    directory must not be a file; '' (off) stays ''."""
+    if spec == "auto":
+        return str(cache_root() / "mauve-features")
+    if spec and "://" not in spec:
+        output_dir(spec, "eval.feature_cache")
+    return spec
+
+
 def evaluate_samples(job: JobConfig) -> dict[str, Any]:
     from dsl.eval.entropy import sentence_entropy
     from dsl.eval.genppl import genppl
@@ -137,6 +148,8 @@ def evaluate_samples(job: JobConfig) -> dict[str, Any]:
     if ev.reference == "source":
         raise ConfigError("eval.reference=source draws texts from checkpoint=oracle:*, which evaluating a sample "
                           "file does not load; give eval.reference=<file.jsonl|file.txt|hf:dataset>")
+    if job.out:
+        output_dir(job.out)
     text_field = job.data.text_field
     records = read_records(ev.samples, text_field)
     texts = [r.get("text") for r in records]
@@ -152,7 +165,7 @@ def evaluate_samples(job: JobConfig) -> dict[str, Any]:
 
         tokenizer = load_reference_tokenizer(ev.reference_tokenizer)
     references = ReferenceSet.from_spec(ev.reference, ev.references or len(texts), ev.reference_seed,
-                                        cache=ev.feature_cache, text_field=text_field, split=ev.reference_split,
+                                        cache=feature_cache(ev.feature_cache), text_field=text_field, split=ev.reference_split,
                                         words_per_text=ev.words_per_reference, blocks=ev.reference_blocks,
                                         tokenizer=tokenizer, heldout_docs=ev.heldout_docs, eot=ev.eot,
                                         progress=job.progress)
@@ -203,6 +216,7 @@ def evaluate_calibration(job: JobConfig) -> dict[str, Any]:
     ev = job.eval
     if not ev.snr or any(s <= 0 for s in ev.snr):
         raise ConfigError(f"eval.snr={','.join(map(str, ev.snr))}: give positive SNRs, e.g. eval.snr=70,80,90,95,100")
+    out_dir = output_dir(job.out or os.path.join(RUNS_ROOT, "calibration"))
     loaded = [(label, uri, _load_dsl_run(uri)) for label, uri in labelled_checkpoints(job.checkpoint)]
     results, summary = {}, {}
     for label, uri, (run_cfg, model, tokenizer) in loaded:
@@ -215,7 +229,6 @@ def evaluate_calibration(job: JobConfig) -> dict[str, Any]:
         summary[label] = {"checkpoint": uri, "roar": run_cfg.channel.roar,
                           "ece": {f"{s:g}": r.ece for s, r in by_snr.items()},
                           "accuracy": {f"{s:g}": r.accuracy for s, r in by_snr.items()}}
-    out_dir = job.out or os.path.join("runs", "calibration")
     os.makedirs(out_dir, exist_ok=True)
     png, js = os.path.join(out_dir, "calibration.png"), os.path.join(out_dir, "calibration.json")
     tmp_png = os.path.join(out_dir, f".tmp-{os.getpid()}-calibration.png")
@@ -231,6 +244,8 @@ def evaluate_likelihood(job: JobConfig) -> dict[str, Any]:
     from dsl.eval.likelihood import count_text_characters, factorised_log_prob, path_integral_likelihood
 
     ev = job.eval
+    if job.out:
+        output_dir(job.out)
     rows = {}
     for label, uri in labelled_checkpoints(job.checkpoint):
         run_cfg, model, tokenizer = _load_dsl_run(uri)

@@ -9,6 +9,7 @@ Public surface::
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,6 +48,52 @@ def sample_seed(seed: int, index: int) -> int:
     return derive_seed(seed, "sample", index)
 
 
+# Bytes per position of one sample in the batch being drawn (draft, forward draft, rewrite and change
+# counts, confidence scores, uniforms, unmask/remask probabilities, σ; int64/float64) and per position of
+# every drawn sample (ids and rewrite counts of the result).
+BATCH_BYTES_PER_TOKEN = 128
+RESULT_BYTES_PER_TOKEN = 32
+
+
+def sampling_memory(denoiser: Denoiser, cfg: SamplingConfig, n: int, length: int,
+                    keep_trajectory: bool = False) -> int:
+    """Estimated peak bytes of :func:`generate`: one batch's (B, L, V) predictions (the raw scores, the
+    rows at masked positions and the nucleus filter's work copy), the network's activations, the
+    per-sample bookkeeping, the result and the optional (T, n, L) trajectory."""
+    batch = min(cfg.batch_size, n)
+    per_token = 3 * denoiser.vocab_size * denoiser.score_bytes + denoiser.hidden_bytes_per_token
+    need = batch * length * (per_token + BATCH_BYTES_PER_TOKEN) + n * length * RESULT_BYTES_PER_TOKEN
+    if keep_trajectory:
+        need += cfg.steps * n * length * 8
+    return need
+
+
+def check_sampling_memory(denoiser: Denoiser, cfg: SamplingConfig, n: int, length: int,
+                          keep_trajectory: bool = False, limit: float | None = None) -> None:
+    """One UserError line, before anything is allocated, when :func:`sampling_memory` exceeds ``limit``
+    (default: this machine's available memory), naming the largest length and batch that would fit."""
+    from dsl.memory import available_bytes, check_fits, largest_fitting
+
+    limit = available_bytes() if limit is None else limit
+    need = sampling_memory(denoiser, cfg, n, length, keep_trajectory)
+    if need <= limit:
+        return
+
+    def with_batch(b: int) -> SamplingConfig:
+        return dataclasses.replace(cfg, batch_size=b)
+
+    max_len = largest_fitting(lambda L: sampling_memory(denoiser, cfg, n, L, keep_trajectory), limit)
+    max_batch = largest_fitting(lambda b: sampling_memory(denoiser, with_batch(b), n, length, keep_trajectory),
+                                limit, hi=n)
+    advice = (f"at sampling.batch_size={cfg.batch_size} at most sampling.length={max_len} fits" if max_len else
+              f"no length fits at sampling.batch_size={cfg.batch_size} and sampling.num_samples={n}")
+    advice += (f"; at sampling.length={length}, sampling.batch_size={max_batch} fits" if max_batch else
+               f"; sampling.length={length} does not fit even one sample at a time")
+    if keep_trajectory:
+        advice += " (sampling.trajectory keeps every step: T x n x L ids)"
+    check_fits(f"sampling {n} x {length} tokens (V={denoiser.vocab_size})", need, advice, limit)
+
+
 def generate(denoiser: Denoiser, cfg: SamplingConfig, n: int, length: int, seed: int, progress: bool = False,
              *, first_index: int = 0, keep_trajectory: bool = False) -> SampleBatch:
     """Draw ``n`` sequences of ``length`` tokens with ``cfg.sampler``.
@@ -57,6 +104,7 @@ def generate(denoiser: Denoiser, cfg: SamplingConfig, n: int, length: int, seed:
     """
     if n < 1 or length < 1:
         raise ValueError(f"n={n} and length={length} must be >= 1")
+    check_sampling_memory(denoiser, cfg, n, length, keep_trajectory)
     eta_cap, eta_source = None, "none"
     if cfg.sampler == "dsl-budget":
         schedule: EtaCapSchedule = load_eta_cap(cfg.eta_cap_table)
@@ -98,5 +146,5 @@ def generate(denoiser: Denoiser, cfg: SamplingConfig, n: int, length: int, seed:
     )
 
 
-__all__ = ["SampleBatch", "generate", "sample_seed", "load_denoiser", "load_eta_cap", "EtaCapSchedule",
+__all__ = ["SampleBatch", "generate", "sampling_memory", "check_sampling_memory", "sample_seed", "load_denoiser", "load_eta_cap", "EtaCapSchedule",
            "Denoiser", "MDLMDenoiser", "DSLDenoiser", "OracleDenoiser"]

@@ -30,6 +30,8 @@ class Denoiser:
     time_invariant: bool = True
     continuous: bool = False
     max_length: int | None = None  # the longest draft it accepts (a model's L, a source's fixed length)
+    score_bytes: int = 8           # bytes per element of a raw prediction: float64 probabilities
+    hidden_bytes_per_token: int = 0  # a network's activations per token of one forward (one block at a time)
 
     def _scores(self, draft: torch.Tensor) -> tuple[torch.Tensor, str]:
         """Raw prediction (B, L, V) and its kind, "logits" or "probs"; rows at visible positions are ignored."""
@@ -106,6 +108,8 @@ class MDLMDenoiser(Denoiser):
         mask_id = int(model.cfg.mask_id)
         self.mask_id = mask_id if mask_id >= 0 else self.vocab_size - 1
         self.max_length = int(model.cfg.length)
+        self.score_bytes = 4  # float32 logits
+        self.hidden_bytes_per_token = _hidden_bytes_per_token(model.cfg)
         self.tokenizer = tokenizer
 
     @torch.no_grad()
@@ -128,6 +132,8 @@ class DSLDenoiser(Denoiser):
         self.mask_id = int(model.mask_id)
         self.gamma_vis = float(gamma_vis)
         self.max_length = int(model.cfg.length)
+        self.score_bytes = 4  # float32 logits
+        self.hidden_bytes_per_token = _hidden_bytes_per_token(model.cfg)
         self.tokenizer = tokenizer
 
     def draft_to_z(self, draft: torch.Tensor) -> torch.Tensor:
@@ -194,6 +200,11 @@ def _oracle_embeddings(source: object, seed: int) -> torch.Tensor:
     from dsl.seeding import sample_generator
 
     return spherical_embeddings(source.vocab_size, 64, source.mask_id, sample_generator(seed, "oracle-emb"))
+
+
+def _hidden_bytes_per_token(model_cfg: object) -> int:
+    """float32 activations of one transformer block per token: the residual stream, q/k/v/out and the MLP."""
+    return 4 * int(model_cfg.hidden) * (5 + int(model_cfg.mlp_ratio))
 
 
 def _decode_with(tokenizer: object, ids: torch.Tensor | list[int]) -> str:

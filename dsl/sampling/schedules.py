@@ -90,8 +90,9 @@ def _read_spec_text(spec: str) -> str:
     if not os.path.isfile(spec):
         raise UserError(f"eta_cap_table={spec}: no such file; give '', one of {', '.join(BUILTIN_TABLES)}, "
                         "inline JSON, a JSON file or a URI")
-    with open(spec, encoding="utf-8") as fh:
-        return fh.read()
+    from dsl.utf8 import read_utf8
+
+    return read_utf8(spec)
 
 
 def parse_eta_cap(data: object, where: str) -> EtaCapSchedule:

@@ -27,7 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from dsl.config import ConfigError, JobConfig, RunConfig, from_dict, run_config_of, to_dict
-from dsl.errors import UserError
+from dsl.data import check_source
+from dsl.errors import UserError, one_line
+from dsl.outputs import RUNS_ROOT, output_dir
+from dsl.redact import scrub
 
 # The service keys a training run records as MLflow params (where and how it ran, not where it is tracked).
 LOGGED_SERVICE_KEYS = ("workers", "gpus_per_worker", "cpus_per_worker", "threads_per_worker", "max_failures",
@@ -63,8 +66,9 @@ def storage_root(cfg: JobConfig, name: str) -> str:
         return join_uri(base, name)
     if "://" in base and not base.startswith("file://"):
         raise ConfigError(f"service.storage={base!r}: accepted: a directory, file://..., or s3://bucket/prefix")
-    base = base.removeprefix("file://") or cfg.out or "runs"
-    return str(Path(base).expanduser().resolve() / name)
+    key = "service.storage" if base else "out"
+    base = base.removeprefix("file://") or cfg.out or RUNS_ROOT
+    return str(output_dir(base, key).resolve() / name)
 
 
 def check_storage(root: str, endpoint: str) -> None:
@@ -87,12 +91,56 @@ def check_init(init: str) -> None:
         from dsl.models.mdlm_weights import download_hub
 
         download_hub(spec.target)  # cached for the workers on this node; raises one line when offline
-    elif spec.kind == "uri":
-        from dsl.checkpoint import MANIFEST, latest_complete, open_storage
+    elif spec.ours:
+        from dsl.checkpoint import MANIFEST, latest_complete, open_storage, read_manifest
 
         st = open_storage(spec.target)
-        if not st.exists(MANIFEST) and latest_complete(st) is None:
-            raise UserError(f"init={init}: no complete checkpoint there")
+        if st.exists(MANIFEST):
+            read_manifest(st, "")  # one line for a malformed manifest; the workers verify the files
+        elif latest_complete(st) is None:
+            raise UserError(f"init={init}: no complete checkpoint there (expected {MANIFEST} or "
+                            f"step-<N>/{MANIFEST})")
+
+
+# Keys a re-run of the same name may change: how long and how it trains on, not what it trains.
+RESUMABLE_CHANGES = ("name", "init", "out_dir", "train.", "data.cache_dir", "data.streaming")
+# Values a checkpoint stores resolved (the tokenizer's V and mask id): a re-run leaving them automatic matches.
+RESOLVED_LATER = {"model.vocab_size": 0, "model.mask_id": -1}
+
+
+def check_resume(root: str, run_cfg: RunConfig) -> None:
+    """A re-used name continues the run under ``root``: refuse, before any worker starts, a config that
+    differs from the run's checkpoints in what it trains (model, objective, channel, loss, data)."""
+    from dsl.checkpoint import latest_complete, open_storage, read_manifest
+    from dsl.config import flatten
+
+    latest = latest_complete(root)
+    if latest is None:
+        return
+    saved = from_dict(RunConfig, read_manifest(open_storage(latest), "")["config"], where=latest)
+    old, new = flatten(saved), flatten(run_cfg)
+    diff = [k for k in new if old.get(k) != new[k] and not k.startswith(RESUMABLE_CHANGES)
+            and not (k in RESOLVED_LATER and new[k] == RESOLVED_LATER[k])]
+    if diff:
+        shown = ", ".join(f"{k}={new[k]} (run: {old.get(k)})" for k in diff[:3]) + (" …" if len(diff) > 3 else "")
+        raise UserError(f"name={run_cfg.name} continues the run at {latest}, trained with other settings: {shown}; "
+                        f"give a new name= for a new run, or the run's own settings to continue it")
+
+
+def check_worker_memory(run_cfg: RunConfig, svc: Any, private: bool) -> None:
+    """Refuse a model/batch that cannot fit a training worker: on a private local cluster the workers
+    share this machine's available memory; on a GPU the largest accelerator memory shipping bounds it."""
+    from dsl.memory import available_bytes, check_training_memory
+
+    if svc.gpus_per_worker > 0:
+        check_training_memory(run_cfg, svc.workers, LARGEST_ACCELERATOR_BYTES, "of the largest accelerator")
+    elif private:
+        check_training_memory(run_cfg, svc.workers, available_bytes() / svc.workers,
+                              f"available to each of {svc.workers} worker(s) on this machine")
+
+
+# No accelerator ships with more memory than this (192 GiB); a model that exceeds it cannot train anywhere.
+LARGEST_ACCELERATOR_BYTES = 192 * (1 << 30)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,7 +171,7 @@ def untrust_corrupt_after_latest(storage: Any) -> list[int]:
             verify_checkpoint(storage, step_dir(step))
             break
         except UserError as exc:
-            print(f"warning: not trusting {' '.join(str(exc).split())}; falling back", flush=True)
+            print(f"warning: not trusting {scrub(one_line(exc))}; falling back", flush=True)
             storage.delete(key)
             dropped.append(step)
     return dropped
@@ -279,6 +327,9 @@ def run_finetune(cfg: JobConfig, *, name: str | None = None) -> FinetuneResult:
     from dsl.service.prepare_ray import check_prepared_data
 
     check_prepared_data(run_cfg, svc.storage_endpoint)
+    check_source(run_cfg)
+    check_resume(root, run_cfg)
+    check_worker_memory(run_cfg, svc, private=not (svc.ray_address or os.environ.get("RAY_ADDRESS")))
 
     run_id = None
     resumed = latest_complete(root) is not None
@@ -346,10 +397,10 @@ def run_finetune(cfg: JobConfig, *, name: str | None = None) -> FinetuneResult:
 
 def print_progress_note(result: FinetuneResult, stream: Any = None) -> None:
     """Where the checkpoint and the MLflow run are, and the one command that opens the UI on them."""
-    from dsl.service.tracking import scrub, ui_command
+    from dsl.service.tracking import ui_command
 
     out = stream or sys.stdout
-    print(f"checkpoint: {result.checkpoint}", file=out)
+    print(f"checkpoint: {scrub(result.checkpoint)}", file=out)
     if result.mlflow_run_id:
         print(f"mlflow run: {result.mlflow_run_id} (experiment tracked at {scrub(result.tracking_uri)})", file=out)
         print(f"open the UI: {ui_command(result.tracking_uri)}", file=out)

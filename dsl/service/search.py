@@ -116,33 +116,24 @@ def open_storage(url: str | None):
     """An ``optuna.storages.RDBStorage`` object (OptunaSearch asserts an object, not a URL string)."""
     import optuna
 
+    from dsl.service.database_url import with_installed_driver
+
     if url is None:
         return optuna.storages.InMemoryStorage()
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     kwargs = {"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     try:
-        return optuna.storages.RDBStorage(_with_installed_driver(url), engine_kwargs=kwargs)
+        return optuna.storages.RDBStorage(with_installed_driver(url, "search.study_db"), engine_kwargs=kwargs)
     except Exception as exc:  # noqa: BLE001 - every failure to open the URL is the user's to fix
         raise UserError(f"search.study_db={_redact(url)} cannot be opened ({type(exc).__name__}: "
                         f"{' '.join(str(exc).split())[:200]}); expected sqlite:///<path> or "
                         f"postgresql://user@host:port/db, or search.study_db=none") from None
 
 
-def _with_installed_driver(url: str) -> str:
-    """SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3; use psycopg2 when only it is installed."""
-    for bare in ("postgresql://", "postgres://"):
-        if url.startswith(bare):
-            try:
-                import psycopg  # noqa: F401
-            except ImportError:
-                return "postgresql+psycopg2://" + url[len(bare):]
-    return url
-
-
 def _redact(url: str) -> str:
     """Hide the credentials of a DB URL before it reaches a message, a log or an MLflow param."""
-    from dsl.service.tracking import scrub
+    from dsl.redact import scrub
 
     return scrub(url)
 
@@ -343,8 +334,6 @@ class Prepared:
 
 
 def _load_reference_texts(cfg: JobConfig, denoiser: Any) -> list[str]:
-    import json
-
     ev = cfg.eval
     if ev.reference == "source":
         source = getattr(denoiser, "source", None)
@@ -360,9 +349,10 @@ def _load_reference_texts(cfg: JobConfig, denoiser: Any) -> list[str]:
     if not path.is_file():
         raise UserError(f"eval.reference={ev.reference!r} is not a file; expected 'source', a .txt file (one "
                         f"text per line) or a .jsonl file with a 'text' field")
-    lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-    texts = [json.loads(ln).get("text", "") for ln in lines] if path.suffix == ".jsonl" else lines
-    texts = [t for t in texts if t.strip()][: ev.references]
+    from dsl.eval.mauve import read_records
+
+    texts = [r["text"] for r in read_records(str(path)) if isinstance(r.get("text"), str) and r["text"].strip()]
+    texts = texts[: ev.references]
     if len(texts) < 2:
         raise UserError(f"eval.reference={ev.reference!r} holds {len(texts)} non-empty texts; need at least 2")
     return texts
@@ -370,8 +360,12 @@ def _load_reference_texts(cfg: JobConfig, denoiser: Any) -> list[str]:
 
 def prepare(cfg: JobConfig) -> Prepared:
     """Open the checkpoint, the references and the study storage; raise one line on bad input."""
-    from dsl.sampling import load_denoiser
+    from dsl.eval.featurizers import resolve_spec
+    from dsl.outputs import output_dir
+    from dsl.sampling import check_sampling_memory, load_denoiser
 
+    output_dir(cfg.out)
+    resolve_spec(cfg.eval.featurizer)
     try:
         denoiser = load_denoiser(cfg.checkpoint, cfg.sampling, length=cfg.sampling.length)
     except (UserError, ConfigError):
@@ -380,6 +374,8 @@ def prepare(cfg: JobConfig) -> Prepared:
         raise UserError(f"checkpoint={cfg.checkpoint!r} cannot be loaded ({type(exc).__name__}: "
                         f"{' '.join(str(exc).split())[:200]}); expected oracle:hmm, oracle:cyclic, a "
                         f"checkpoint directory or an s3:// URI") from None
+    length = cfg.sampling.length or denoiser.max_length
+    check_sampling_memory(denoiser, cfg.sampling, cfg.sampling.num_samples, length)
     references = _load_reference_texts(cfg, denoiser)
     url = storage_url(cfg)
     storage = open_storage(url)
