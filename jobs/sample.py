@@ -83,6 +83,8 @@ def run_sampling(job: JobConfig) -> dict:
     batch = generate(denoiser, cfg, n, length, job.seed, progress=job.progress,
                      first_index=cfg.first_index, keep_trajectory=bool(cfg.trajectory))
     wall = time.perf_counter() - start
+    if batch.eta_cap_extrapolation:
+        print(f"warning: {batch.eta_cap_extrapolation}", file=sys.stderr, flush=True)
     settings = batch.settings | {"checkpoint": job.checkpoint}
 
     def write_samples(tmp: str) -> None:
@@ -113,6 +115,7 @@ def run_sampling(job: JobConfig) -> dict:
             "steps": cfg.steps, "length": length, "mean_nfe": float(batch.nfe.double().mean()),
             "mean_rewrites_per_token": float(batch.mean_rewrites.mean()), "rewrite_count": cfg.rewrite_count,
             "wall_time_s": round(wall, 3), "eta_cap": batch.eta_cap, "eta_cap_source": batch.eta_cap_source,
+            "eta_cap_extrapolation": batch.eta_cap_extrapolation,
             "out": out, "diagnostics": diag, "trajectory": cfg.trajectory or None, "plot": cfg.plot or None}
 
 

@@ -54,7 +54,11 @@ def test_storage_uri(tmp_path):
 
 
 @pytest.mark.parametrize("content", ['{"table": {}}', '{"table": {"x": 1}}', '{"rule": {"form": "cubic"}}',
-                                     '{"table": {"128": -1}}', "[1, 2]", "not json"])
+                                     '{"table": {"128": -1}}', "[1, 2]", "not json",
+                                     '{"table": {"128": 0.01}, "length": 0}',
+                                     '{"table": {"128": 0.01}, "budgets": [16, 32]}',
+                                     '{"rule": {"form": "power", "a": 1, "b": -1}, "budgets": [32, 16]}',
+                                     '{"table": {"128": 0.01}, "extra": 1}'])
 def test_bad_specs_fail_with_one_line(tmp_path, content):
     path = tmp_path / "bad.json"
     path.write_text(content)
@@ -107,3 +111,32 @@ def test_table5_rewrites_come_from_eq24_not_from_table5s_own_eta_column():
     printed_off = {r["T"]: abs(r["rewrites_printed_eta"] / r["rewrites_paper"] - 1) for r in rows}
     assert printed_off[512] > 0.10 and printed_off[1024] > 0.4  # the printed column does not
     assert tables.TABLE5_REPRODUCED_BY == "eq24" and "does not reproduce" in tables.TABLE5_NOTE
+
+
+def test_extrapolation_is_one_line_and_recorded():
+    """The paper's tables hold for L = 1024 and T in [128, 1024] (Sec 6.1); a fitted rule for its budgets."""
+    paper = load_eta_cap("")
+    assert paper.extrapolation(256, 1024) is None
+    note = paper.extrapolation(8, 64)
+    assert "\n" not in note and "T=8 is outside the table's T∈[128, 1024]" in note
+    assert "measured at L=1024, used at L=64" in note and "default:sec6.1" in note
+    rule = load_eta_cap('{"rule": {"form": "linear_log_t", "a": 0.2, "b": -0.05}, "length": 32, "budgets": [16, 32]}')
+    assert rule.extrapolation(16, 32) is None and rule.extrapolation(32, 32) is None
+    far = rule.extrapolation(4096, 32)
+    assert rule(4096) == 0.0 and "outside the budgets T∈[16, 32]" in far and "clipped to 0 (no remasking)" in far
+    assert rule.to_dict() == {"rule": {"form": "linear_log_t", "a": 0.2, "b": -0.05}, "length": 32, "budgets": [16, 32]}
+
+
+def test_sample_job_warns_and_records_an_extrapolated_eta_cap(tmp_path, capsys):
+    from dsl.cli import load_job, main
+
+    out = tmp_path / "s.jsonl"
+    assert main(load_job("jobs/sample.py"), ["checkpoint=oracle:hmm", "sampler=dsl-budget", "sampling.steps=8",
+                                             "sampling.length=64", "sampling.num_samples=2", f"out={out}"]) == 0
+    captured = capsys.readouterr()
+    warnings = [ln for ln in captured.err.splitlines() if ln.startswith("warning: ")]
+    assert len(warnings) == 1 and "η_cap(T=8)" in warnings[0] and "L=64" in warnings[0]
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert summary["eta_cap_extrapolation"] == warnings[0].removeprefix("warning: ")
+    first = json.loads(out.read_text().splitlines()[0])
+    assert first["settings"]["eta_cap_extrapolation"] == summary["eta_cap_extrapolation"]

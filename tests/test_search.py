@@ -273,8 +273,9 @@ def test_artifacts_load_with_the_samplers_loader(tmp_path):
     from dsl.service.search_results import write_json_atomic
 
     chosen = {16: _rec(2, 16, 0.07, 0.85, 1.8), 32: _rec(5, 32, 0.03, 0.70, 1.4)}
-    table_doc, rule_doc, fit = eta_cap_artifacts(chosen)
-    assert table_doc == {"table": {"16": 0.07, "32": 0.03}}
+    table_doc, rule_doc, fit = eta_cap_artifacts(chosen, 32)
+    assert table_doc == {"table": {"16": 0.07, "32": 0.03}, "length": 32}
+    assert rule_doc["length"] == 32 and rule_doc["budgets"] == [16, 32]
     write_json_atomic(tmp_path / "t.json", table_doc)
     write_json_atomic(tmp_path / "r.json", rule_doc)
     table = load_eta_cap(str(tmp_path / "t.json"))

@@ -251,7 +251,7 @@ class FileCorpus:
 
     def documents(self, split: str, start: int = 0) -> Iterator[str]:
         if self.text8:
-            yield from text8_documents(self.path.read_text(encoding="utf-8").strip(), self.length, start)
+            yield from text8_documents(read_utf8(self.path).strip(), self.length, start)
             return
         for i, text in enumerate(_file_documents(self.path, self.cfg)):
             if i >= start:

@@ -36,6 +36,7 @@ class SampleBatch:
     diagnostics: dict[str, np.ndarray]  # per-step arrays, one entry per step, means over the n samples
     eta_cap: float | None
     eta_cap_source: str
+    eta_cap_extrapolation: str | None   # one line when η_cap was used outside what it was measured on
     settings: dict
     trajectory: torch.Tensor | None = field(default=None, repr=False)  # (T, n, L) if requested
 
@@ -105,10 +106,11 @@ def generate(denoiser: Denoiser, cfg: SamplingConfig, n: int, length: int, seed:
     if n < 1 or length < 1:
         raise ValueError(f"n={n} and length={length} must be >= 1")
     check_sampling_memory(denoiser, cfg, n, length, keep_trajectory)
-    eta_cap, eta_source = None, "none"
+    eta_cap, eta_source, eta_note = None, "none", None
     if cfg.sampler == "dsl-budget":
         schedule: EtaCapSchedule = load_eta_cap(cfg.eta_cap_table)
         eta_cap, eta_source = schedule(cfg.steps), schedule.source
+        eta_note = schedule.extrapolation(cfg.steps, length)
     if cfg.sampler == "sde":
         resolved = {"rule": "sde", "sde_path": cfg.sde_path, "sde_gamma_end": cfg.sde_gamma_end}
         rule = None
@@ -131,7 +133,8 @@ def generate(denoiser: Denoiser, cfg: SamplingConfig, n: int, length: int, seed:
             parts.append(run_masked(denoiser, rule, cfg, gens, length, recorder, keep_trajectory, progress))
     rewrites = torch.cat([p.rewrites for p in parts])
     settings = {**to_dict(cfg), "resolved": resolved, "length": length, "seed": seed,
-                "first_index": first_index, "eta_cap": eta_cap, "eta_cap_source": eta_source}
+                "first_index": first_index, "eta_cap": eta_cap, "eta_cap_source": eta_source,
+                "eta_cap_extrapolation": eta_note}
     return SampleBatch(
         ids=torch.cat([p.ids for p in parts]),
         seeds=torch.tensor(seeds, dtype=torch.long),
@@ -141,6 +144,7 @@ def generate(denoiser: Denoiser, cfg: SamplingConfig, n: int, length: int, seed:
         diagnostics=recorder.finalize(),
         eta_cap=eta_cap,
         eta_cap_source=eta_source,
+        eta_cap_extrapolation=eta_note,
         settings=settings,
         trajectory=torch.cat([p.trajectory for p in parts], dim=1) if keep_trajectory else None,
     )

@@ -584,7 +584,7 @@ def _write_outputs(cfg: JobConfig, prepared: Prepared, out: Path, rungs: tuple[i
     if missing:
         summary["missing"] = missing
     if chosen:
-        table_doc, rule_doc, fit = eta_cap_artifacts(chosen)
+        table_doc, rule_doc, fit = eta_cap_artifacts(chosen, cfg.sampling.length or prepared.denoiser.max_length)
         write_json_atomic(out / "eta_cap_table.json", table_doc)
         write_json_atomic(out / "eta_cap_rule.json", rule_doc)
         summary.update(table=table_doc["table"], rule=rule_doc["rule"], rule_fit=fit)

@@ -81,13 +81,15 @@ def fit_rule(table: dict[int, float]) -> dict[str, Any]:
     return {"form": RULE_FORM, "a": a, "b": b, "r2": r2, "points": n}
 
 
-def eta_cap_artifacts(chosen: dict[int, dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any], dict]:
+def eta_cap_artifacts(chosen: dict[int, dict[str, Any]], length: int) -> tuple[dict[str, Any], dict[str, Any], dict]:
     """(table JSON, rule JSON, fit quality) — the first two exactly in the samplers' format
-    (``dsl.sampling.schedules.load_eta_cap`` accepts a document with the single key "table" or "rule")."""
+    (``dsl.sampling.schedules.load_eta_cap``), with the sequence length L they were measured at and,
+    for the rule, the budgets it was fitted on, so a sampler can say when it extrapolates."""
     table = {int(t): float(r["eta_cap"]) for t, r in chosen.items()}
-    table_doc = {"table": {str(t): v for t, v in sorted(table.items())}}
+    table_doc = {"table": {str(t): v for t, v in sorted(table.items())}, "length": int(length)}
     rule = fit_rule(table)
-    rule_doc = {"rule": {"form": rule["form"], "a": rule["a"], "b": rule["b"]}}
+    rule_doc = {"rule": {"form": rule["form"], "a": rule["a"], "b": rule["b"]}, "length": int(length),
+                "budgets": [min(table), max(table)]}
     return table_doc, rule_doc, {"r2": rule["r2"], "points": rule["points"]}
 
 
