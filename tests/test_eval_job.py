@@ -49,8 +49,10 @@ def test_samples_summary_is_the_last_json_line(files, capsys, tmp_path):
             "eval.max_length=64", "eval.mauve_seeds=25,26", "eval.num_buckets=4", "eval.judge=oracle:hmm",
             f"eval.feature_cache={tmp_path / 'cache'}", "progress=false"]
     rc, out, err = _run(capsys, *base)
-    assert rc == 0 and "warning" not in err
     summary = json.loads(out.strip().splitlines()[-1])
+    # 30 + 30 points in K=4 buckets: fewer per bucket than faiss asks for, said once, recorded
+    assert rc == 0 and err.strip().splitlines() == [f"warning: {w}" for w in summary["mauve_warnings"]]
+    assert len(summary["mauve_warnings"]) == 1 and "K=4 buckets" in summary["mauve_warnings"][0]
     for key in ("mauve_mean", "mauve_std", "genppl", "sentence_entropy", "n_samples", "n_reference", "featurizer"):
         assert key in summary
     assert summary["n_samples"] == 30 and summary["n_reference"] == 30 and summary["featurizer"] == "minilm"
@@ -58,6 +60,7 @@ def test_samples_summary_is_the_last_json_line(files, capsys, tmp_path):
     exact = math.exp(float(-source.log_prob(samples).sum()) / samples.numel())
     assert summary["genppl"] == pytest.approx(exact, rel=1e-9)
     assert summary["sentence_entropy"] == pytest.approx(sentence_entropy(samples.tolist()))
+    assert summary["sentence_entropy_tokens"] == "ids"
     assert summary["reference_features_computed"] == 1
     # a second run finds the reference features in the cache
     rc, out, _ = _run(capsys, *base, f"out={tmp_path / 'out'}")
@@ -199,3 +202,35 @@ def test_old_spellings_land_in_the_new_key_with_one_warning(capsys, old, new, va
     assert mode == "calibration" and read(cfg)
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"warning: {old}= is deprecated and will be removed in the next release; use {new}="]
+
+
+def test_sentence_entropy_of_text_only_samples_is_computed_from_the_text(files, capsys, tmp_path):
+    """A .txt sample file has no ids: the run's tokenizer (checkpoint=) counts its tokens, else GPT-2's
+    when it loads offline, else words; the summary says which."""
+    from dsl.eval.entropy import text_token_ids
+
+    root, source, samples = files
+    texts = [source.decode(row) for row in samples.tolist()]
+    (tmp_path / "samples.txt").write_text("\n".join(texts) + "\n")
+    base = [f"eval.samples={tmp_path / 'samples.txt'}", f"reference={root / 'refs.jsonl'}", "eval.max_length=64",
+            "eval.mauve_seeds=25", "eval.num_buckets=2", "eval.feature_cache=", "progress=false"]
+    rc, out, err = _run(capsys, *base)
+    assert rc == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    ids, used = text_token_ids(texts)
+    assert summary["sentence_entropy_tokens"] == used and used in ("gpt2", "words")
+    assert summary["sentence_entropy"] == pytest.approx(sentence_entropy(ids)) and summary["sentence_entropy"] > 0
+    # with the run that wrote them: its own tokenizer (for the HMM language: the source's words = the ids)
+    from dsl.checkpoint import save_checkpoint
+    from dsl.data import SourceTokenizer
+    from dsl.models import build_model
+
+    cfg = load(RunConfig, ["preset=embedded", "model=toy", f"model.length={LENGTH}"])
+    tok = SourceTokenizer.for_source("hmm", cfg.data, LENGTH)
+    run = save_checkpoint(str(tmp_path / "run"), 0, config=to_dict(cfg), tokenizer=tok,
+                          model_state=build_model(cfg, tok.vocab_size).state_dict())
+    rc, out, err = _run(capsys, *base, f"checkpoint={run}")
+    assert rc == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["sentence_entropy"] == pytest.approx(sentence_entropy(samples.tolist()))
+    assert summary["sentence_entropy_tokens"] == f"run tokenizer of {run}"

@@ -208,3 +208,28 @@ def test_bad_inputs_are_one_clear_line(web_pool, tmp_path):
         read_records(str(tmp_path / "missing.jsonl"))
     with pytest.raises(UserError, match="empty"):
         fz.featurize(["fine", "  "])
+
+
+def test_a_score_at_the_floor_and_too_few_points_per_bucket_each_get_one_warning(capfd, caplog):
+    """Disjoint sets score mauve-text's floor (0.0041 at c=5, 25 curve points) whatever their distance;
+    100 + 100 points in K=10 buckets is below faiss's 39 per bucket. Faiss's own message goes to the log."""
+    import logging
+
+    from dsl.eval.mauve import mauve_floor
+
+    rng = np.random.default_rng(0)
+    p = rng.normal(size=(100, 8)).astype(np.float32)
+    q = p.copy()
+    p[:, 0] += 50.0
+    q[:, 1] += 50.0  # another direction (MAUVE L2-normalises): no bucket holds both
+    caplog.set_level(logging.INFO, logger="dsl.eval.mauve")
+    result = mauve_score(p, q, seeds=(25, 26), num_buckets=10)
+    assert result["values"] == pytest.approx([mauve_floor()] * 2, abs=1e-9)
+    assert mauve_floor() == pytest.approx(0.004072, abs=1e-6)
+    floor, few = result["warnings"]
+    assert "at its floor 0.0041" in floor and "K=10 buckets on 100 samples + 100 references" in few
+    assert "\n" not in floor + few
+    assert "please provide at least" not in capfd.readouterr().err
+    assert any("please provide at least" in r.getMessage() for r in caplog.records)
+    close = mauve_score(p, p + rng.normal(scale=0.001, size=p.shape).astype(np.float32), seeds=(25,), num_buckets=2)
+    assert close["warnings"] == [] and close["mean"] > 0.9

@@ -18,10 +18,15 @@ from (the truncated texts' hash, the featurizer, its max length), written once, 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
+import logging
 import os
 import struct
+import sys
+import tempfile
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -31,6 +36,7 @@ import torch  # noqa: F401  -- before mauve/faiss: the reverse order can crash i
 from dsl.errors import UserError
 from dsl.utf8 import read_utf8, utf8_lines
 
+log = logging.getLogger(__name__)
 DEFAULT_SEEDS = (25, 26, 27)
 CACHE_FORMAT = "dsl-mauve-features/1"
 
@@ -65,12 +71,71 @@ def resolve_num_buckets(num_buckets: int | str, n_p: int, n_q: int) -> int:
     return k
 
 
+# faiss's k-means asks for this many training points per centroid (faiss/Clustering.cpp,
+# min_points_per_centroid) and prints a warning below it; MAUVE clusters the samples and references together.
+FAISS_POINTS_PER_BUCKET = 39
+
+
+@functools.cache
+def mauve_floor(scaling_factor: float = 5.0, discretization: int = 25) -> float:
+    """The smallest MAUVE mauve-text can return: the score of two histograms with disjoint support (every
+    sample and every reference in different k-means buckets), on mauve-text's own divergence curve."""
+    import importlib
+
+    from sklearn.metrics import auc
+
+    curve = importlib.import_module("mauve.compute_mauve").get_divergence_curve_for_multinomials
+    x, y = curve(np.array([1.0, 0.0]), np.array([0.0, 1.0]), np.linspace(1e-6, 1 - 1e-6, discretization),
+                 scaling_factor).T
+    return float(0.5 * (auc(x[np.argsort(x)], y[np.argsort(x)]) + auc(y[np.argsort(y)], x[np.argsort(y)])))
+
+
+def mauve_warnings(values: Sequence[float], n_p: int, n_q: int, k: int, scaling_factor: float = 5.0,
+                   discretization: int = 25) -> list[str]:
+    """One line each for what makes a MAUVE score hard to read: a score at the floor (the sets do not
+    share a single k-means bucket: nothing finer can be ranked), and a clustering with fewer points per
+    bucket than faiss asks for (the buckets, and so the score, move with the k-means seed)."""
+    out = []
+    floor = mauve_floor(scaling_factor, discretization)
+    if max(values) <= floor * 1.01:
+        out.append(f"MAUVE {np.mean(values):.4f} is at its floor {floor:.4f}: samples and references share no "
+                   f"k-means bucket, so this score cannot rank these samples (more samples, or a featurizer that "
+                   f"separates less, would)")
+    points = n_p + n_q
+    if points < FAISS_POINTS_PER_BUCKET * k:
+        out.append(f"MAUVE with K={k} buckets on {n_q} samples + {n_p} references: {points / k:.0f} points per "
+                   f"bucket, fewer than the {FAISS_POINTS_PER_BUCKET} faiss's k-means asks for, so the buckets move "
+                   f"with the k-means seed (read mauve_std; at least {-(-FAISS_POINTS_PER_BUCKET * k // 2)} of each, "
+                   f"or a smaller eval.num_buckets, would be steadier)")
+    return out
+
+
+@contextlib.contextmanager
+def native_stderr_to_log(what: str):
+    """Send what native code (faiss's k-means) writes to file descriptor 2 during the block to the log
+    (``dsl.eval.mauve`` at INFO), not to the terminal."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            for line in sink.read().decode("utf-8", errors="replace").splitlines():
+                if line.strip():
+                    log.info("%s: %s", what, line.strip())
+
+
 def mauve_score(p_features: np.ndarray, q_features: np.ndarray, seeds: Sequence[int] = DEFAULT_SEEDS,
                 num_buckets: int | str = "auto", **mauve_kwargs: Any) -> dict[str, Any]:
-    """MAUVE(P, Q) for each k-means seed → ``{mean, std, values, num_buckets}``.
+    """MAUVE(P, Q) for each k-means seed → ``{mean, std, values, num_buckets, warnings}``.
 
     ``p_features`` are the references (mauve-text's P), ``q_features`` the samples. ``std`` is the
-    sample standard deviation over seeds (0 for one seed).
+    sample standard deviation over seeds (0 for one seed); ``warnings`` are :func:`mauve_warnings`' lines.
     """
     import mauve
 
@@ -88,10 +153,13 @@ def mauve_score(p_features: np.ndarray, q_features: np.ndarray, seeds: Sequence[
     k = resolve_num_buckets(num_buckets, len(p), len(q))
     mauve_kwargs.setdefault("device_id", -1)
     mauve_kwargs.setdefault("verbose", False)
-    values = [float(mauve.compute_mauve(p_features=p, q_features=q, num_buckets=k, seed=int(s),
-                                        **mauve_kwargs).mauve) for s in seeds]
+    with native_stderr_to_log("faiss"):
+        values = [float(mauve.compute_mauve(p_features=p, q_features=q, num_buckets=k, seed=int(s),
+                                            **mauve_kwargs).mauve) for s in seeds]
     std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-    return {"mean": float(np.mean(values)), "std": std, "values": values, "num_buckets": k}
+    warnings = mauve_warnings(values, len(p), len(q), k, mauve_kwargs.get("mauve_scaling_factor", 5.0),
+                              mauve_kwargs.get("divergence_curve_discretization_size", 25))
+    return {"mean": float(np.mean(values)), "std": std, "values": values, "num_buckets": k, "warnings": warnings}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -341,5 +409,5 @@ def evaluate_mauve(samples: Sequence[str], references: ReferenceSet, featurizer:
     return result
 
 
-__all__ = ["DEFAULT_SEEDS", "ReferenceSet", "chunk_words", "evaluate_mauve", "length_budget", "mauve_score",
+__all__ = ["DEFAULT_SEEDS", "mauve_floor", "mauve_warnings", "native_stderr_to_log", "ReferenceSet", "chunk_words", "evaluate_mauve", "length_budget", "mauve_score",
            "read_records", "resolve_num_buckets", "texts_sha256"]

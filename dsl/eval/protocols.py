@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from typing import Any
 
@@ -134,8 +135,27 @@ def feature_cache(spec: str) -> str:
     return spec
 
 
+def _run_tokenizer(job: JobConfig) -> tuple[Any, str]:
+    """``(tokenizer, its name)`` of the run ``checkpoint=`` names (one of ours), else ``(None, "")``."""
+    from dsl.model_spec import classify
+
+    spec = classify(job.checkpoint) if job.checkpoint else None
+    if spec is None or not spec.ours:
+        return None, ""
+    from dsl.checkpoint import MANIFEST, latest_complete, open_storage, read_tokenizer
+
+    storage = open_storage(spec.target)
+    if not storage.exists(MANIFEST):
+        latest = latest_complete(storage)
+        if latest is None:
+            raise UserError(f"checkpoint={job.checkpoint}: no complete checkpoint to take the tokenizer from")
+        storage = open_storage(latest)
+    tokenizer = read_tokenizer(storage)
+    return tokenizer, f"run tokenizer of {job.checkpoint}" if tokenizer is not None else ""
+
+
 def evaluate_samples(job: JobConfig) -> dict[str, Any]:
-    from dsl.eval.entropy import sentence_entropy
+    from dsl.eval.entropy import sentence_entropy, text_token_ids
     from dsl.eval.genppl import genppl
     from dsl.eval.mauve import ReferenceSet, evaluate_mauve, read_records
     from dsl.service.mauve_pool import open_featurizer
@@ -164,6 +184,7 @@ def evaluate_samples(job: JobConfig) -> dict[str, Any]:
         from dsl.eval.references import load_reference_tokenizer
 
         tokenizer = load_reference_tokenizer(ev.reference_tokenizer)
+    run_tokenizer = _run_tokenizer(job) if ids is None else (None, "")
     references = ReferenceSet.from_spec(ev.reference, ev.references or len(texts), ev.reference_seed,
                                         cache=feature_cache(ev.feature_cache), text_field=text_field, split=ev.reference_split,
                                         words_per_text=ev.words_per_reference, blocks=ev.reference_blocks,
@@ -183,15 +204,18 @@ def evaluate_samples(job: JobConfig) -> dict[str, Any]:
     from dsl.eval.paper_protocol import protocol_record
 
     settings = records[0].get("settings")
+    entropy_ids, entropy_tokens = (ids, "ids") if ids is not None else text_token_ids(texts, *run_tokenizer)
+    for line in scored.get("warnings", ()):
+        print(f"warning: {line}", file=sys.stderr, flush=True)
     summary = {
         "protocol": protocol_record(ev, n_samples=len(texts), n_references=len(references),
                                     num_buckets=scored["num_buckets"],
                                     sample_settings=settings if all(r.get("settings") == settings for r in records)
                                     else None),
         "mauve": scored["mauve"], "mauve_headline_seed": scored["headline_seed"],
-        "mauve_mean": scored["mean"], "mauve_std": scored["std"],
+        "mauve_mean": scored["mean"], "mauve_std": scored["std"], "mauve_warnings": scored.get("warnings", []),
         "genppl": None if ppl is None else ppl["genppl"],
-        "sentence_entropy": None if ids is None else sentence_entropy(ids),
+        "sentence_entropy": sentence_entropy(entropy_ids), "sentence_entropy_tokens": entropy_tokens,
         "n_samples": len(texts), "n_reference": len(references), "featurizer": scored["featurizer"],
         "mauve_values": scored["values"], "num_buckets": scored["num_buckets"], "mauve_seeds": list(ev.mauve_seeds),
         "length_budget": scored["length_budget"], "max_length": scored["max_length"],
