@@ -7,7 +7,9 @@
    several files (several parts, read in parallel). A byte-level BPE is trained on it once, outside
    the timings, and saved; both preparations use that saved tokenizer (``data.tokenizer=<dir>``).
 2. ``jobs/prepare_data.py``'s code path (``dsl.service.prepare_ray.prepare``) with workers=1 and workers=2
-   on a private 3-CPU Ray instance: tokens/s of the tokenize stage and of the whole preparation. The
+   on a private 3-CPU Ray instance: tokens/s of the tokenize stage and of the whole preparation, the
+   tokens/s of one busy worker (tokens over the summed time workers spent on chunks) and how busy the
+   workers were (that sum over workers x stage time; the rest is actor start-up and scheduling). The
    two stores must be byte-identical (checked).
 3. Reads of ``Data.batch`` over ``--read-steps`` training steps of ``--batch`` sequences: from the local
    store (memory-mapped) and from the same store on a moto S3 server in its own process (downloaded
@@ -72,7 +74,7 @@ def prepare_with(workers: int, corpus: Path, tok: Path, length: int, out: Path) 
         f"prepare.workers={workers}", f"out={out}", "service.mlflow=off"])
     result = prepare(cfg)
     return {"tokens": result.tokens, "seconds": result.seconds, "tokenize_seconds": result.tokenize_seconds,
-            "documents": result.documents}
+            "worker_seconds": result.worker_seconds, "documents": result.documents}
 
 
 def read_rate(source: str, length: int, batch: int, steps: int) -> tuple[float, float, float]:
@@ -194,12 +196,14 @@ def main() -> int:
     L = args.length
     print(f"\ndata bench: {size / 1e6:.1f} MB of text ({len(SOURCES)} shared corpora, copied), byte-level BPE "
           f"V={args.vocab}, L={L}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
-    print(f"{'preparation':<22}{'tokens':>12}{'tokenize tok/s':>16}{'end-to-end tok/s':>18}{'docs':>9}{'vs 1 worker':>13}")
+    print(f"{'preparation':<18}{'tokens':>11}{'tokenize tok/s':>16}{'end-to-end tok/s':>18}{'vs 1 worker':>13}"
+          f"{'tok/s per busy worker':>23}{'workers busy':>14}")
     base = prep[1]["tokens"] / prep[1]["tokenize_seconds"]
     for w, r in prep.items():
         rate = r["tokens"] / r["tokenize_seconds"]
-        print(f"{f'{w} Ray worker(s)':<22}{r['tokens']:>12,}{rate:>16,.0f}{r['tokens'] / r['seconds']:>18,.0f}"
-              f"{r['documents']:>9,}{rate / base:>13.2f}")
+        busy = r["worker_seconds"] / (w * r["tokenize_seconds"])
+        print(f"{f'{w} Ray worker(s)':<18}{r['tokens']:>11,}{rate:>16,.0f}{r['tokens'] / r['seconds']:>18,.0f}"
+              f"{rate / base:>13.2f}{r['tokens'] / r['worker_seconds']:>23,.0f}{busy:>14.0%}")
     print(f"stores byte-identical: {same}")
     print(f"\n{'training-side reads':<22}{'blocks/s':>12}{'tokens/s':>14}{'first batch blk/s':>19}{'open s':>8}"
           f"{'x step consumption':>20}")

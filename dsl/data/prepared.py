@@ -184,6 +184,7 @@ class PrepWorker:
     def tokenize(self, chunk: dict) -> dict:
         """Tokenize one chunk, save its stream under ``_work/`` and return its record."""
         tok, L = self.tokenizer, self.length
+        started = time.perf_counter()
         docs = self.encode(list(chunk["texts"]))
         tokens = sum(len(d) for d in docs)
         if self.wrap:  # each document's ids, then EOS
@@ -209,7 +210,7 @@ class PrepWorker:
         key = f"{WORK}/{split}/{part:06d}-{sub:06d}.d{len(docs)}.u{units}.t{tokens}.{sha[:16]}.tok"
         self.storage.put_bytes(key, data)
         return {"split": split, "part": part, "sub": sub, "docs": len(docs), "units": units, "tokens": tokens,
-                "key": key}
+                "key": key, "seconds": time.perf_counter() - started}
 
     # -- chunks -> shards -----------------------------------------------------------------------------
     def _spill(self, key: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -373,7 +374,8 @@ class PrepStats:
     tokens: int = 0
     chunks: int = 0
     seconds: float = 0.0           # the whole run (counting, tokenizing, writing shards)
-    tokenize_seconds: float = 0.0  # reading + tokenizing the chunks
+    tokenize_seconds: float = 0.0  # reading + tokenizing the chunks (wall clock)
+    worker_seconds: float = 0.0    # summed over chunks: the time workers spent tokenizing and saving them
     reused_chunks: int = 0
     reused_shards: int = 0
 
@@ -532,6 +534,7 @@ class Preparation:
                 self.stats.documents += rec["docs"]
                 self.stats.tokens += rec["tokens"]
                 self.stats.chunks += 1
+                self.stats.worker_seconds += rec.get("seconds", 0.0)
                 bar.update(rec["docs"])
         self.stats.tokenize_seconds = time.perf_counter() - t_tok
 

@@ -146,6 +146,7 @@ class PrepareResult:
     tokens: int
     seconds: float
     tokenize_seconds: float
+    worker_seconds: float
     reused_chunks: int
     reused_shards: int
 
@@ -157,6 +158,7 @@ class PrepareResult:
 
         return {"out": self.out, "workers": self.workers, "documents": self.documents, "tokens": self.tokens,
                 "seconds": round(self.seconds, 3), "tokenize_seconds": round(self.tokenize_seconds, 3),
+                "worker_seconds": round(self.worker_seconds, 3),
                 "documents_per_s": rate(self.documents, self.seconds), "tokens_per_s": rate(self.tokens, self.seconds),
                 "train_blocks": splits["train"]["blocks"], "valid_blocks": splits["valid"]["blocks"],
                 "shards": sum(len(s["shards"]) for s in splits.values()), "length": self.manifest["length"],
@@ -211,6 +213,7 @@ def prepare(cfg: Any) -> PrepareResult:
               f"(reused {s.reused_chunks} chunks, {s.reused_shards} shards)", flush=True)
     return PrepareResult(out=prep.storage.uri, manifest=manifest, workers=workers, documents=s.documents,
                          tokens=s.tokens, seconds=s.seconds, tokenize_seconds=s.tokenize_seconds,
+                         worker_seconds=s.worker_seconds,
                          reused_chunks=s.reused_chunks, reused_shards=s.reused_shards)
 
 
