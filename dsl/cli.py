@@ -58,6 +58,7 @@ class Mode:
     tags: Callable[[JobConfig], Mapping[str, str]] | None = None   # extra MLflow tags of that run
     after: Callable[[Any, dict], None] | None = None   # (run logger, summary): artifacts of a finished run
     check: Callable[[JobConfig], None] | None = None   # inputs the mode requires, checked before anything is written
+    run_name: Callable[[JobConfig], str] | None = None   # the run's name when name= is not given
     defaults: tuple[str, ...] = ()   # the mode's own starting values, after the job's ("preset=..." allowed)
 
 
@@ -98,6 +99,7 @@ class Job:
     settle: Callable[[JobConfig, str, frozenset[str]], None] | None = None
     bare: str | None = None                        # the mode an empty command line runs
     tracks_by_default: bool = False                # service.mlflow=auto: on even without a store
+    kind: str = ""                                 # its runs' dsl.kind (default: the script's name)
 
     @property
     def name(self) -> str:
@@ -197,6 +199,20 @@ def used_params(job: Job, cfg: JobConfig) -> dict[str, Any]:
     return out
 
 
+def logged_params(job: Job, cfg: JobConfig) -> dict[str, Any]:
+    """What a run logs as params: the keys this job reads, less those of a synthetic source it does not
+    load (``data.hmm_seed`` of a job on a real checkpoint reads nothing) and the sampler settings the
+    chosen sampler does not read (``sampling.eta`` of ``mdlm``)."""
+    from dsl.sampling.masked import unread_sampling_fields
+    from dsl.sources import unread_source_keys
+
+    params = used_params(job, cfg)
+    unread = unread_source_keys(params)
+    if "sampling.sampler" in params:
+        unread |= {f"sampling.{f}" for f in unread_sampling_fields(params["sampling.sampler"])}
+    return {k: v for k, v in params.items() if k not in unread}
+
+
 def changed_keys(job: Job, mode: str, cfg: JobConfig) -> set[str]:
     """The keys whose value differs from the job's and the mode's defaults (what the command line changed;
     a key set to its default value does not count)."""
@@ -210,14 +226,20 @@ def run_mode(job: Job, mode: str, cfg: JobConfig) -> dict:
         m.check(cfg)
     if not m.tracked:
         return m.run(cfg)
+    from dsl.service.lineage import MODE
     from dsl.service.tracking import resolve_tracking_uri, tracked_job
 
-    kind = job.name if mode == job.name else f"{job.name}-{mode}"
+    kind = job.kind or job.name
+    tracking_uri = resolve_tracking_uri(cfg.service, default_on=job.tracks_by_default)
+    if tracking_uri is None:
+        return m.run(cfg)
     checkpoint = cfg.checkpoint.split(",")[0] or None if job.reads("checkpoint") else None
-    return tracked_job(kind, used_params(job, cfg), checkpoint, lambda: m.run(cfg),
-                       tags=m.tags(cfg) if m.tags else None, after=m.after,
-                       tracking_uri=resolve_tracking_uri(cfg.service, default_on=job.tracks_by_default),
-                       experiment=cfg.experiment, run_name=cfg.name or kind)
+    if checkpoint and "=" in checkpoint.split("://")[0]:
+        checkpoint = checkpoint.split("=", 1)[1]   # label=uri (calibration, likelihood)
+    tags = {**({MODE: mode} if len(job.modes) > 1 else {}), **(m.tags(cfg) if m.tags else {})}
+    run_name = cfg.name or (m.run_name(cfg) if m.run_name else f"{kind} {mode}" if mode != kind else kind)
+    return tracked_job(kind, logged_params(job, cfg), checkpoint, lambda: m.run(cfg), tags=tags, after=m.after,
+                       tracking_uri=tracking_uri, experiment=cfg.experiment, run_name=run_name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,4 +301,4 @@ def main(job: Job, argv: list[str] | None = None) -> int:
 
 
 __all__ = ["ALIASES", "Job", "Mode", "Renamed", "renamed", "parse", "main", "help_text", "used_params",
-           "changed_keys", "run_mode", "load_job"]
+           "logged_params", "changed_keys", "run_mode", "load_job"]

@@ -26,7 +26,60 @@ import torch  # noqa: F401  -- before mauve/faiss (OpenMP clash in the other ord
 
 from dsl.cli import Job, Mode, main, renamed
 from dsl.config import JobConfig
-from dsl.eval.protocols import evaluate_calibration, evaluate_likelihood, evaluate_samples
+from dsl.eval.protocols import (
+    evaluate_calibration,
+    evaluate_likelihood,
+    evaluate_samples,
+    labelled_checkpoints,
+)
+from dsl.service import lineage
+
+
+def log_samples_result(run, summary: dict) -> None:
+    """An evaluation's headline metrics by the names every reader uses, and the full result (``Mode.after``)."""
+    n, impossible = summary["n_samples"], summary["genppl_impossible"]
+    run.set_tags({lineage.PROTOCOL: summary["protocol"]["name"]})
+    run.log_metrics({
+        lineage.MAUVE: summary["mauve"], lineage.MAUVE_MEAN: summary["mauve_mean"],
+        lineage.MAUVE_STD: summary["mauve_std"], lineage.NUM_SAMPLES_METRIC: n,
+        **({lineage.GENPPL: summary["genppl"]} if summary["genppl"] is not None else {}),
+        **({lineage.GENPPL_IMPOSSIBLE_SHARE: impossible / n} if impossible is not None else {}),
+        **({lineage.SENTENCE_ENTROPY: summary["sentence_entropy"]}
+           if summary["sentence_entropy"] is not None else {})}, step=0)
+    run.log_json(summary, "evaluation.json")
+
+
+def log_calibration(run, summary: dict) -> None:
+    run.log_artifact(summary["plot"])
+    run.log_artifact(summary["details"])
+
+
+def log_likelihood(run, summary: dict) -> None:
+    rows = summary["checkpoints"]
+    for i, (label, row) in enumerate(rows.items()):
+        prefix = "" if i == 0 else f"{label}."   # the first (usually only) checkpoint by the plain names
+        run.log_metrics({prefix + lineage.BPC: row["bits_per_char"],
+                         prefix + lineage.BITS_PER_TOKEN: row["bits_per_token"],
+                         prefix + lineage.NLL_BOUND: row["nll_per_token"],
+                         prefix + lineage.NLL_STDERR: row["stderr_per_token"]}, step=0)
+    run.set_tags({lineage.ESTIMATOR: next(iter(rows.values()))["estimator"]})
+    run.log_json(summary, "likelihood.json")
+
+
+def _labels(cfg: JobConfig) -> str:
+    try:
+        return ",".join(label for label, _ in labelled_checkpoints(cfg.checkpoint))
+    except Exception:  # noqa: BLE001 - the run itself reports a bad checkpoint= in one line
+        return cfg.checkpoint or "?"
+
+
+def _samples_name(cfg: JobConfig) -> str:
+    return lineage.evaluate_run_name("MAUVE", cfg.eval.samples)
+
+
+def _samples_tags(cfg: JobConfig) -> dict[str, str]:
+    return lineage.samples_tags(cfg.eval.samples) if cfg.eval.samples else {}
+
 
 RENAMED = {
     "samples": renamed("eval.samples"), "n_reference": renamed("eval.references"),
@@ -51,11 +104,13 @@ def apply_protocol(cfg: JobConfig, mode: str, named: frozenset[str]) -> None:
 JOB = Job(
     script="jobs/evaluate.py", doc=__doc__,
     modes={"samples": Mode(evaluate_samples, "MAUVE / GenPPL / sentence entropy of eval.samples (the default)",
-                           tracked=True, tags=lambda c: {"dsl.samples": c.eval.samples} if c.eval.samples else {}),
+                           tracked=True, tags=_samples_tags, run_name=_samples_name, after=log_samples_result),
            "calibration": Mode(evaluate_calibration, "token ECE vs SNR and a reliability diagram of DSL "
-                                                     "checkpoint(s) (Fig 4)", tracked=True),
+                                                     "checkpoint(s) (Fig 4)", tracked=True, after=log_calibration,
+                               run_name=lambda c: f"evaluate calibration {_labels(c)}"),
            "likelihood": Mode(evaluate_likelihood, "path-integral NLL bound / bits per character of DSL "
-                                                   "checkpoint(s) (Table 3)", tracked=True)},
+                                                   "checkpoint(s) (Table 3)", tracked=True, after=log_likelihood,
+                              run_name=lambda c: f"evaluate likelihood {_labels(c)}")},
     uses=("name", "experiment", "seed", "checkpoint", "out", "progress", "eval", "data.text_field",
           "data.hmm_states", "data.hmm_words", "data.hmm_seed", "data.cyclic_k", "service.ray_address",
           "service.device", "service.mlflow", "service.tracking_uri"),

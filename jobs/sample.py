@@ -24,6 +24,8 @@ import numpy as np
 from dsl.cli import Job, Mode, Renamed, main, renamed
 from dsl.config import ConfigError, JobConfig
 from dsl.errors import UserError
+from dsl.service import lineage
+from dsl.service.tracking import current_run
 
 
 def diagnostics_path(out: str) -> str:
@@ -86,6 +88,10 @@ def run_sampling(job: JobConfig) -> dict:
     if batch.eta_cap_extrapolation:
         print(f"warning: {batch.eta_cap_extrapolation}", file=sys.stderr, flush=True)
     settings = batch.settings | {"checkpoint": job.checkpoint}
+    run = current_run()
+    if run is not None:  # how an evaluation of this file finds this run (and the training run behind it)
+        settings |= {lineage.RECORD_RUN_ID: run.run_id, lineage.RECORD_RUN_NAME: run.run_name,
+                     lineage.TRAINING_RUN_RECORD: run.tags.get(lineage.TRAINING_RUN)}
 
     def write_samples(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as fh:
@@ -149,6 +155,28 @@ def _toy(raw: str) -> tuple[list[str], str | None]:
     raise ConfigError(f"toy={raw!r} is not one of: recover, sde-2d (now the first word: sample.py recover ...)")
 
 
+def log_sampling(run, summary: dict) -> None:
+    """The sample run's table fields, small artifacts and Table 6 curves (``Mode.after``)."""
+    with open(summary["diagnostics"], encoding="utf-8") as fh:
+        records = [json.loads(line) for line in fh if line.strip()]
+    diagnostics = {k: [np.nan if r[k] is None else r[k] for r in records] for k in records[0] if k != "step"}
+    run.set_tags({lineage.ETA_CAP_SOURCE: summary["eta_cap_source"]})
+    run.log_metrics({lineage.NFE: summary["mean_nfe"], lineage.NUM_SAMPLES_METRIC: summary["n"],
+                     lineage.REWRITES_PER_TOKEN: summary["mean_rewrites_per_token"],
+                     **({lineage.ETA_CAP: summary["eta_cap"]} if summary["eta_cap"] is not None else {})}, step=0)
+    run.log_sampling(diagnostics, samples=summary["out"], diagnostics_file=summary["diagnostics"],
+                     figure=summary["plot"], title=run.run_name or "")
+
+
+def _tags(job: JobConfig) -> dict[str, str]:
+    s = job.sampling
+    return {lineage.SAMPLER: s.sampler, lineage.STEPS: str(s.steps), lineage.NUM_SAMPLES: str(s.num_samples)}
+
+
+def _run_name(job: JobConfig) -> str:
+    return lineage.sample_run_name(job.checkpoint, job.sampling.sampler, job.sampling.steps)
+
+
 RENAMED = {
     "n": renamed("sampling.num_samples"), "length": renamed("sampling.length"),
     "first_index": renamed("sampling.first_index"), "trajectory": renamed("sampling.trajectory"),
@@ -161,7 +189,8 @@ RENAMED = {
 
 JOB = Job(
     script="jobs/sample.py", doc=__doc__,
-    modes={"sample": Mode(run_sampling, "draw samples from checkpoint= (the default)", tracked=True),
+    modes={"sample": Mode(run_sampling, "draw samples from checkpoint= (the default)", tracked=True,
+                          tags=_tags, run_name=_run_name, after=log_sampling),
            "recover": Mode(run_recover, "Fig 3 toy: K=7 recovery by confidence remasking (out=<file>.png)"),
            "sde-2d": Mode(run_sde_2d, "Fig 1b toy: K=5 SDE localization paths (out=<file>.png)")},
     uses=("name", "experiment", "seed", "checkpoint", "out", "progress", "sampling", "data.hmm_states",

@@ -4,13 +4,18 @@ tracking server."""
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import mlflow
 import pytest
+import torch
 
+from dsl.cli import load_job, main
+from dsl.config import DataConfig
 from dsl.service import lineage
-from dsl.service.tracking import experiment_id, experiment_url, job_run
+from dsl.service.tracking import experiment_id, experiment_url
+from dsl.sources import build_source
 
 pytestmark = pytest.mark.integration
 
@@ -22,18 +27,30 @@ def runs_view_shown(text: str) -> bool:
             and "No data available for the selected time range" not in text)
 
 
-def test_experiments_are_model_training_and_the_ui_opens_on_named_runs(mlflow_server, chromium):
+def test_experiments_are_model_training_and_the_ui_opens_on_named_runs(mlflow_server, chromium, tmp_path,
+                                                                      monkeypatch, capsys):
     uri = mlflow_server.tracking_uri
     name = f"ui-{uuid.uuid4().hex[:8]}"
-    names = ["sample oracle-hmm remdm-loop T=128", "evaluate MAUVE sample oracle-hmm remdm-loop T=128"]
-    for run_name in names:
-        with job_run("sample", {"sampling": {"steps": 128}}, tracking_uri=uri, experiment=name, run_name=run_name):
-            pass
+    monkeypatch.chdir(tmp_path)
+    source = build_source("hmm", DataConfig(), 16)
+    with open("reference.jsonl", "w") as fh:
+        for row in source.sample(8, torch.Generator().manual_seed(1)):
+            fh.write(json.dumps({"text": source.decode(row)}) + "\n")
+    common = [f"experiment={name}", f"service.tracking_uri={uri}"]
+    assert main(load_job("jobs/sample.py"), ["checkpoint=oracle:hmm", "sampler=remdm-loop", "sampling.steps=4",
+                                             "sampling.num_samples=8", "sampling.length=16", "out=s.jsonl",
+                                             *common]) == 0
+    assert main(load_job("jobs/evaluate.py"), ["eval.samples=s.jsonl", "reference=reference.jsonl",
+                                               "eval.feature_cache=", "eval.mauve_seeds=25", *common]) == 0
+    names = ["sample oracle-hmm remdm-loop T=4", "evaluate MAUVE sample oracle-hmm remdm-loop T=4"]
+    printed = capsys.readouterr().err   # the jobs print where to look
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name(name)
     assert exp.tags[lineage.EXPERIMENT_KIND_TAG] == lineage.EXPERIMENT_KIND
 
-    text = chromium.text(experiment_url(uri, exp.experiment_id))
+    page = experiment_url(uri, exp.experiment_id)
+    assert f"open {page} in a browser" in printed
+    text = chromium.text(page)
     assert runs_view_shown(text), text[:600]
     for run_name in names:
         assert run_name in text, (run_name, text[:600])

@@ -32,9 +32,11 @@ class Oracle(Protocol):
     def score(self, batch: Sequence[Any]) -> tuple[float, int]: ...
 
 
-def genppl(oracle: Oracle, items: Sequence[Any], batch_size: int = 8, progress: bool = False) -> dict[str, float]:
-    """``{genppl, nll_per_token, n_tokens, n_sequences, impossible}`` of ``items`` (texts or id lists, per
-    oracle); ``impossible`` counts samples an exact oracle left out (log P = -inf)."""
+def genppl(oracle: Oracle, items: Sequence[Any], batch_size: int = 8, progress: bool = False) -> dict[str, Any]:
+    """``{genppl, nll_per_token, n_tokens, n_sequences, impossible, impossible_share}`` of ``items`` (texts
+    or id lists, per oracle); ``impossible`` counts samples an exact oracle left out (log P = -inf). When
+    every sample is impossible, GenPPL is undefined: ``genppl`` and ``nll_per_token`` are None and
+    ``impossible_share`` is 1."""
     items = list(items)
     if not items:
         raise UserError("generative perplexity: no samples to score (empty sample set)")
@@ -51,11 +53,24 @@ def genppl(oracle: Oracle, items: Sequence[Any], batch_size: int = 8, progress: 
         nll, count = oracle.score(items[s:s + batch_size])
         total_nll += float(nll)
         total_tokens += int(count)
+    impossible = getattr(oracle, "impossible", 0) - impossible_before
+    counts = {"n_tokens": total_tokens, "n_sequences": len(items), "impossible": impossible,
+              "impossible_share": impossible / len(items)}
     if total_tokens == 0:
+        if impossible == len(items):
+            return {"genppl": None, "nll_per_token": None, **counts}
         raise UserError("generative perplexity: no scorable tokens (every sample is one token or all EOS)")
     per_token = total_nll / total_tokens
-    return {"genppl": math.exp(per_token), "nll_per_token": per_token, "n_tokens": total_tokens,
-            "n_sequences": len(items), "impossible": getattr(oracle, "impossible", 0) - impossible_before}
+    return {"genppl": math.exp(per_token), "nll_per_token": per_token, **counts}
+
+
+def impossible_note(result: dict[str, Any], judge: str) -> str | None:
+    """One line saying how many samples the exact judge ``judge`` gives probability 0, or None if none."""
+    k, n = result["impossible"], result["n_sequences"]
+    if not k:
+        return None
+    rest = ("GenPPL is undefined" if k == n else f"GenPPL is over the other {n - k}")
+    return f"{k} of {n} samples ({k / n:.0%}) are impossible under {judge} (log P = -inf); {rest}"
 
 
 def _as_ids(batch: Sequence[Any]) -> torch.Tensor:
@@ -167,4 +182,4 @@ class CausalLMOracle:
         return float((nll.double() * weight).sum()), int(weight.sum())
 
 
-__all__ = ["ARCheckpointOracle", "CausalLMOracle", "ExactSourceOracle", "Oracle", "genppl"]
+__all__ = ["ARCheckpointOracle", "CausalLMOracle", "ExactSourceOracle", "Oracle", "genppl", "impossible_note"]

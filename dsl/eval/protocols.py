@@ -156,7 +156,7 @@ def _run_tokenizer(job: JobConfig) -> tuple[Any, str]:
 
 def evaluate_samples(job: JobConfig) -> dict[str, Any]:
     from dsl.eval.entropy import sentence_entropy, text_token_ids
-    from dsl.eval.genppl import genppl
+    from dsl.eval.genppl import genppl, impossible_note
     from dsl.eval.mauve import ReferenceSet, evaluate_mauve, read_records
     from dsl.service.mauve_pool import open_featurizer
 
@@ -201,6 +201,9 @@ def evaluate_samples(job: JobConfig) -> dict[str, Any]:
     ppl = None
     if judge is not None:
         ppl = genppl(judge, judge_items if judge_items is not None else texts, ev.genppl_batch, job.progress)
+        note = impossible_note(ppl, f"eval.judge={ev.judge}")
+        if note:
+            print(f"warning: {note}", file=sys.stderr, flush=True)
     from dsl.eval.paper_protocol import protocol_record
 
     settings = records[0].get("settings")
@@ -220,7 +223,8 @@ def evaluate_samples(job: JobConfig) -> dict[str, Any]:
         "mauve_values": scored["values"], "num_buckets": scored["num_buckets"], "mauve_seeds": list(ev.mauve_seeds),
         "length_budget": scored["length_budget"], "max_length": scored["max_length"],
         "genppl_tokens": None if ppl is None else ppl["n_tokens"],
-        "genppl_impossible": None if ppl is None else ppl["impossible"], "judge": ev.judge,
+        "genppl_impossible": None if ppl is None else ppl["impossible"],
+        "genppl_impossible_share": None if ppl is None else ppl["impossible_share"], "judge": ev.judge,
         "reference": references.origin, "reference_layout": references.layout, "reference_seed": ev.reference_seed,
         "eot": scored["eot"], "eot_share": scored["eot_share"], "workers": ev.workers,
         "reference_features_computed": references.computed,

@@ -139,6 +139,18 @@ def resolve_rule(cfg: SamplingConfig, length: int, eta_cap: float | None) -> tup
     raise ConfigError(f"sampling.sampler={name!r} is not a masked sampler")
 
 
+# The SamplingConfig fields only some samplers read (resolve_rule above; the SDE sampler: dsl.sampling.sde);
+# every other field is read by every sampler. remdm-official uses the official script's values instead.
+SAMPLER_FIELDS = {"remdm-cap": ("eta",), "remdm-rescale": ("eta",), "remdm-loop": ("eta", "t_on", "t_off", "alpha_on"),
+                  "dsl-budget": ("eta_cap_table", "t_on", "t_off", "alpha_on"), "sde": ("sde_path", "sde_gamma_end")}
+
+
+def unread_sampling_fields(sampler: str) -> set[str]:
+    """The SamplingConfig fields ``sampler`` does not read."""
+    optional = {f for fields in SAMPLER_FIELDS.values() for f in fields}
+    return optional - set(SAMPLER_FIELDS.get(sampler, ()))
+
+
 # ----------------------------------------------------------------------------------------------
 # The shared transition helper.
 
@@ -365,4 +377,4 @@ def _remove_noise(denoiser: Denoiser, draft: torch.Tensor, cache: NucleusCache, 
 __all__ = ["StepRule", "mdlm_rule", "remdm_cap_rule", "remdm_rescale_rule", "forward_backward_rule",
            "remdm_conf_rule", "remdm_loop_rule", "resolve_rule", "transition_coefficients",
            "transition_probs", "apply_transition", "dense_candidates", "confidence_sigma", "run_masked",
-           "MaskedResult", "NucleusCache"]
+           "MaskedResult", "NucleusCache", "SAMPLER_FIELDS", "unread_sampling_fields"]

@@ -58,7 +58,7 @@ KIND_EVALUATE = "evaluate"
 KIND_SEARCH = "search"
 KIND_GRID = "grid"
 KIND_CELL = "grid-cell"
-KIND_PREPARE_DATA = "prepare-data"
+KIND_PREPARE_DATA = "prepare_data"
 KIND_PAPER = "paper-reference"
 
 # ----------------------------------------------------------------------------------------------
@@ -105,6 +105,7 @@ FIG2_ARTIFACT = "fig2.png"
 # Where a sample record carries the id and name of the MLflow run that wrote it
 RECORD_RUN_ID = "mlflow_run_id"
 RECORD_RUN_NAME = "mlflow_run_name"
+TRAINING_RUN_RECORD = "training_run_id"
 
 
 def checkpoint_label(uri: str) -> str:
@@ -123,4 +124,55 @@ def checkpoint_label(uri: str) -> str:
     return parts[-1] if parts else uri
 
 
-__all__ = [name for name in dir() if name.isupper()] + ["checkpoint_label"]
+def sample_run_name(checkpoint: str, sampler: str, steps: int) -> str:
+    """``sample dsl-ft remdm-loop T=128``: what a sample run drew, from what, with which budget."""
+    return f"sample {checkpoint_label(checkpoint)} {sampler} T={steps}"
+
+
+def read_samples_header(path: str) -> tuple[dict, int]:
+    """``(settings of the first record, number of records)`` of a samples file as jobs/sample.py and
+    the grid write it; ``({}, 0)`` when the file is missing or not JSON lines (the evaluation itself
+    reports that as one line)."""
+    import json
+
+    settings: dict = {}
+    count = 0
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if not line.strip():
+                    continue
+                if count == 0:
+                    first = json.loads(line)
+                    settings = first.get("settings") or {} if isinstance(first, dict) else {}
+                count += 1
+    except (OSError, ValueError, UnicodeDecodeError):
+        return {}, 0
+    return (settings if isinstance(settings, dict) else {}), count
+
+
+def samples_tags(path: str) -> dict[str, str]:
+    """The lineage an evaluation of the samples file ``path`` inherits: the sample run (by id) and what
+    the samples are (checkpoint, its training run, sampler, T, η_cap source, count)."""
+    settings, count = read_samples_header(path)
+    tags = {SAMPLES: path}
+    if not settings:
+        return tags
+    fields = {SAMPLE_RUN: settings.get(RECORD_RUN_ID), CHECKPOINT: settings.get("checkpoint"),
+              TRAINING_RUN: settings.get(TRAINING_RUN_RECORD), SAMPLER: settings.get("sampler"),
+              STEPS: settings.get("steps"), ETA_CAP_SOURCE: settings.get("eta_cap_source"),
+              NUM_SAMPLES: count or None}
+    tags.update({k: str(v) for k, v in fields.items() if v not in (None, "")})
+    return tags
+
+
+def evaluate_run_name(what: str, samples_path: str) -> str:
+    """``evaluate MAUVE <the sample run's name>`` (or the file's name when it came from elsewhere)."""
+    import os
+
+    settings, _ = read_samples_header(samples_path)
+    return f"evaluate {what} {settings.get(RECORD_RUN_NAME) or os.path.basename(samples_path) or '?'}"
+
+
+__all__ = [name for name in dir() if name.isupper()] + ["checkpoint_label", "sample_run_name", "read_samples_header",
+                                                         "samples_tags", "evaluate_run_name"]

@@ -17,6 +17,7 @@ our checkpoint URI), so the run's state has one source of truth that sampling/ev
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -259,6 +260,7 @@ class FinetuneResult:
     tracking_uri: str | None
     resumed: bool
     metrics: dict = field(default_factory=dict)
+    experiment: str | None = None
 
 
 def _connect_ray(address: str, cpus_needed: float) -> bool:
@@ -337,6 +339,10 @@ def run_finetune(cfg: JobConfig, *, name: str | None = None) -> FinetuneResult:
     if tracking_uri:
         params = {**tracking.flat_params(run_cfg), **{f"service.{k}": v for k, v in tracking.flat_params(
             {k: v for k, v in to_dict(svc).items() if k in LOGGED_SERVICE_KEYS}).items()}}
+        from dsl.sources import unread_source_keys
+
+        for key in unread_source_keys(params):   # another source's settings: not read by this run
+            del params[key]
         tags = {"dsl.storage_root": root, "dsl.workers": str(svc.workers)}
         if submission_id():
             tags["dsl.ray_submission_id"] = submission_id()
@@ -353,8 +359,9 @@ def run_finetune(cfg: JobConfig, *, name: str | None = None) -> FinetuneResult:
         if os.environ.get(key):  # endpoints and regions only: credentials come from each node's chain
             env_vars[key] = os.environ[key]
 
-    started = _connect_ray(svc.ray_address, svc.workers * svc.cpus_per_worker)
+    started = False
     try:
+        started = _connect_ray(svc.ray_address, svc.workers * svc.cpus_per_worker)
         resources = {"CPU": svc.cpus_per_worker}
         if svc.gpus_per_worker > 0:
             resources["GPU"] = svc.gpus_per_worker
@@ -366,15 +373,15 @@ def run_finetune(cfg: JobConfig, *, name: str | None = None) -> FinetuneResult:
                 name=name, storage_path=str(Path(cfg.out or "runs").expanduser().resolve() / "_ray"),
                 failure_config=ray.train.FailureConfig(max_failures=svc.max_failures),
                 worker_runtime_env={"env_vars": env_vars}))
-        try:
-            trainer.fit()
-        except Exception as exc:
-            if run_id:
-                tracking.RunLogger(run_id, tracking_uri, system_metrics=False).close("FAILED")
-            msg = user_error_in(exc)
-            if msg:
-                raise UserError(msg) from None
-            raise
+        trainer.fit()
+    except BaseException as exc:   # failed: FAILED; Ctrl-C or SIGTERM: KILLED (a resume reopens the run)
+        if run_id:
+            with contextlib.suppress(Exception):
+                tracking.RunLogger(run_id, tracking_uri, system_metrics=False).close(tracking.end_status(exc))
+        msg = user_error_in(exc) if isinstance(exc, Exception) else None
+        if msg:
+            raise UserError(msg) from None
+        raise
     finally:
         if started:
             ray.shutdown()
@@ -392,7 +399,7 @@ def run_finetune(cfg: JobConfig, *, name: str | None = None) -> FinetuneResult:
             log.log_checkpoint(latest, step)
         log.close("FINISHED")
     return FinetuneResult(name=name, step=step, checkpoint=latest, storage_root=root, mlflow_run_id=run_id,
-                          tracking_uri=tracking_uri, resumed=resumed, metrics=metrics)
+                          tracking_uri=tracking_uri, resumed=resumed, metrics=metrics, experiment=cfg.experiment)
 
 
 def print_progress_note(result: FinetuneResult, stream: Any = None) -> None:
@@ -403,7 +410,7 @@ def print_progress_note(result: FinetuneResult, stream: Any = None) -> None:
     print(f"checkpoint: {scrub(result.checkpoint)}", file=out)
     if result.mlflow_run_id:
         print(f"mlflow run: {result.mlflow_run_id} (experiment tracked at {scrub(result.tracking_uri)})", file=out)
-        print(f"open the UI: {ui_command(result.tracking_uri)}", file=out)
+        print(f"open the UI: {ui_command(result.tracking_uri, result.experiment)}", file=out)
 
 
 __all__ = ["FinetuneResult", "LOGGED_SERVICE_KEYS", "run_config_of", "resolve_name",

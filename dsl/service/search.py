@@ -40,6 +40,7 @@ from dsl import config as C
 from dsl.config import ConfigError, JobConfig
 from dsl.errors import UserError
 from dsl.seeding import derive_seed
+from dsl.service import lineage
 from dsl.service.search_results import (
     best_per_steps,
     eta_cap_artifacts,
@@ -47,6 +48,7 @@ from dsl.service.search_results import (
     write_json_atomic,
 )
 from dsl.service.search_trial import SEARCHABLE, TrialSetup, run_trial, rungs_for
+from dsl.service.tracking import end_status
 
 METRIC = "score"
 
@@ -278,7 +280,7 @@ class _Tracking:
                 [self.exp_id], filter_string=f"tags.mlflow.parentRunId = '{self.parent_id}'", max_results=5000)}
         else:
             run = self.client.create_run(self.exp_id, run_name=cfg.name or f"search:{cfg.search.study}",
-                                         tags={"dsl.search": self.search_key})
+                                         tags={"dsl.search": self.search_key, lineage.KIND: lineage.KIND_SEARCH})
             self.parent_id = run.info.run_id
             self.logged = set()
             from dsl.service.tracking import flat_params
@@ -499,9 +501,12 @@ def run_search(cfg: JobConfig, params: dict[str, Any] | None = None) -> dict[str
         tracking.finish(summary, [out / "eta_cap_table.json", out / "eta_cap_rule.json",
                                   out / "mauve_vs_rewrites.png", out / "search_summary.json"], status)
         return summary
+    except BaseException as exc:
+        status = end_status(exc)   # FAILED, or KILLED when stopped (Ctrl-C, SIGTERM)
+        raise
     finally:
         if status != "FINISHED":
-            tracking.finish({}, [], "KILLED")
+            tracking.finish({}, [], status)
 
 
 def _pool_cpus(pool: Any, cfg: JobConfig) -> float:

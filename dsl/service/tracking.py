@@ -9,6 +9,7 @@ MLflow: every param and tag value passes :func:`scrub`.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import subprocess
 from collections.abc import Iterator, Mapping
@@ -16,14 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from dsl.redact import REDACTED, scrub
+from dsl.service import lineage
 from dsl.service.database_url import with_installed_driver
 
 DEFAULT_EXPERIMENT = "dsl"
 TAG_RUN_NAME = "dsl.run_name"          # the stable training-run name (resume key)
-TAG_KIND = "dsl.kind"                  # finetune | sample | evaluate | ...
-TAG_CHECKPOINT = "dsl.checkpoint"      # latest checkpoint URI of a training run / input of a job
-TAG_TRAINING_RUN = "dsl.training_run_id"
+TAG_KIND = lineage.KIND                # finetune | sample | evaluate | ...
+TAG_CHECKPOINT = lineage.CHECKPOINT    # latest checkpoint URI of a training run / input of a job
+TAG_TRAINING_RUN = lineage.TRAINING_RUN
 PARAM_MAX = 6000                       # MLflow's limit on a param value
+ARTIFACT_MAX_BYTES = 64 << 20          # a samples file larger than this stays where the job wrote it
 
 
 def flat_params(params: Mapping[str, Any] | Any) -> dict[str, str]:
@@ -205,6 +208,9 @@ class RunLogger:
                  node_id: str | None = None, sampling_interval_s: float = 10.0) -> None:
         self.run_id = run_id
         self.tracking_uri = tracking_uri or default_tracking_uri()
+        self.experiment: str | None = None
+        self.run_name: str | None = None
+        self.tags: dict[str, str] = {}
         self.client = _client(self.tracking_uri)
         self._monitor = None
         if system_metrics:
@@ -238,8 +244,53 @@ class RunLogger:
         """Checkpoint URIs as tags (the weights stay in storage; MLflow only points at them)."""
         self.set_tags({TAG_CHECKPOINT: uri, f"{TAG_CHECKPOINT}.step-{int(step)}": uri})
 
-    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, path, artifact_path)
+    def log_artifact(self, path: str, artifact_path: str | None = None, *, name: str | None = None) -> None:
+        """The file at ``path`` as an artifact, under ``name`` if given (e.g. the job's ``out`` file as
+        ``samples.jsonl``, the name every reader looks for)."""
+        if name is None or name == os.path.basename(path):
+            self.client.log_artifact(self.run_id, path, artifact_path)
+            return
+        import shutil
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="dsl-artifact-") as tmp:
+            shutil.copyfile(path, os.path.join(tmp, name))
+            self.client.log_artifact(self.run_id, os.path.join(tmp, name), artifact_path)
+
+    def log_json(self, obj: Any, name: str) -> None:
+        self.client.log_dict(self.run_id, obj, name)
+
+    def log_sampling(self, diagnostics: Mapping[str, Any], *, samples: str | None = None,
+                     diagnostics_file: str | None = None, figure: str | None = None, title: str = "") -> None:
+        """A sampling's small artifacts under the names readers look for (``samples.jsonl``,
+        ``diagnostics.jsonl``, ``fig2.png``: drawn here when no figure file is given) and its Table 6
+        sharpness curves as metric histories whose MLflow step is the sampler step k."""
+        import math
+        import tempfile
+        import time
+
+        from mlflow.entities import Metric
+
+        if samples and os.path.getsize(samples) <= ARTIFACT_MAX_BYTES:
+            self.log_artifact(samples, name=lineage.SAMPLES_ARTIFACT)
+        elif samples:
+            self.set_tags({"dsl.samples_artifact": f"not logged: over {ARTIFACT_MAX_BYTES >> 20} MiB ({samples})"})
+        if diagnostics_file:
+            self.log_artifact(diagnostics_file, name=lineage.DIAGNOSTICS_ARTIFACT)
+        if figure:
+            self.log_artifact(figure, name=lineage.FIG2_ARTIFACT)
+        else:
+            from dsl.sampling.figures import plot_diagnostics
+
+            with tempfile.TemporaryDirectory(prefix="dsl-fig2-") as tmp:
+                path = os.path.join(tmp, lineage.FIG2_ARTIFACT)
+                plot_diagnostics(diagnostics, title, path)
+                self.log_artifact(path)
+        now = int(time.time() * 1000)
+        points = [Metric(name, float(v), now, k) for key, name in lineage.DIAGNOSTIC_METRICS.items()
+                  for k, v in enumerate(diagnostics[key]) if math.isfinite(float(v))]
+        for i in range(0, len(points), 1000):  # MLflow's limit per batch
+            self.client.log_batch(self.run_id, metrics=points[i:i + 1000])
 
     def close(self, status: str | None = None) -> None:
         if self._monitor is not None:
@@ -250,12 +301,15 @@ class RunLogger:
             self.client.set_terminated(self.run_id, status=status)
 
 
-def training_run_of(checkpoint_uri: str, *, tracking_uri: str | None = None,
-                    experiment: str = DEFAULT_EXPERIMENT) -> tuple[str | None, str | None]:
-    """``(training run name, its MLflow run id)`` for a checkpoint URI, when both can be found."""
+def training_run_of(checkpoint_uri: str, *, tracking_uri: str | None = None) -> tuple[str | None, str | None]:
+    """``(training run name, its MLflow run id)`` for a checkpoint URI, when both can be found: the name
+    from the checkpoint's manifest, the run by that name in any experiment of the store (a job may log to
+    another experiment than the fine-tune did)."""
     from dsl.checkpoint import MANIFEST, latest_complete, open_storage, read_manifest
     from dsl.errors import UserError
 
+    if checkpoint_uri.startswith(("oracle:", "hf:")):
+        return None, None
     try:
         storage = open_storage(checkpoint_uri)
         if not storage.exists(MANIFEST):
@@ -269,32 +323,77 @@ def training_run_of(checkpoint_uri: str, *, tracking_uri: str | None = None,
     name = (manifest.get("config") or {}).get("name") or None
     if not name:
         return None, None
-    return name, find_run(name, tracking_uri=tracking_uri, experiment=experiment, kind="finetune")
+    client = _client(tracking_uri)
+    ids = [e.experiment_id for e in client.search_experiments()]
+    flt = f"tags.`{TAG_RUN_NAME}` = '{_quote(name)}' and tags.`{TAG_KIND}` = '{lineage.KIND_FINETUNE}'"
+    runs = client.search_runs(ids, filter_string=flt, max_results=1, order_by=["attributes.start_time ASC"]) \
+        if ids else []
+    return name, (runs[0].info.run_id if runs else None)
+
+
+def end_status(exc: BaseException | None) -> str:
+    """The MLflow status a run ends with: FINISHED, KILLED (stopped: Ctrl-C, SIGTERM, SIGHUP) or FAILED."""
+    from dsl.errors import was_stopped
+
+    if exc is None:
+        return "FINISHED"
+    return "KILLED" if was_stopped(exc) else "FAILED"
+
+
+_CURRENT: contextvars.ContextVar[RunLogger | None] = contextvars.ContextVar("dsl_current_run", default=None)
+
+
+def current_run() -> RunLogger | None:
+    """The run the current job logs to (inside :func:`job_run`), or None when tracking is off: a job's
+    body adds tags and artifacts it only knows once it has run, and writes the run id into its outputs."""
+    return _CURRENT.get()
+
+
+def lineage_tags(kind: str, checkpoint_uri: str | None, *, tracking_uri: str | None) -> dict[str, str]:
+    """What a job run says about itself and its parents: its kind, the code, the checkpoint it loaded and
+    the training run that wrote that checkpoint."""
+    tags = {TAG_KIND: kind, **_code_tags()}
+    if checkpoint_uri:
+        tags[TAG_CHECKPOINT] = scrub(checkpoint_uri)
+        name, train_id = training_run_of(checkpoint_uri, tracking_uri=tracking_uri)
+        if name:
+            tags[lineage.TRAINING_RUN_NAME] = name
+        if train_id:
+            tags[TAG_TRAINING_RUN] = train_id
+    return tags
 
 
 @contextlib.contextmanager
 def job_run(kind: str, params: Mapping[str, Any] | Any, checkpoint_uri: str | None = None, *,
             tracking_uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT,
-            system_metrics: bool = False, run_name: str | None = None) -> Iterator[RunLogger]:
-    """One MLflow run for one invocation of a job (``kind`` = sample/evaluate/...), tagged with the
-    checkpoint and the training run that produced it; FAILED if the body raises, FINISHED otherwise."""
+            system_metrics: bool = False, run_name: str | None = None,
+            tags: Mapping[str, Any] | None = None) -> Iterator[RunLogger]:
+    """One MLflow run for one invocation of a job (``kind`` = sample/evaluate/...), tagged with its
+    lineage (:func:`lineage_tags`; ``tags`` may name other parents, e.g. the sample run an evaluation
+    scored). Parents are tags, not UI nesting: a sample run is not part of its fine-tune, and every run
+    stays a visible row of the runs table. It ends FINISHED, FAILED if the body raises, KILLED if the job
+    was stopped (Ctrl-C, SIGTERM)."""
     client = _client(tracking_uri)
-    tags = {TAG_KIND: kind, **_code_tags()}
-    if checkpoint_uri:
-        tags[TAG_CHECKPOINT] = scrub(checkpoint_uri)
-        name, train_id = training_run_of(checkpoint_uri, tracking_uri=tracking_uri, experiment=experiment)
-        if name:
-            tags["dsl.training_run_name"] = name
-        if train_id:
-            tags[TAG_TRAINING_RUN] = train_id
-            tags["mlflow.parentRunId"] = train_id  # nests the job under its fine-tune in the UI
-    run = client.create_run(experiment_id(client, experiment), tags=tags, run_name=run_name or kind)
-    _log_params(client, run.info.run_id, flat_params(params))
-    logger = RunLogger(run.info.run_id, tracking_uri or default_tracking_uri(), system_metrics=system_metrics)
+    exp_id = experiment_id(client, experiment)
+    all_tags = lineage_tags(kind, checkpoint_uri, tracking_uri=tracking_uri)
+    all_tags.update({k: scrub(v) for k, v in (tags or {}).items() if v is not None and v != ""})
+    run_id = client.create_run(exp_id, tags=all_tags, run_name=run_name or kind).info.run_id
+    logger = None
     try:
-        yield logger
-    except BaseException:
-        logger.close("FAILED")
+        _log_params(client, run_id, flat_params(params))
+        logger = RunLogger(run_id, tracking_uri or default_tracking_uri(), system_metrics=system_metrics)
+        logger.experiment, logger.run_name, logger.tags = experiment, run_name or kind, all_tags
+        token = _CURRENT.set(logger)
+        try:
+            yield logger
+        finally:
+            _CURRENT.reset(token)
+    except BaseException as exc:
+        with contextlib.suppress(Exception):  # the job's own error is what the user must see
+            if logger is not None:
+                logger.close(end_status(exc))
+            else:
+                client.set_terminated(run_id, end_status(exc))
         raise
     logger.close("FINISHED")
 
@@ -333,10 +432,8 @@ def tracked_job(kind: str, params: Any, checkpoint_uri: str | None, body: Any, *
         return body()
     try:
         ctx = job_run(kind, params, checkpoint_uri, tracking_uri=tracking_uri, experiment=experiment,
-                      run_name=run_name)
+                      run_name=run_name, tags=tags)
         logger = ctx.__enter__()
-        if tags:
-            logger.set_tags(tags)
     except Exception as exc:  # noqa: BLE001 - see docstring
         print(f"warning: MLflow tracking off for this {kind} job ({type(exc).__name__}: "
               f"{scrub(' '.join(str(exc).split()))[:200]})", file=sys.stderr)
@@ -353,7 +450,8 @@ def tracked_job(kind: str, params: Any, checkpoint_uri: str | None, body: Any, *
         if after is not None:
             after(logger, summary)
         ctx.__exit__(None, None, None)
-        print(f"mlflow run: {logger.run_id} ({scrub(logger.tracking_uri)})", file=sys.stderr)
+        print(f"mlflow run: {logger.run_id} ({scrub(logger.tracking_uri)}); "
+              f"{ui_command(logger.tracking_uri, experiment)}", file=sys.stderr)
     except Exception as exc:  # noqa: BLE001
         print(f"warning: MLflow logging of this {kind} job failed ({type(exc).__name__})", file=sys.stderr)
     return summary
@@ -367,6 +465,7 @@ def _is_number(text: str) -> bool:
     return text.lower() not in ("true", "false", "nan", "inf", "-inf")
 
 
-__all__ = ["resolve_tracking_uri", "tracked_job", "DEFAULT_EXPERIMENT", "TAG_RUN_NAME", "TAG_KIND", "TAG_CHECKPOINT", "TAG_TRAINING_RUN", "scrub", "REDACTED",
-           "flat_params", "default_tracking_uri", "ui_command", "git_commit", "code_digest", "find_run",
-           "ensure_training_run", "RunLogger", "training_run_of", "job_run", "experiment_id"]
+__all__ = ["resolve_tracking_uri", "tracked_job", "DEFAULT_EXPERIMENT", "TAG_RUN_NAME", "TAG_KIND", "TAG_CHECKPOINT",
+           "TAG_TRAINING_RUN", "scrub", "REDACTED", "flat_params", "default_tracking_uri", "ui_command", "experiment_url",
+           "git_commit", "code_digest", "find_run", "ensure_training_run", "RunLogger", "training_run_of",
+           "job_run", "experiment_id", "end_status", "current_run", "lineage_tags"]

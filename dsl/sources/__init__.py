@@ -142,6 +142,20 @@ class SmoothedPosterior:
 SOURCE_NAMES = ("hmm", "cyclic", "topics")  # data.source=<name> and oracle:<name>
 
 
+# the DataConfig fields each synthetic source reads (build_source below)
+SOURCE_KEYS = {"hmm": ("hmm_states", "hmm_words", "hmm_seed"), "cyclic": ("cyclic_k",),
+               "topics": ("topics", "topics_switch", "topics_smoothing", "topics_seed")}
+
+
+def unread_source_keys(values: dict) -> set[str]:
+    """The ``data.<field>`` keys of ``values`` (a flat ``{"data.hmm_seed": 0, ...}``) that belong to a
+    synthetic source nothing in ``values`` uses: a source is used when ``data.source`` is its name or a
+    value names ``oracle:<name>``."""
+    named = " ".join(str(v) for v in values.values())
+    used = {n for n in SOURCE_NAMES if values.get("data.source") == n or f"oracle:{n}" in named}
+    return {f"data.{k}" for n, keys in SOURCE_KEYS.items() if n not in used for k in keys} & set(values)
+
+
 def build_source(name: str, data_cfg: DataConfig, length: int) -> ExactSource:
     """The synthetic source ``name`` (one of ``SOURCE_NAMES``) with its parameters from ``data_cfg``."""
     if name == "hmm":
@@ -160,4 +174,5 @@ from dsl.sources.cyclic import CyclicSource  # noqa: E402  (the subclasses need 
 from dsl.sources.hmm import HMMSource  # noqa: E402
 from dsl.sources.topics import TopicSource  # noqa: E402
 
-__all__ = ["ExactSource", "CyclicSource", "HMMSource", "TopicSource", "SOURCE_NAMES", "build_source"]
+__all__ = ["ExactSource", "CyclicSource", "HMMSource", "TopicSource", "SOURCE_NAMES", "SOURCE_KEYS", "build_source",
+           "unread_source_keys"]
