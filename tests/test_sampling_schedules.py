@@ -77,17 +77,6 @@ def test_time_grid():
     assert grid.dtype == torch.float64 and grid[0] == 1.0 and grid[-1] == 1e-5 and len(grid) == 5
 
 
-def _paper_tables():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "dashboards" / "paper_tables.py"
-    spec = importlib.util.spec_from_file_location("paper_tables", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _mean_rewrites(eta_cap_table: str, steps: int) -> float:
     """Table 5's statistic: mean R_i of the step-budget protocol at L = 1024 with a sharp denoiser (the
     exact cyclic oracle, K=3: one revealed token fixes the whole sequence, so every posterior is one-hot)."""
@@ -101,7 +90,8 @@ def _mean_rewrites(eta_cap_table: str, steps: int) -> float:
 
 @pytest.mark.slow
 def test_table5_rewrites_come_from_eq24_not_from_table5s_own_eta_column():
-    tables = _paper_tables()
+    from dsl.report import paper as tables
+
     rows = tables.table5_comparison({t: _mean_rewrites("eq24", t) for t in tables.STEPS},
                                     {t: _mean_rewrites("table4", t) for t in tables.STEPS})
     assert [r["T"] for r in rows] == [128, 256, 512, 1024]
