@@ -43,6 +43,7 @@ ALIASES: dict[str, str] = {
     "trials": "search.trials",
     "budgets": "search.budgets",
     "study": "search.study",
+    "grid": "report.grid",
 }
 
 HELP_WORDS = ("-h", "--help")

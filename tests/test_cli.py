@@ -18,7 +18,7 @@ from dsl.config.parse import key_info
 
 REPO = Path(__file__).resolve().parents[1]
 # every entry point that declares a Job (a new one is picked up here without editing this test)
-SCRIPTS = sorted(str(p.relative_to(REPO)) for d in ("jobs", "tune") for p in (REPO / d).glob("*.py")
+SCRIPTS = sorted(str(p.relative_to(REPO)) for d in ("jobs", "tune", "dashboards") for p in (REPO / d).glob("*.py")
                  if "\nJOB = Job(" in p.read_text())
 JOBS = {s: load_job(s) for s in SCRIPTS}
 TREE = leaf_keys(JobConfig())
@@ -234,7 +234,7 @@ def _readme_commands() -> list[list[str]]:
     for text in docs:
         text = text.replace("\\\n", " ")
         for line in text.splitlines():
-            m = re.search(r"python ((?:jobs|tune)/\w+\.py)((?: [^#`]*)?)", line)
+            m = re.search(r"python ((?:jobs|tune|dashboards)/\w+\.py)((?: [^#`]*)?)", line)
             if m and not line.lstrip().startswith("|"):
                 rest = re.sub(r"\[[^\]]*\]|<[^>]*>", " ", m.group(2)).split(" |")[0]   # placeholders
                 words = [w.strip("()") for w in rest.split()]

@@ -35,6 +35,7 @@ from dsl.config.tree import (
     MDLMLossConfig,
     ModelConfig,
     PrepareConfig,
+    ReportConfig,
     RunConfig,
     SamplingConfig,
     SearchConfig,
@@ -48,7 +49,8 @@ RUN_PRESETS = run_presets()
 
 __all__ = [
     "ConfigError", "ModelConfig", "ChannelConfig", "MDLMLossConfig", "DataConfig", "TrainConfig",
-    "SamplingConfig", "EvalConfig", "SearchConfig", "PrepareConfig", "ServiceConfig", "RunConfig", "JobConfig",
+    "SamplingConfig", "EvalConfig", "SearchConfig", "PrepareConfig", "ServiceConfig", "ReportConfig", "RunConfig",
+    "JobConfig",
     "run_config_of", "MODEL_PRESETS", "RUN_PRESETS", "model_presets", "run_presets", "describe_presets",
     "apply_overrides", "load", "set_key", "validate", "to_dict", "from_dict", "flatten", "dumps", "describe",
     "parse_value", "split_override", "leaf_keys", "choice", "num", "text", "flag", "values", "section",

@@ -347,6 +347,28 @@ class ServiceConfig:
     system_metrics: bool = flag(True, "MLflow system metrics (CPU, memory, GPU) from rank 0")
 
 
+@dataclass
+class ReportConfig:
+    """The comparison report of a grid (``dashboards/report.py``): which grid, which cells' Fig 2 panels,
+    how our step budgets meet the paper's."""
+
+    grid: str = text("", "the grid to report: its MLflow parent run id | an experiment name (its latest grid "
+                         "run) | a grid name (tag dsl.grid.name)")
+    fig2: str = text("smallest", "cells whose Fig 2 panels the page shows: smallest (every row at the grid's "
+                                 "smallest T) | all | none | a list of T, e.g. 128,1024")
+    match: Literal["fraction", "steps"] = choice(
+        "fraction", "which paper budget T' a cell meets: fraction = the same T/L (T' = T·1024/L; at L=1024 the "
+                    "same T) | steps = the same T")
+    log_artifacts: bool = flag(True, "log the page and its tables as artifacts of the grid's parent run")
+
+    def validate(self) -> None:
+        if self.fig2 not in ("smallest", "all", "none"):
+            parts = [p.strip() for p in self.fig2.split(",") if p.strip()]
+            if not parts or not all(p.isdigit() and int(p) > 0 for p in parts):
+                raise ConfigError(f"report.fig2={self.fig2}: expected smallest, all, none or step budgets "
+                                  f"T,T,... (e.g. 128,1024)")
+
+
 # ----------------------------------------------------------------------------------------------
 # Roots.
 
@@ -407,6 +429,7 @@ class JobConfig:
     search: SearchConfig = section(SearchConfig)
     prepare: PrepareConfig = section(PrepareConfig)
     service: ServiceConfig = section(ServiceConfig)
+    report: ReportConfig = section(ReportConfig)
 
 
 SCIENCE_SECTIONS = ("model", "channel", "mdlm", "data", "train")
@@ -424,5 +447,6 @@ def run_config_of(job: JobConfig) -> RunConfig:
 
 
 __all__ = ["ModelConfig", "ChannelConfig", "MDLMLossConfig", "DataConfig", "TrainConfig", "SamplingConfig",
-           "EvalConfig", "SearchConfig", "PrepareConfig", "ServiceConfig", "RunConfig", "JobConfig", "run_config_of",
+           "EvalConfig", "SearchConfig", "PrepareConfig", "ServiceConfig", "ReportConfig", "RunConfig", "JobConfig",
+           "run_config_of",
            "check_search_range", "MAX_BUDGET", "field"]

@@ -50,6 +50,7 @@ MODE = "dsl.mode"                        # evaluate: samples | likelihood | cali
 ESTIMATOR = "dsl.estimator"              # likelihood: "eq. 10 bound" | "eq. 3"
 SOURCE = "dsl.source"                    # paper reference runs: where the numbers come from
 REPORTED_BY = "dsl.reported_by"          # paper rows reported by another paper (‡)
+PAPER_TABLE = "dsl.paper.table"          # paper reference runs: which table (table1 | table3)
 
 # run kinds (values of KIND)
 KIND_FINETUNE = "finetune"
