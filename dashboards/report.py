@@ -28,8 +28,9 @@ import sys
 import tempfile
 
 from dsl.cli import Job, Mode, main
-from dsl.config import JobConfig
+from dsl.config import ConfigError, JobConfig
 from dsl.errors import UserError
+from dsl.outputs import RUNS_ROOT, output_dir
 
 
 def _slug(text: str) -> str:
@@ -37,10 +38,18 @@ def _slug(text: str) -> str:
     return "-".join(p for p in keep.split("-") if p) or "grid"
 
 
+def check_report(cfg: JobConfig) -> None:
+    if not cfg.report.grid.strip():
+        raise ConfigError("report.grid='' : give grid=<grid parent run id | experiment name | grid name>")
+    if cfg.out:
+        output_dir(cfg.out)
+
+
 def run_report(cfg: JobConfig) -> dict:
+    from dsl.redact import scrub
     from dsl.report import fig2_cells, write_report
     from dsl.service import grid_results as results
-    from dsl.service.tracking import scrub, ui_command
+    from dsl.service.tracking import ui_command
 
     uri = results.report_tracking_uri(cfg.service.tracking_uri)
     client = results.open_store(uri)
@@ -50,9 +59,7 @@ def run_report(cfg: JobConfig) -> dict:
     if not cells:
         raise UserError(f"grid={cfg.report.grid}: grid run {grid.run_id} has no cell runs yet "
                         f"(jobs/grid.py logs one per row and T as it finishes them)")
-    out = cfg.out or os.path.join("runs", f"report-{_slug(grid.name or grid.run_id)}")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UserError(f"out={out} is a file; give a directory for the report")
+    out = str(output_dir(cfg.out or os.path.join(RUNS_ROOT, f"report-{_slug(grid.name or grid.run_id)}")))
     likelihood = results.read_likelihood(client, grid, cells)
     paper_exp = client.get_experiment_by_name(cfg.experiment)
     paper_url = results.run_url(uri, paper_exp.experiment_id) if paper_exp is not None else ""
@@ -89,7 +96,8 @@ def run_import_paper(cfg: JobConfig) -> dict:
 
 JOB = Job(
     script="dashboards/report.py", doc=__doc__,
-    modes={"report": Mode(run_report, "the grid's report: HTML page, CSV and Markdown tables, plots (the default)"),
+    modes={"report": Mode(run_report, "the grid's report: HTML page, CSV and Markdown tables, plots (the default)",
+                          check=check_report),
            "import-paper": Mode(run_import_paper, "the paper's Table 1 and Table 3 rows as MLflow reference runs "
                                                   "in experiment= (idempotent)")},
     uses=("experiment", "out", "report", "service.tracking_uri"),

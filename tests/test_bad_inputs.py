@@ -17,7 +17,8 @@ import pytest
 
 from dsl.cli import load_job, main
 
-SCRIPTS = ("jobs/finetune.py", "jobs/sample.py", "jobs/evaluate.py", "tune/eta_cap_search.py")
+SCRIPTS = ("jobs/finetune.py", "jobs/sample.py", "jobs/evaluate.py", "tune/eta_cap_search.py",
+           "dashboards/report.py")
 NOT_UTF8 = b"fine words \xff\xfe broken bytes\n"
 
 
@@ -184,6 +185,20 @@ CASES = [
     ("search-eta-2-fixed", "tune/eta_cap_search.py", ["sampling.alpha_on=1.5"], "sampling.alpha_on"),
     ("search-min-samples", "tune/eta_cap_search.py", ["search.min_samples=64"], "search.min_samples"),
     ("search-featurizer-missing", "tune/eta_cap_search.py", ["featurizer={in}/no_model"], "no_model"),
+    # ---------------------------------------------------------------- dashboards/report.py (never creates a store)
+    ("report-no-grid", "dashboards/report.py", ["service.tracking_uri=sqlite:///{cwd}/m.db"], "report.grid"),
+    ("report-no-store", "dashboards/report.py", ["grid=g"], "service.tracking_uri"),
+    ("report-sqlite-missing", "dashboards/report.py", ["grid=g", "service.tracking_uri=sqlite:///{cwd}/none.db"],
+     "none.db"),
+    ("report-server-down", "dashboards/report.py", ["grid=g", "service.tracking_uri=http://127.0.0.1:9"],
+     "127.0.0.1:9"),
+    ("report-out-is-file", "dashboards/report.py", ["grid=g", "out={in}/a_file.txt"], "out="),
+    ("report-fig2-words", "dashboards/report.py", ["grid=g", "report.fig2=sometimes"], "report.fig2"),
+    ("report-match-unknown", "dashboards/report.py", ["grid=g", "report.match=nearest"], "report.match"),
+    ("report-key-of-another-job", "dashboards/report.py", ["grid=g", "sampling.steps=3"], "sampling.steps"),
+    ("report-mode-unknown", "dashboards/report.py", ["export", "grid=g"], "export"),
+    ("import-paper-server-down", "dashboards/report.py", ["import-paper", "service.tracking_uri=http://127.0.0.1:9"],
+     "127.0.0.1:9"),
     # ---------------------------------------------------------------- jobs/finetune.py (refused before Ray)
     ("finetune-model-length-huge", "jobs/finetune.py", ["train", "model=toy", "model.length=1000000000"],
      "model.length"),

@@ -66,6 +66,8 @@ def _protocols(cells: Sequence[Cell], grid: GridInfo) -> list[dict[str, str]]:
             if deviations:
                 what += "; deviations recorded by the grid: " + ", ".join(f"{k}={v}" for k, v in
                                                                           sorted(dict(deviations).items()))
+        elif name in ("none", "offline"):
+            what = "the offline default (eval.protocol=none): its settings are in the grid spec below"
         else:
             what = "the grid's own evaluation protocol (its settings are in the grid spec below)"
         out.append({"side": "ours", "name": name, "what": what})

@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from dsl.errors import UserError
+from dsl.redact import scrub
 from dsl.report import Fig2Source, paper
 from dsl.report.tables import Cell, GridInfo, LikelihoodRun
 from dsl.service import lineage as L
-from dsl.service.tracking import experiment_id, experiment_url, scrub
+from dsl.service.tracking import experiment_id, experiment_url
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 REPORT_ARTIFACT_DIR = "report"
