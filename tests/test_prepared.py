@@ -328,6 +328,20 @@ def test_length_tokenizer_and_layout_must_match_the_model(store: Path, tmp_path:
         build_data(prepared_cfg(store, "model.vocab_size=50"))
 
 
+def test_driver_check_refuses_an_init_checkpoint_of_another_tokenizer(store: Path, tmp_path: Path) -> None:
+    from dsl.checkpoint import save_checkpoint
+    from dsl.data import BPETokenizer
+    from dsl.service.prepare_ray import check_prepared_data
+
+    other = BPETokenizer.train(["a cat sat on the mat"] * 20, vocab_size=280)
+    save_checkpoint(tmp_path / "run", 5, config={}, model_state={"w": torch.zeros(1)}, tokenizer=other)
+    with pytest.raises(UserError) as err:
+        check_prepared_data(prepared_cfg(store, f"init={tmp_path / 'run'}"))
+    assert one_line(err).startswith(f"init={tmp_path / 'run'}: the checkpoint's tokenizer (bpe")
+    save_checkpoint(tmp_path / "same", 5, config={}, model_state={"w": torch.zeros(1)}, tokenizer=CharTokenizer())
+    check_prepared_data(prepared_cfg(store, f"init={tmp_path / 'same' / 'step-5'}"))  # verifies every shard
+
+
 def test_unwritable_out_is_one_clear_line(corpus: Path, tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("x")

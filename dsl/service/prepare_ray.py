@@ -231,9 +231,29 @@ def log_manifest(logger: Any, summary: dict) -> None:
         logger.log_artifact(str(path))
 
 
+def _check_init_tokenizer(init: str, store: Any) -> None:
+    """A checkpoint training starts from must have been trained on the store's ids (same tokenizer)."""
+    from dsl.checkpoint import MANIFEST, latest_complete, open_storage, read_tokenizer
+    from dsl.data.tokenizers import tokenizer_fingerprint
+    from dsl.errors import UserError
+    from dsl.model_spec import INIT_KINDS, parse_model_spec
+
+    spec = parse_model_spec(init, "init", INIT_KINDS)
+    if not spec.ours:
+        return  # scratch, or MDLM's own weights (GPT-2 ids: their vocabulary size is checked on load)
+    uri = spec.target if open_storage(spec.target).exists(MANIFEST) else latest_complete(spec.target)
+    tok = read_tokenizer(uri) if uri else None
+    info = store.manifest["tokenizer"]
+    if tok is not None and tokenizer_fingerprint(tok) != info["fingerprint"]:
+        raise UserError(f"init={init}: the checkpoint's tokenizer ({tok.kind}, V={tok.vocab_size}) differs from the "
+                        f"one the store was prepared with ({info['kind']}, V={info['vocab_size']}); prepare the "
+                        "corpus with the checkpoint's tokenizer (data.tokenizer=<its tokenizer directory>)")
+
+
 def check_prepared_data(run_cfg: Any, endpoint: str = "") -> None:
-    """Before a training run starts: a prepared ``data.source`` fits the model (L, tokenizer, layout), is
-    complete, and every shard's sha256 matches its manifest — so bad data is one line, never a step."""
+    """Before a training run starts: a prepared ``data.source`` fits the model (L, tokenizer, layout, the
+    ``init`` checkpoint's tokenizer), is complete, and every shard's sha256 matches its manifest — so bad
+    data is one line, never a step."""
     from dsl.data.prepared import open_for_run, prepared_uri
 
     if prepared_uri(run_cfg.data.source) is None:
@@ -244,6 +264,7 @@ def check_prepared_data(run_cfg: Any, endpoint: str = "") -> None:
         set_default_endpoint(endpoint)
     started = time.perf_counter()
     store, _, _ = open_for_run(run_cfg)
+    _check_init_tokenizer(run_cfg.init, store)
     store.verify(progress=_progress)
     print(f"data.source={run_cfg.data.source}: every shard verified ({time.perf_counter() - started:.1f} s)",
           file=sys.stderr, flush=True)
