@@ -80,7 +80,7 @@ def run_report(cfg: JobConfig) -> dict:
     return {"grid_run_id": grid.run_id, "grid": grid.name, "experiment": grid.experiment, "out": out,
             "report": os.path.join(out, "report.html"), "files": files, "cells": counts,
             "rows": sorted({c.row for c in cells}), "steps": sorted({c.steps for c in cells}),
-            "protocols": sorted({c.protocol for c in cells}), "likelihood_runs": len(likelihood),
+            "protocols": sorted({c.protocol for c in cells}), "table3_rows": len(likelihood),
             "fig2_panels": len(sources), "logged_to": logged, "other_grids": other_grids}
 
 

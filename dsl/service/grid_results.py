@@ -252,6 +252,24 @@ def read_cells(client: Any, grid: GridInfo, *, sharpness: bool = True) -> tuple[
     return cells, counts
 
 
+def _likelihood_rows(run: Any) -> list[tuple[str, dict[str, float]]]:
+    """``[(checkpoint, metrics)]`` of a likelihood run: its first checkpoint by the plain metric names, the
+    others (``checkpoint=label=uri,...``) by ``<label>.<name>``."""
+    from dsl.eval.protocols import labelled_checkpoints
+
+    metrics = run.data.metrics
+    rows = [(run.data.tags.get(L.CHECKPOINT, ""),
+             {name: float(metrics[key]) for key, name in _LIKELIHOOD_METRICS.items() if key in metrics})]
+    try:
+        labelled = labelled_checkpoints(run.data.params.get("checkpoint", ""))
+    except Exception:  # noqa: BLE001 - no checkpoint param: the first checkpoint is all there is
+        labelled = []
+    for label, uri in labelled[1:]:
+        rows.append((uri, {name: float(metrics[f"{label}.{key}"]) for key, name in _LIKELIHOOD_METRICS.items()
+                           if f"{label}.{key}" in metrics}))
+    return [(ckpt, m) for ckpt, m in rows if m]
+
+
 def read_likelihood(client: Any, grid: GridInfo, cells: Sequence[Cell]) -> list[LikelihoodRun]:
     """Likelihood runs (Table 3) in the grid's experiment, or of one of its checkpoints anywhere; the newest
     per checkpoint and estimator."""
@@ -261,17 +279,12 @@ def read_likelihood(client: Any, grid: GridInfo, cells: Sequence[Cell]) -> list[
                    ["attributes.start_time DESC"])
     out: dict[tuple[str, str], LikelihoodRun] = {}
     for run in runs:
-        tags = run.data.tags
-        ckpt = tags.get(L.CHECKPOINT, "")
-        if run.info.experiment_id != grid.experiment_id and ckpt not in checkpoints:
-            continue
-        metrics = {name: float(run.data.metrics[key]) for key, name in _LIKELIHOOD_METRICS.items()
-                   if key in run.data.metrics}
-        if not metrics:
-            continue
-        out.setdefault((ckpt, tags.get(L.ESTIMATOR, "")),
-                       LikelihoodRun(run_id=run.info.run_id, checkpoint=ckpt, estimator=tags.get(L.ESTIMATOR, ""),
-                                     run_name=run.info.run_name or "", metrics=metrics))
+        estimator = run.data.tags.get(L.ESTIMATOR, "")
+        for ckpt, metrics in _likelihood_rows(run):
+            if run.info.experiment_id == grid.experiment_id or ckpt in checkpoints:
+                out.setdefault((ckpt, estimator), LikelihoodRun(run_id=run.info.run_id, checkpoint=ckpt,
+                                                                estimator=estimator, run_name=run.info.run_name or "",
+                                                                metrics=metrics))
     return list(out.values())
 
 
