@@ -18,7 +18,7 @@ import pytest
 from dsl.cli import load_job, main
 
 SCRIPTS = ("jobs/finetune.py", "jobs/sample.py", "jobs/evaluate.py", "tune/eta_cap_search.py",
-           "dashboards/report.py")
+           "dashboards/report.py", "jobs/prepare_data.py")
 NOT_UTF8 = b"fine words \xff\xfe broken bytes\n"
 
 
@@ -199,6 +199,20 @@ CASES = [
     ("report-mode-unknown", "dashboards/report.py", ["export", "grid=g"], "export"),
     ("import-paper-server-down", "dashboards/report.py", ["import-paper", "service.tracking_uri=http://127.0.0.1:9"],
      "127.0.0.1:9"),
+    # ---------------------------------------------------------------- jobs/prepare_data.py (refused before Ray)
+    ("prepare-no-out", "jobs/prepare_data.py", ["data.source={in}/good.jsonl", "data.length=16"], "out="),
+    ("prepare-length-0", "jobs/prepare_data.py", ["data.source={in}/good.jsonl", "out={cwd}/store"], "data.length"),
+    ("prepare-source-missing", "jobs/prepare_data.py", ["data.source={in}/none.jsonl", "data.length=16",
+                                                        "out={cwd}/store"], "data.source"),
+    ("prepare-source-synthetic", "jobs/prepare_data.py", ["data.source=hmm", "data.length=16", "out={cwd}/store"],
+     "data.source"),
+    ("prepare-source-csv", "jobs/prepare_data.py", ["data.source={in}/table.csv", "data.length=16",
+                                                    "out={cwd}/store"], "data.source"),
+    ("prepare-out-is-file", "jobs/prepare_data.py", ["data.source={in}/good.jsonl", "data.length=16",
+                                                     "out={in}/a_file.txt"], "out="),
+    ("prepare-shard-blocks", "jobs/prepare_data.py", ["data.source={in}/good.jsonl", "data.length=16",
+                                                      "out={cwd}/store", "prepare.shard_blocks=-1"],
+     "prepare.shard_blocks"),
     # ---------------------------------------------------------------- jobs/finetune.py (refused before Ray)
     ("finetune-model-length-huge", "jobs/finetune.py", ["train", "model=toy", "model.length=1000000000"],
      "model.length"),

@@ -181,6 +181,10 @@ def check_prepare(cfg: Any) -> None:
     from dsl.data.corpora import open_corpus
 
     open_corpus(cfg.data.source, cfg.data, cfg.data.length)  # a missing file or unknown dataset: one line
+    if "://" not in cfg.out:
+        from dsl.outputs import output_dir
+
+        output_dir(cfg.out)  # a file in the way: one line now, not after Ray has started
 
 
 def prepare(cfg: Any) -> PrepareResult:

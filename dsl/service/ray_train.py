@@ -21,10 +21,11 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import socket
 import sys
+import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from dsl.config import ConfigError, JobConfig, RunConfig, from_dict, run_config_of, to_dict
@@ -359,6 +360,9 @@ def run_finetune(cfg: JobConfig, *, name: str | None = None) -> FinetuneResult:
         if os.environ.get(key):  # endpoints and regions only: credentials come from each node's chain
             env_vars[key] = os.environ[key]
 
+    # Ray Train's own run state (its controller snapshots): our checkpoints under ``root`` are the run's
+    # record, so this lives in a temporary directory, never beside the user's outputs
+    ray_state = tempfile.mkdtemp(prefix="dsl-ray-train-")
     started = False
     try:
         started = _connect_ray(svc.ray_address, svc.workers * svc.cpus_per_worker)
@@ -370,7 +374,7 @@ def run_finetune(cfg: JobConfig, *, name: str | None = None) -> FinetuneResult:
             scaling_config=ray.train.ScalingConfig(num_workers=svc.workers, use_gpu=svc.gpus_per_worker > 0,
                                                    resources_per_worker=resources),
             run_config=ray.train.RunConfig(
-                name=name, storage_path=str(Path(cfg.out or "runs").expanduser().resolve() / "_ray"),
+                name=name, storage_path=ray_state,
                 failure_config=ray.train.FailureConfig(max_failures=svc.max_failures),
                 worker_runtime_env={"env_vars": env_vars}))
         trainer.fit()
@@ -385,6 +389,7 @@ def run_finetune(cfg: JobConfig, *, name: str | None = None) -> FinetuneResult:
     finally:
         if started:
             ray.shutdown()
+        shutil.rmtree(ray_state, ignore_errors=True)
 
     from dsl.checkpoint import load_checkpoint
 
