@@ -8,6 +8,11 @@ class UserError(RuntimeError):
     """Bad input from the user (missing file, unreachable URI, corrupt checkpoint, empty corpus)."""
 
 
+class JobFailed(RuntimeError):
+    """A run that failed for a reason outside its input (a worker killed by an out-of-memory monitor, a
+    lost node) after its retries: one line naming the cause, exit code 1."""
+
+
 class Stopped(BaseException):
     """The job was asked to stop by a signal (SIGTERM, SIGHUP). Like KeyboardInterrupt (SIGINT) it is not
     an Exception: ordinary error handling lets it through, and whatever records the run marks it KILLED."""
@@ -50,8 +55,9 @@ def one_line(exc: BaseException) -> str:
 
 def run_cli(body) -> int:
     """Run an entry point: print ``body()``'s summary as JSON on the last stdout line and return 0, or
-    print one ``error: ...`` line to stderr and return 2 for a bad key, value, file or URI. Stopped by a
-    signal, it says so in one line and returns 128 + the signal number, as a shell reports it."""
+    print one ``error: ...`` line to stderr and return 2 for a bad key, value, file or URI (1 for a
+    :class:`JobFailed`). Stopped by a signal, it says so in one line and returns 128 + the signal number,
+    as a shell reports it."""
     import json
     import sys
 
@@ -60,11 +66,11 @@ def run_cli(body) -> int:
     install_stop_handlers()
     try:
         summary = body()
-    except (ConfigError, UserError) as exc:
+    except (ConfigError, UserError, JobFailed) as exc:
         from dsl.redact import scrub
 
         print(f"error: {scrub(one_line(exc))}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(exc, JobFailed) else 2
     except (KeyboardInterrupt, Stopped) as exc:
         signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
         print(f"stopped by {signal.Signals(signum).name}", file=sys.stderr)

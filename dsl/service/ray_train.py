@@ -30,9 +30,10 @@ from typing import Any
 
 from dsl.config import ConfigError, JobConfig, RunConfig, from_dict, run_config_of, to_dict
 from dsl.data import check_source
-from dsl.errors import UserError, one_line
+from dsl.errors import JobFailed, UserError, one_line
 from dsl.outputs import RUNS_ROOT, output_dir
 from dsl.redact import scrub
+from dsl.service.ray_failures import failure_cause, stop_on_user_error, user_error_in
 
 # The service keys a training run records as MLflow params (where and how it ran, not where it is tracked).
 LOGGED_SERVICE_KEYS = ("workers", "gpus_per_worker", "cpus_per_worker", "threads_per_worker", "max_failures",
@@ -286,28 +287,6 @@ def _connect_ray(address: str, cpus_needed: float) -> bool:
     return True
 
 
-def user_error_in(exc: BaseException) -> str | None:
-    """The one-line UserError/ConfigError message somewhere inside a Ray failure, if any."""
-    from dsl.errors import one_line
-
-    seen: set[int] = set()
-    stack = [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, (UserError, ConfigError)):
-            return one_line(e)
-        stack.extend([e.__cause__, e.__context__, getattr(e, "cause", None),
-                      getattr(e, "controller_failure", None)])
-        failures = getattr(e, "worker_failures", None)
-        if isinstance(failures, dict):
-            stack.extend(failures.values())
-    m = re.search(r"(?:dsl\.errors\.UserError|dsl\.config\.ConfigError|UserError|ConfigError): ([^\n]+)", str(exc))
-    return m.group(1).strip() if m else None
-
-
 def run_finetune(cfg: JobConfig, *, name: str | None = None) -> FinetuneResult:
     """Run (or resume) one training run on Ray and return where its checkpoint and MLflow run are."""
     import ray
@@ -376,15 +355,19 @@ def run_finetune(cfg: JobConfig, *, name: str | None = None) -> FinetuneResult:
             run_config=ray.train.RunConfig(
                 name=name, storage_path=ray_state,
                 failure_config=ray.train.FailureConfig(max_failures=svc.max_failures),
-                worker_runtime_env={"env_vars": env_vars}))
-        trainer.fit()
+                callbacks=[stop_on_user_error()], worker_runtime_env={"env_vars": env_vars}))
+        try:
+            trainer.fit()
+        except Exception as exc:
+            msg = user_error_in(exc)
+            if msg:
+                raise UserError(msg) from None
+            raise JobFailed(f"run {name} failed after its retries (service.max_failures={svc.max_failures}): "
+                            f"{failure_cause(exc)}") from exc
     except BaseException as exc:   # failed: FAILED; Ctrl-C or SIGTERM: KILLED (a resume reopens the run)
         if run_id:
             with contextlib.suppress(Exception):
                 tracking.RunLogger(run_id, tracking_uri, system_metrics=False).close(tracking.end_status(exc))
-        msg = user_error_in(exc) if isinstance(exc, Exception) else None
-        if msg:
-            raise UserError(msg) from None
         raise
     finally:
         if started:

@@ -1,0 +1,113 @@
+"""How a Ray Train run ends when something goes wrong: one line, and retries only where they can help.
+
+- A user error (:class:`dsl.errors.UserError` or :class:`dsl.config.ConfigError`) raised inside a worker
+  is deterministic: every attempt would fail the same way. :func:`stop_on_user_error` (a Ray Train
+  ``UserCallback`` the controller calls when a worker raises) stops the run at the first attempt, and
+  the driver prints the worker's line (:func:`user_error_in`).
+- Any other worker failure — a process killed by Ray's out-of-memory monitor, a lost node — is retried
+  up to ``FailureConfig(max_failures)``; when the budget is spent, :func:`failure_cause` gives the one
+  line the driver prints.
+- The worker processes of a job drop what is noise on the terminal (:func:`quiet_worker`, their
+  ``worker_process_setup_hook``): Ray Train's traceback of a user error (the driver prints its line
+  once), and the controller's and failure policy's tracebacks of the stop it causes.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from dsl.config import ConfigError
+from dsl.errors import UserError, one_line
+
+_USER_ERROR_TEXT = re.compile(r"(?:dsl\.errors\.UserError|dsl\.config\.fields\.ConfigError|dsl\.config\.ConfigError|"
+                              r"UserError|ConfigError): ([^\n]+)")
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and every exception inside it: causes, contexts, Ray's wrappers and per-worker failures."""
+    seen: set[int] = set()
+    out: list[BaseException] = []
+    stack: list[Any] = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen or not isinstance(e, BaseException):
+            continue
+        seen.add(id(e))
+        out.append(e)
+        stack.extend([e.__cause__, e.__context__, getattr(e, "cause", None), getattr(e, "_base_exc", None),
+                      getattr(e, "controller_failure", None), getattr(e, "health_check_failure", None)])
+        failures = getattr(e, "worker_failures", None)
+        if isinstance(failures, dict):
+            stack.extend(failures.values())
+    return out
+
+
+def user_error_in(exc: BaseException) -> str | None:
+    """The one-line UserError/ConfigError message somewhere inside a Ray failure, if any."""
+    chain = _chain(exc)
+    for e in chain:
+        if isinstance(e, (UserError, ConfigError)):
+            return one_line(e)
+    for e in chain:  # a worker's exception may arrive only as its traceback text
+        m = _USER_ERROR_TEXT.search(str(e))
+        if m:
+            return m.group(1).strip()
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not ln.startswith((" ", "Traceback"))]
+    return lines[-1][:300] if lines else type(exc).__name__
+
+
+def failure_cause(exc: BaseException) -> str:
+    """One line naming why a Ray Train run failed for good (not a user error)."""
+    chain = _chain(exc)
+    names = {type(e).__name__ for e in chain}
+    text = " ".join(str(e) for e in chain)
+    if "OutOfMemoryError" in names or re.search(r"memory monitor|memory pressure|out of memory|\bOOM\b", text, re.I):
+        return ("Ray's out-of-memory monitor killed a training worker (the node's memory use passed "
+                "RAY_memory_usage_threshold, whoever held it); free memory on the node, lower "
+                "train.micro_batch_size, or start the cluster with a higher threshold")
+    for e in chain:
+        if type(e).__name__ in ("ActorDiedError", "RayActorError", "WorkerHealthCheckFailedError", "NodeDiedError"):
+            return f"a training worker died ({_first_line(e)})"
+    leaves = [e for e in chain if not getattr(e, "worker_failures", None) and e is not exc] or [exc]
+    return f"{type(leaves[-1]).__name__}: {_first_line(leaves[-1])}"
+
+
+def stop_on_user_error() -> Any:
+    """The Ray Train ``UserCallback`` that ends a run at the first user error (see the module docstring)."""
+    import ray.train
+
+    class StopOnUserError(ray.train.UserCallback):
+        def after_exception(self, run_context: Any, worker_exceptions: dict) -> None:
+            for error in worker_exceptions.values():
+                message = user_error_in(error)
+                if message:
+                    raise UserError(message)
+
+    return StopOnUserError()
+
+
+# Loggers whose records repeat, as tracebacks, a user error the driver prints once.
+_NOISY_ON_USER_ERROR = ("ray.train.v2._internal.util",
+                        "ray.train.v2._internal.execution.controller.controller",
+                        "ray.train.v2._internal.execution.failure_handling.default")
+
+
+def _not_a_user_error_echo(record: logging.LogRecord) -> bool:
+    if record.exc_info and record.exc_info[1] is not None and user_error_in(record.exc_info[1]):
+        return False
+    return not _USER_ERROR_TEXT.search(record.getMessage())
+
+
+def quiet_worker() -> None:
+    """Drop, in this Ray worker process, the log records that only echo a user error as a traceback."""
+    for name in _NOISY_ON_USER_ERROR:
+        logging.getLogger(name).addFilter(_not_a_user_error_echo)
+
+
+__all__ = ["user_error_in", "failure_cause", "stop_on_user_error", "quiet_worker"]
