@@ -423,8 +423,9 @@ def latest_complete(root: str | os.PathLike | Storage) -> str | None:
     return None
 
 
-def apply_retention(root: str | os.PathLike | Storage, keep_last: int, metric: str = "valid_nll") -> list[int]:
-    """Keep the newest ``keep_last`` complete checkpoints and the best by ``metric``; return deleted steps.
+def apply_retention(root: str | os.PathLike | Storage, keep_last: int, metric: str = "valid_loss") -> list[int]:
+    """Keep the newest ``keep_last`` complete checkpoints and the best (lowest) by ``metric``; return deleted
+    steps. Checkpoints written before ``valid_loss`` existed are ranked by their ``valid_nll``.
 
     Incomplete checkpoints older than the newest complete one are debris of failed saves and go too.
     """
@@ -439,8 +440,11 @@ def apply_retention(root: str | os.PathLike | Storage, keep_last: int, metric: s
     if not complete:
         return []
     keep = {s for s, _ in complete[-keep_last:]}
-    scored = [(m["metrics"][metric], s) for s, m in complete if isinstance(m.get("metrics", {}).get(metric),
-                                                                              (int, float))]
+    def score(manifest: dict) -> object:
+        metrics = manifest.get("metrics", {})
+        return metrics.get(metric, metrics.get("valid_nll") if metric == "valid_loss" else None)
+
+    scored = [(score(m), s) for s, m in complete if isinstance(score(m), (int, float))]
     if scored:
         keep.add(min(scored)[1])
     newest = complete[-1][0]

@@ -85,6 +85,23 @@ class _ObjectiveView:
         return getattr(self._raw, name)
 
 
+# What each objective's validation loss is, by name (nats per token). Only AR's is a likelihood. MDLM's is
+# its NELBO (MDLM eq. 10), an upper bound on the NLL. DSL's is the denoiser's token cross-entropy over
+# Alg 1's mixed-SNR corruptions, not a likelihood at all: the path-integral NLL (eq. 3/10) is
+# ``jobs/evaluate.py likelihood``'s, at many forward passes per sequence.
+VALIDATION_METRIC = {"ar": "valid_nll", "mdlm": "valid_nelbo", "dsl": "valid_denoising_ce"}
+
+
+def validation_metrics(objective: str, loss: float) -> dict[str, float]:
+    """``valid_loss`` (what retention ranks checkpoints by, for every objective) and the same number
+    under its own name; in bits per token too where it bounds or is the NLL."""
+    name = VALIDATION_METRIC[objective]
+    out = {"valid_loss": loss, name: loss}
+    if objective != "dsl":
+        out[f"{name}_bits_per_token"] = loss / math.log(2.0)
+    return out
+
+
 class Trainer:
     """``fit()`` trains ``run_cfg`` to ``train.steps``, validating and checkpointing on the way."""
 
@@ -130,7 +147,7 @@ class Trainer:
         if tc.ema > 0:
             self.ema = {n: p.detach().clone() for n, p in self.raw_model.named_parameters() if p.requires_grad}
         self.step_count = 0
-        self.best_nll = math.inf
+        self.best_valid_loss = math.inf
         self.metrics: dict[str, float] = {}
         # dropout is the one consumer of the global RNG: seed it per rank, save and restore it
         torch.manual_seed(derive_seed(cfg.seed, "dropout", rank))
@@ -258,10 +275,7 @@ class Trainer:
         finally:
             self._swap_out_ema(backup)
             model.train(was_training)
-        nll = loss_sum / max(n_tokens, 1.0)
-        # mdlm: the NELBO bound; ar: exact CE; dsl: the token CE of Alg 1 (the path-integral NLL of
-        # eq. 3/10 is the evaluation job's, it costs many forward passes per sequence)
-        return {"valid_loss": nll, "valid_nll": nll, "valid_bits_per_token": nll / math.log(2.0)}
+        return validation_metrics(self.cfg.objective, loss_sum / max(n_tokens, 1.0))
 
     def _swap_in_ema(self) -> dict[str, torch.Tensor] | None:
         if self.ema is None:
@@ -289,7 +303,7 @@ class Trainer:
             "optimizer": copy.deepcopy(self.optimizer.state_dict()),
             "rng": {"torch": torch.get_rng_state().clone()},
             "data": self.data.state_dict(),
-            "best_nll": self.best_nll,
+            "best_valid_loss": self.best_valid_loss,
         }
 
     def load_state_dict(self, state: dict[str, Any], where: str = "state") -> None:
@@ -310,7 +324,7 @@ class Trainer:
             except (ValueError, KeyError) as exc:
                 raise UserError(f"{where}/optimizer: does not fit the model ({exc})") from None
         self.step_count = int(state["step"])
-        self.best_nll = float(state.get("best_nll", math.inf))
+        self.best_valid_loss = float(state.get("best_valid_loss", math.inf))
         if state.get("rng", {}).get("torch") is not None:
             torch.set_rng_state(state["rng"]["torch"])
         self.data.load_state_dict(state.get("data") or {})
@@ -326,7 +340,7 @@ class Trainer:
         if sd["ema"] is not None:  # EMA shadows parameters; buffers ride along so it loads as a model
             ema_full = {k: sd["ema"].get(k, v) for k, v in sd["model"].items()}
         state = {"rng": {"torch": encode_rng(sd["rng"]["torch"])}, "data": sd["data"],
-                 "best_nll": sd["best_nll"] if math.isfinite(sd["best_nll"]) else None,
+                 "best_valid_loss": sd["best_valid_loss"] if math.isfinite(sd["best_valid_loss"]) else None,
                  "ema_updates": self.step_count, "run_name": self.name}
         uri = save_checkpoint(self.storage, step, config=to_dict(self.cfg), model_state=sd["model"],
                               ema_state=ema_full, optim_state=sd["optimizer"], state=state,
@@ -345,11 +359,11 @@ class Trainer:
             names = {n for n, p in self.raw_model.named_parameters() if p.requires_grad}
             ema = {k: v for k, v in ckpt.ema_state.items() if k in names}
         rng = ckpt.state.get("rng", {}).get("torch")
-        best = ckpt.state.get("best_nll")
+        best = ckpt.state.get("best_valid_loss", ckpt.state.get("best_nll"))  # best_nll: older checkpoints
         self.load_state_dict({
             "step": ckpt.step, "model": ckpt.model_state, "ema": ema, "optimizer": ckpt.optim_state,
             "rng": {"torch": decode_rng(rng) if rng else None}, "data": ckpt.state.get("data", {}),
-            "best_nll": math.inf if best is None else best}, where=ckpt.uri)
+            "best_valid_loss": math.inf if best is None else best}, where=ckpt.uri)
         self.metrics = dict(ckpt.metrics)
         return True
 
@@ -394,9 +408,9 @@ class Trainer:
 
     def _validate_and_record(self) -> None:
         valid = self.validate()
-        self.best_nll = min(self.best_nll, valid["valid_nll"])
+        self.best_valid_loss = min(self.best_valid_loss, valid["valid_loss"])
         self.metrics.update(valid)
         self._emit(valid)
 
 
-__all__ = ["Trainer", "lr_at", "ema_decay", "run_name"]
+__all__ = ["Trainer", "lr_at", "ema_decay", "run_name", "validation_metrics", "VALIDATION_METRIC"]

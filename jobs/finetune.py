@@ -42,7 +42,7 @@ DEMO_FINETUNE = ["objective=dsl", "train.steps=100", "train.batch_size=16", "tra
 def _summary(result: FinetuneResult) -> dict:
     return {"name": result.name, "step": result.step, "checkpoint": result.checkpoint,
             "mlflow_run_id": result.mlflow_run_id, "resumed": result.resumed,
-            "valid_nll": result.metrics.get("valid_nll")}
+            **{k: v for k, v in result.metrics.items() if k.startswith("valid_")}}
 
 
 def run_train(cfg: JobConfig) -> dict:

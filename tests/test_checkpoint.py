@@ -144,10 +144,11 @@ def test_existing_checkpoint_is_never_overwritten(tmp_path: Path, monkeypatch) -
     assert sorted(os.listdir(tmp_path)) == ["step-7"]
 
 
-def test_retention_keeps_last_and_best(tmp_path: Path) -> None:
-    nll = {1: 3.0, 2: 1.0, 3: 2.5, 4: 2.0, 5: 2.2}
-    for step, value in nll.items():
-        _save(tmp_path, step, {"valid_nll": value})
+@pytest.mark.parametrize("metric", ["valid_loss", "valid_nll"])  # valid_nll: checkpoints of older versions
+def test_retention_keeps_last_and_best(tmp_path: Path, metric: str) -> None:
+    loss = {1: 3.0, 2: 1.0, 3: 2.5, 4: 2.0, 5: 2.2}
+    for step, value in loss.items():
+        _save(tmp_path, step, {metric: value})
     deleted = apply_retention(tmp_path, keep_last=2)
     assert deleted == [1, 3]
     assert list_checkpoints(tmp_path) == [2, 4, 5]

@@ -249,7 +249,7 @@ def test_s3_storage_and_mlflow_server_run(ray_cluster, ray_env, s3_server, s3_bu
     assert run.data.tags["dsl.checkpoint.step-2"] == f"{s3_bucket}/runs/s3run/step-2"
     assert run.data.tags["mlflow.source.git.commit"] == commit and len(run.data.tags["dsl.code_digest"]) == 16
     assert [s for s, _ in steps_of(mlflow_server.tracking_uri, run.info.run_id, "loss")] == [1, 2, 3, 4]
-    assert {"lr", "grad_norm", "tokens_per_s", "valid_nll"} <= set(run.data.metrics)
+    assert {"lr", "grad_norm", "tokens_per_s", "valid_loss", "valid_denoising_ce"} <= set(run.data.metrics)
 
     # the checkpoint URI is all the sampling job needs
     sample = subprocess.run([sys.executable, "jobs/sample.py", f"checkpoint={summary['checkpoint']}",
@@ -366,3 +366,82 @@ def test_embedded_default_pretrains_then_fine_tunes_offline(tmp_path):
     client = mlflow.MlflowClient(f"sqlite:///{db}")
     names = {r.data.tags[TAG_RUN_NAME] for r in client.search_runs([client.get_experiment_by_name("dsl").experiment_id])}
     assert names == {"embedded-mdlm", "embedded-dsl"}
+
+
+# ----------------------------------------------------------------------------------------------
+# A driver joining a running cluster (RAY_ADDRESS), or starting a private one: what it leaves behind,
+# the priority its workers run at, what it prints
+
+
+PASSWORD = "pw-a81c33e0f4"  # distinctive: a scan for it cannot match by accident
+
+
+def _driver(args: list[str], env: dict, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "jobs" / "finetune.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.integration
+def test_joined_cluster_run_writes_only_where_pointed_at_driver_priority_without_secrets(
+        ray_cluster, ray_env, postgres_url, tmp_path):
+    """RAY_ADDRESS given: the driver joins that cluster (no private Ray); checkpoints go to
+    service.storage and nothing else appears in the working directory; workers run at the driver's
+    niceness; a bare postgresql:// tracking URI works, and neither its password nor the storage
+    endpoint's credentials are printed or logged."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    tracking = "postgresql://" + postgres_url.split("://", 1)[1].replace("postgres@", f"postgres:{PASSWORD}@")
+    env = {**ray_env, "MLFLOW_TRACKING_URI": tracking, "PYTHONPATH": str(REPO)}
+    endpoint = f"http://AKIAIOSFODNN7EXAMPLE:{PASSWORD}@127.0.0.1:{free_port()}"
+    out = _driver(["train", *TINY, "train.steps=2", "name=joined", f"service.storage={tmp_path / 'ckpts'}",
+                   f"service.storage_endpoint={endpoint}", "service.workers=2"], env, cwd)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-4000:]
+    assert "Started a local Ray instance" not in log and "Traceback" not in log
+    assert (tmp_path / "ckpts" / "joined" / "step-2" / MANIFEST).is_file()
+    assert list(cwd.iterdir()) == []                                         # no runs/_ray, no mlflow.db
+    nice = int(re.search(r"starting at step 0 \(nice (-?\d+)\)", log).group(1))
+    assert nice == os.getpriority(os.PRIO_PROCESS, 0)
+    assert PASSWORD not in log and "AKIAIOSFODNN7EXAMPLE" not in log
+    assert 'open the UI: mlflow ui --backend-store-uri "$MLFLOW_TRACKING_URI"' in log
+    client = mlflow.MlflowClient(postgres_url)
+    (run,) = runs_named(postgres_url, "joined")
+    assert PASSWORD not in json.dumps({**run.data.params, **run.data.tags})
+    assert run.data.params["service.storage_endpoint"].startswith("http://***@127.0.0.1:")
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+
+
+@pytest.mark.integration
+def test_a_user_error_inside_a_worker_is_not_retried(ray_cluster, ray_env, tmp_path):
+    """A corpus that only the workers read (bytes that are not UTF-8 on line 2): the run stops at the
+    first attempt though service.max_failures=2, and the driver prints the worker's one line."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_bytes(b'{"text": "fine words"}\n{"text": "broken \xff bytes"}\n')
+    env = {**ray_env, "PYTHONPATH": str(REPO)}
+    out = _driver(["train", *[a for a in TINY if not a.startswith("data.source")], f"data.source={corpus}",
+                   "data.tokenizer=char", "train.steps=2", "name=bad-bytes", f"out={tmp_path / 'runs'}",
+                   "service.max_failures=2", "service.mlflow=off"], env, tmp_path)
+    log = out.stdout + out.stderr
+    assert out.returncode == 2, log[-4000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {corpus}:2: not UTF-8 text (byte 0xff")
+    assert log.count("Attempting to start training worker group") == 1, log[-4000:]
+    assert "Traceback" not in log, log[-4000:]
+
+
+@pytest.mark.integration
+def test_private_cluster_runs_at_driver_priority_quietly_and_leaves_no_temp_dir(ray_cluster, tmp_path):
+    """No RAY_ADDRESS: a private Ray on 127.0.0.1 (another Ray, the test cluster, runs on this host),
+    its workers at the driver's niceness, no state-API noise, its temp dir gone at exit."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH", "RAY_API"))}
+    env["PYTHONPATH"] = str(REPO)
+    before = set(Path("/tmp").glob("ray-*"))
+    out = _driver(["train", *TINY, "train.steps=2", "name=private", f"out={tmp_path / 'runs'}",
+                   "service.mlflow=off"], env, tmp_path)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-4000:]
+    nice = int(re.search(r"starting at step 0 \(nice (-?\d+)\)", log).group(1))
+    assert nice == os.getpriority(os.PRIO_PROCESS, 0)
+    for noise in ("Found multiple active Ray instances", "Failed to query Ray Train Controller", "Traceback"):
+        assert noise not in log, (noise, log[-4000:])
+    assert set(Path("/tmp").glob("ray-*")) <= before   # the private cluster's temp dir is removed

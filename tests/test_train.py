@@ -69,7 +69,7 @@ def test_resume_is_bit_exact(objective: str, data: str, tmp_path: Path) -> None:
     assert second.resume() and second.step_count == 2
     second.fit()
     _assert_same_state(straight, second)
-    assert straight.metrics["valid_nll"] == second.metrics["valid_nll"]
+    assert straight.metrics["valid_loss"] == second.metrics["valid_loss"]
 
 
 def test_batch_split_does_not_change_the_step(tmp_path: Path) -> None:
@@ -103,14 +103,17 @@ def test_metrics_checkpoints_and_retention(tmp_path: Path) -> None:
     steps = [s for s, m in seen if "loss" in m]
     assert steps == [1, 2, 3, 4, 5, 6]
     assert {"loss", "lr", "grad_norm", "tokens_per_s"} <= set(seen[0][1])
-    valid = [m for _, m in seen if "valid_nll" in m]
-    assert len(valid) == 3 and all(m["valid_bits_per_token"] == m["valid_nll"] / math.log(2) for m in valid)
+    valid = [m for _, m in seen if "valid_loss" in m]
+    # MDLM's validation loss is its NELBO, an upper bound on the NLL, and named so
+    assert len(valid) == 3 and all(m["valid_nelbo"] == m["valid_loss"] for m in valid)
+    assert all(m["valid_nelbo_bits_per_token"] == m["valid_nelbo"] / math.log(2) for m in valid)
+    assert not any("valid_nll" in m for m in valid)
     kept = sorted(p.name for p in tmp_path.iterdir())
-    best = 2 * (1 + min(range(3), key=lambda i: valid[i]["valid_nll"]))
+    best = 2 * (1 + min(range(3), key=lambda i: valid[i]["valid_loss"]))
     assert kept == sorted({f"step-{best}", "step-6"})
     ckpt = load_checkpoint(latest_complete(tmp_path))
     assert ckpt.step == 6 and ckpt.config["model"]["vocab_size"] == trainer.data.vocab_size
-    assert ckpt.metrics["valid_nll"] == valid[-1]["valid_nll"]
+    assert ckpt.metrics["valid_loss"] == valid[-1]["valid_loss"]
 
 
 def test_load_run_and_init_use_ema_weights(tmp_path: Path) -> None:
@@ -232,3 +235,17 @@ def test_text_run_reuses_its_saved_bpe_tokenizer(tmp_path: Path, monkeypatch) ->
     sample = "The quick brown fox."
     assert again.data.tokenizer.encode(sample) == first.data.tokenizer.encode(sample)
     assert again.resume() and again.step_count == 2
+
+
+def test_a_dsl_runs_validation_loss_is_named_a_denoising_cross_entropy(tmp_path: Path) -> None:
+    """DSL's validation number is the denoiser's CE under Alg 1's corruptions, not a likelihood: no
+    NLL or bits-per-token name, and best-checkpoint retention reads valid_loss."""
+    from dsl.train import validation_metrics
+
+    trainer = Trainer(_cfg("dsl", "train.steps=2", "train.eval_every=1"), storage=tmp_path)
+    metrics = trainer.fit()
+    assert metrics["valid_denoising_ce"] == metrics["valid_loss"]
+    assert not any("nll" in k or "bits" in k for k in metrics)
+    assert load_checkpoint(latest_complete(tmp_path)).metrics["valid_denoising_ce"] == metrics["valid_loss"]
+    assert validation_metrics("ar", 2.0) == {"valid_loss": 2.0, "valid_nll": 2.0,
+                                             "valid_nll_bits_per_token": 2.0 / math.log(2)}

@@ -134,7 +134,7 @@ class TrainConfig:
     eval_every: int = num(200, 0, help="validate every N steps; 0 = only at the end")
     eval_batches: int = num(4, 1, help="validation batches per evaluation")
     ckpt_every: int = num(200, 0, help="checkpoint every N steps; 0 = only at the end")
-    keep_last: int = num(2, 1, help="checkpoints kept besides the best by validation NLL")
+    keep_last: int = num(2, 1, help="checkpoints kept besides the best by validation loss (valid_loss)")
     log_every: int = num(10, 1, help="print/log training metrics every N steps")
 
 

@@ -105,6 +105,8 @@ def start_cluster(temp_dir: str, *, head_cpus: int = 2, workers: int = 1, worker
     # Ray's memory monitor kills workers on a shared 24 GiB box; it must be off for every `ray start`.
     env.setdefault("RAY_memory_monitor_refresh_ms", "0")
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray starts worker processes at nice 15; training workers must not run below whoever starts the cluster
+    env.setdefault("RAY_worker_niceness", str(os.getpriority(os.PRIO_PROCESS, 0)))
     env.update(LOOPBACK_ENV)
     env.pop("RAY_ADDRESS", None)
     # Ray 2.60 turns token auth on for a head when ~/.ray/auth_token exists (any local ray.init()

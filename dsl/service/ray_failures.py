@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 from typing import Any
 
@@ -104,10 +105,67 @@ def _not_a_user_error_echo(record: logging.LogRecord) -> bool:
     return not _USER_ERROR_TEXT.search(record.getMessage())
 
 
+# A cluster without a dashboard (a private one) has no state API: Ray Train's placement-group cleaner
+# then says so every second; it keeps working without it.
+_PG_CLEANER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+_STATE_API_NOISE = "Failed to query Ray Train Controller"
+
+
+def _not_state_api_noise(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(_STATE_API_NOISE)
+
+
 def quiet_worker() -> None:
-    """Drop, in this Ray worker process, the log records that only echo a user error as a traceback."""
+    """Drop, in this Ray worker process, the log records that only echo a user error as a traceback,
+    and the state-API warning of a cluster without a dashboard."""
     for name in _NOISY_ON_USER_ERROR:
         logging.getLogger(name).addFilter(_not_a_user_error_echo)
+    logging.getLogger(_PG_CLEANER).addFilter(_not_state_api_noise)
 
 
-__all__ = ["user_error_in", "failure_cause", "stop_on_user_error", "quiet_worker"]
+
+
+# The driver passes its CPU priority to every worker process of its job through this variable.
+DRIVER_NICENESS_ENV = "DSL_DRIVER_NICENESS"
+
+
+def worker_runtime_env() -> dict[str, Any]:
+    """The ``runtime_env`` a driver gives its job: :func:`setup_worker` in every worker process, and the
+    driver's niceness for it to match."""
+    return {"worker_process_setup_hook": f"{__name__}.setup_worker",
+            "env_vars": {DRIVER_NICENESS_ENV: str(os.getpriority(os.PRIO_PROCESS, 0))}}
+
+
+def raise_priority_to(niceness: int) -> int:
+    """Lower this process's niceness (every thread's: Linux keeps it per thread) to ``niceness`` if it is
+    higher; returns the niceness it runs at (unchanged when the system refuses)."""
+    current = os.getpriority(os.PRIO_PROCESS, 0)
+    if current <= niceness:
+        return current
+    try:
+        for tid in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ["0"]:
+            os.setpriority(os.PRIO_PROCESS, int(tid), niceness)
+    except (PermissionError, ProcessLookupError):
+        return os.getpriority(os.PRIO_PROCESS, 0)
+    return niceness
+
+
+def setup_worker() -> None:
+    """``worker_process_setup_hook`` of a job's Ray workers (training workers, the Train controller and
+    its placement-group cleaner): run at the driver's CPU priority (Ray starts workers at nice 15,
+    ``RAY_worker_niceness``, so anything else on the machine starves training); point Ray's state API at
+    this cluster (it would otherwise look for "the" Ray on the host and fail, with a traceback, when
+    several run there); drop the echoes of user errors (:func:`quiet_worker`)."""
+    import ray
+
+    quiet_worker()
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    wanted = os.environ.get(DRIVER_NICENESS_ENV)
+    if wanted is not None and raise_priority_to(int(wanted)) > int(wanted):
+        logging.getLogger(__name__).warning(
+            "this Ray worker runs at nice %d, below its driver's %s, and may not raise its priority; start the "
+            "cluster's nodes with RAY_worker_niceness=%s", os.getpriority(os.PRIO_PROCESS, 0), wanted, wanted)
+
+
+__all__ = ["user_error_in", "failure_cause", "stop_on_user_error", "quiet_worker", "setup_worker",
+           "worker_runtime_env", "raise_priority_to", "DRIVER_NICENESS_ENV"]

@@ -33,7 +33,7 @@ from dsl.data import check_source
 from dsl.errors import JobFailed, UserError, one_line
 from dsl.outputs import RUNS_ROOT, output_dir
 from dsl.redact import scrub
-from dsl.service.ray_failures import failure_cause, stop_on_user_error, user_error_in
+from dsl.service.ray_failures import failure_cause, stop_on_user_error, user_error_in, worker_runtime_env
 
 # The service keys a training run records as MLflow params (where and how it ran, not where it is tracked).
 LOGGED_SERVICE_KEYS = ("workers", "gpus_per_worker", "cpus_per_worker", "threads_per_worker", "max_failures",
@@ -231,7 +231,8 @@ def train_worker(payload: dict[str, Any]) -> None:
     trainer.resume()
     if rank == 0:
         # one point per (re)start of the worker group: where it resumed from (0 = fresh)
-        print(f"[{run_cfg.name}] rank 0 of {world} starting at step {trainer.step_count}", flush=True)
+        print(f"[{run_cfg.name}] rank 0 of {world} starting at step {trainer.step_count} "
+              f"(nice {os.getpriority(os.PRIO_PROCESS, 0)})", flush=True)
         if logger is not None:
             logger.log_metrics({"resumed_from_step": trainer.step_count}, trainer.step_count)
     try:
@@ -277,13 +278,14 @@ def _connect_ray(address: str, cpus_needed: float) -> bool:
         return False
     address = address or os.environ.get("RAY_ADDRESS", "")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=worker_runtime_env())
         return False
     # plain `python jobs/finetune.py`: a private local instance; ports are picked free by Ray (6379 may be
-    # a Redis), everything on 127.0.0.1, no dashboard needed
+    # a Redis), everything on 127.0.0.1, no dashboard needed; workers at the driver's priority
+    os.environ.setdefault("RAY_worker_niceness", str(os.getpriority(os.PRIO_PROCESS, 0)))
     ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
              num_cpus=max(2, int(cpus_needed + 0.999) + 1), object_store_memory=200 * 1024 * 1024,
-             log_to_driver=True)
+             log_to_driver=True, runtime_env=worker_runtime_env())
     return True
 
 
