@@ -445,3 +445,20 @@ def test_private_cluster_runs_at_driver_priority_quietly_and_leaves_no_temp_dir(
     for noise in ("Found multiple active Ray instances", "Failed to query Ray Train Controller", "Traceback"):
         assert noise not in log, (noise, log[-4000:])
     assert set(Path("/tmp").glob("ray-*")) <= before   # the private cluster's temp dir is removed
+
+
+@pytest.mark.integration
+def test_out_of_memory_kills_are_retried_per_failure_config_then_one_line(tmp_path):
+    """Ray's out-of-memory monitor at a threshold below any real use kills whatever the run starts, the
+    Train controller included (which Ray Train does not retry): the driver retries the run
+    service.max_failures times, one warning line each, then ends with one line naming the cause."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH", "RAY_API"))}
+    env.update(PYTHONPATH=str(REPO), RAY_memory_monitor_refresh_ms="200", RAY_memory_usage_threshold="0.01")
+    out = _driver(["train", *TINY, "train.steps=2", "name=oom", f"out={tmp_path / 'runs'}", "service.max_failures=2",
+                   "service.mlflow=off"], env, tmp_path)
+    assert out.returncode == 1, (out.stdout + out.stderr)[-4000:]
+    lines = [ln for ln in out.stderr.splitlines() if ln.startswith(("warning: run oom", "error: "))]
+    assert len(lines) == 3 and all("out-of-memory monitor" in ln for ln in lines), lines
+    assert "retry 1 of service.max_failures=2" in lines[0] and "retry 2 of" in lines[1]
+    assert lines[2].startswith("error: run oom failed after 3 attempt(s) (service.max_failures=2)")
+    assert "Traceback" not in out.stdout + out.stderr

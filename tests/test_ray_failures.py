@@ -33,7 +33,7 @@ def test_other_failures_end_with_one_line_naming_the_cause():
     oom = WorkerGroupError("Training failed", {0: OutOfMemoryError("Task was killed due to the node running low "
                                                                     "on memory.\nMemory on the node was 23.1GB")})
     line = failure_cause(oom)
-    assert "out-of-memory monitor killed a training worker" in line and "\n" not in line
+    assert "out-of-memory monitor killed a process of the run" in line and "\n" not in line
     died = WorkerGroupError("Training failed", {1: ActorDiedError()})
     assert failure_cause(died).startswith("a training worker died (")
     other = failure_cause(_worker_failure(RuntimeError("NCCL timeout on rank 1")))
@@ -59,3 +59,11 @@ def test_worker_logs_drop_only_the_echoes_of_a_user_error():
     stopped = record("Error in control loop iteration: %s", ControllerError(UserError("data.source=x: missing")))
     assert not _not_a_user_error_echo(echo) and not _not_a_user_error_echo(stopped)
     assert _not_a_user_error_echo(record("Error in training function:\nRuntimeError: CUDA out of memory"))
+
+
+def test_ray_trains_own_verdicts_are_not_retried_again_by_the_driver():
+    from dsl.service.ray_failures import retried_by_ray_train
+
+    assert retried_by_ray_train(_worker_failure(RuntimeError("x")))
+    assert retried_by_ray_train(ControllerError(RuntimeError("x")))
+    assert not retried_by_ray_train(OutOfMemoryError("1 worker(s) were killed due to the node running low on memory"))

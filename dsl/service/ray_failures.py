@@ -5,8 +5,10 @@
   ``UserCallback`` the controller calls when a worker raises) stops the run at the first attempt, and
   the driver prints the worker's line (:func:`user_error_in`).
 - Any other worker failure — a process killed by Ray's out-of-memory monitor, a lost node — is retried
-  up to ``FailureConfig(max_failures)``; when the budget is spent, :func:`failure_cause` gives the one
-  line the driver prints.
+  up to ``FailureConfig(max_failures)`` by Ray Train; when the Train controller itself is killed (Ray's
+  out-of-memory monitor does not spare it), Ray Train retries nothing, so the driver starts the run
+  again from its checkpoints, within the same budget (:func:`retried_by_ray_train`). When the budget is
+  spent, :func:`failure_cause` gives the one line the driver prints.
 - The worker processes of a job drop what is noise on the terminal (:func:`quiet_worker`, their
   ``worker_process_setup_hook``): Ray Train's traceback of a user error (the driver prints its line
   once), and the controller's and failure policy's tracebacks of the stop it causes.
@@ -58,6 +60,12 @@ def user_error_in(exc: BaseException) -> str | None:
     return None
 
 
+def retried_by_ray_train(exc: BaseException) -> bool:
+    """Whether Ray Train's own failure policy already decided on ``exc`` (a failed worker group, within
+    ``FailureConfig``; a controller error): not when the controller itself was killed under it."""
+    return any(type(e).__name__ in ("WorkerGroupError", "ControllerError") for e in _chain(exc))
+
+
 def _first_line(exc: BaseException) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not ln.startswith((" ", "Traceback"))]
     return lines[-1][:300] if lines else type(exc).__name__
@@ -69,8 +77,8 @@ def failure_cause(exc: BaseException) -> str:
     names = {type(e).__name__ for e in chain}
     text = " ".join(str(e) for e in chain)
     if "OutOfMemoryError" in names or re.search(r"memory monitor|memory pressure|out of memory|\bOOM\b", text, re.I):
-        return ("Ray's out-of-memory monitor killed a training worker (the node's memory use passed "
-                "RAY_memory_usage_threshold, whoever held it); free memory on the node, lower "
+        return ("Ray's out-of-memory monitor killed a process of the run (the node's memory use passed "
+                "RAY_memory_usage_threshold, whoever held the memory); free memory on the node, lower "
                 "train.micro_batch_size, or start the cluster with a higher threshold")
     for e in chain:
         if type(e).__name__ in ("ActorDiedError", "RayActorError", "WorkerHealthCheckFailedError", "NodeDiedError"):
@@ -105,22 +113,27 @@ def _not_a_user_error_echo(record: logging.LogRecord) -> bool:
     return not _USER_ERROR_TEXT.search(record.getMessage())
 
 
-# A cluster without a dashboard (a private one) has no state API: Ray Train's placement-group cleaner
-# then says so every second; it keeps working without it.
-_PG_CLEANER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
-_STATE_API_NOISE = "Failed to query Ray Train Controller"
+# Warnings (with tracebacks) Ray Train itself calls harmless, by the logger that writes them: a cluster
+# without a dashboard (a private one) has no state API, and the placement-group cleaner says so every
+# second; on a loaded machine the autoscaling coordinator's resource request times out now and then
+# (the run's resources are fixed: nothing waits on it).
+_HARMLESS = {
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner": "Failed to query Ray Train Controller",
+    "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client": "Failed to send resource request",
+}
 
 
-def _not_state_api_noise(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith(_STATE_API_NOISE)
+def _harmless(prefix: str):
+    return lambda record: not record.getMessage().startswith(prefix)
 
 
 def quiet_worker() -> None:
     """Drop, in this Ray worker process, the log records that only echo a user error as a traceback,
-    and the state-API warning of a cluster without a dashboard."""
+    and the warnings Ray Train calls harmless (see above)."""
     for name in _NOISY_ON_USER_ERROR:
         logging.getLogger(name).addFilter(_not_a_user_error_echo)
-    logging.getLogger(_PG_CLEANER).addFilter(_not_state_api_noise)
+    for name, prefix in _HARMLESS.items():
+        logging.getLogger(name).addFilter(_harmless(prefix))
 
 
 
@@ -167,5 +180,5 @@ def setup_worker() -> None:
             "cluster's nodes with RAY_worker_niceness=%s", os.getpriority(os.PRIO_PROCESS, 0), wanted, wanted)
 
 
-__all__ = ["user_error_in", "failure_cause", "stop_on_user_error", "quiet_worker", "setup_worker",
+__all__ = ["user_error_in", "failure_cause", "retried_by_ray_train", "stop_on_user_error", "quiet_worker", "setup_worker",
            "worker_runtime_env", "raise_priority_to", "DRIVER_NICENESS_ENV"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -33,7 +34,13 @@ from dsl.data import check_source
 from dsl.errors import JobFailed, UserError, one_line
 from dsl.outputs import RUNS_ROOT, output_dir
 from dsl.redact import scrub
-from dsl.service.ray_failures import failure_cause, stop_on_user_error, user_error_in, worker_runtime_env
+from dsl.service.ray_failures import (
+    failure_cause,
+    retried_by_ray_train,
+    stop_on_user_error,
+    user_error_in,
+    worker_runtime_env,
+)
 
 # The service keys a training run records as MLflow params (where and how it ran, not where it is tracked).
 LOGGED_SERVICE_KEYS = ("workers", "gpus_per_worker", "cpus_per_worker", "threads_per_worker", "max_failures",
@@ -350,22 +357,33 @@ def run_finetune(cfg: JobConfig, *, name: str | None = None) -> FinetuneResult:
         resources = {"CPU": svc.cpus_per_worker}
         if svc.gpus_per_worker > 0:
             resources["GPU"] = svc.gpus_per_worker
-        trainer = TorchTrainer(
-            train_worker, train_loop_config=payload,
-            scaling_config=ray.train.ScalingConfig(num_workers=svc.workers, use_gpu=svc.gpus_per_worker > 0,
-                                                   resources_per_worker=resources),
-            run_config=ray.train.RunConfig(
-                name=name, storage_path=ray_state,
-                failure_config=ray.train.FailureConfig(max_failures=svc.max_failures),
-                callbacks=[stop_on_user_error()], worker_runtime_env={"env_vars": env_vars}))
-        try:
-            trainer.fit()
-        except Exception as exc:
-            msg = user_error_in(exc)
-            if msg:
-                raise UserError(msg) from None
-            raise JobFailed(f"run {name} failed after its retries (service.max_failures={svc.max_failures}): "
-                            f"{failure_cause(exc)}") from exc
+        retries = svc.max_failures if svc.max_failures >= 0 else math.inf
+        attempt = 0
+        while True:
+            trainer = TorchTrainer(
+                train_worker, train_loop_config=payload,
+                scaling_config=ray.train.ScalingConfig(num_workers=svc.workers, use_gpu=svc.gpus_per_worker > 0,
+                                                       resources_per_worker=resources),
+                run_config=ray.train.RunConfig(
+                    name=name, storage_path=tempfile.mkdtemp(dir=ray_state),
+                    failure_config=ray.train.FailureConfig(max_failures=svc.max_failures),
+                    callbacks=[stop_on_user_error()], worker_runtime_env={"env_vars": env_vars}))
+            try:
+                trainer.fit()
+                break
+            except Exception as exc:
+                msg = user_error_in(exc)
+                if not msg and not retried_by_ray_train(exc) and attempt < retries:
+                    # Ray Train retries a failed worker group itself; its controller killed (by the
+                    # out-of-memory monitor, a lost node) it does not: start again from our checkpoints
+                    attempt += 1
+                    print(f"warning: run {name}: {failure_cause(exc)}; retrying from its latest checkpoint "
+                          f"(retry {attempt} of service.max_failures={svc.max_failures})", file=sys.stderr, flush=True)
+                    continue
+                if msg:
+                    raise UserError(msg) from None
+                raise JobFailed(f"run {name} failed after {attempt + 1} attempt(s) (service.max_failures="
+                                f"{svc.max_failures}): {failure_cause(exc)}") from exc
     except BaseException as exc:   # failed: FAILED; Ctrl-C or SIGTERM: KILLED (a resume reopens the run)
         if run_id:
             with contextlib.suppress(Exception):
