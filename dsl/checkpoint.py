@@ -400,6 +400,26 @@ def read_tokenizer(uri: str | os.PathLike | Storage, prefix: str = "") -> Any:
                             None, None, {}, {k[len("tokenizer/"):]: v for k, v in files.items()}).tokenizer()
 
 
+# A checkpoint directory being written under a temporary name, beside the run's ``step-<N>`` ones
+# (``.step-<N>.<random>.tmp`` here, ``.tmp-step-<N>.<random>`` from dsl.atomic's directory writer).
+INTERRUPTED_SAVE = re.compile(r"^\.(?:tmp-)?step-\d+\.[^/]+$")
+
+
+def remove_interrupted_saves(root: str | os.PathLike | Storage) -> list[str]:
+    """Delete the temporary directories that saves killed mid-write left in a local run's root; returns
+    their names. Call it when the run (re)starts, before it saves again: no save is in flight then."""
+    storage = open_storage(root)
+    base = getattr(storage, "root", None)
+    if base is None or not Path(base).is_dir():
+        return []  # object stores write the manifest last instead: nothing is left under a temporary name
+    removed = []
+    for entry in sorted(Path(base).iterdir()):
+        if entry.is_dir() and INTERRUPTED_SAVE.match(entry.name):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry.name)
+    return removed
+
+
 def list_checkpoints(root: str | os.PathLike | Storage) -> list[int]:
     """Steps that have a ``step-<N>/`` entry under ``root`` (complete or not), ascending."""
     storage = open_storage(root)
@@ -504,5 +524,5 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], where
 
 __all__ = ["FORMAT", "Storage", "LocalStorage", "register_storage", "open_storage", "LoadedCheckpoint",
            "save_checkpoint", "load_checkpoint", "verify_checkpoint", "read_manifest", "list_checkpoints",
-           "latest_complete", "apply_retention", "check_manifest", "load_run", "read_tokenizer", "load_weights", "step_dir", "join_uri",
+           "latest_complete", "apply_retention", "check_manifest", "remove_interrupted_saves", "load_run", "read_tokenizer", "load_weights", "step_dir", "join_uri",
            "tensors_to_bytes", "tensors_from_bytes", "encode_rng", "decode_rng"]

@@ -38,6 +38,7 @@ from dsl.checkpoint import (
     load_weights,
     open_storage,
     read_tokenizer,
+    remove_interrupted_saves,
     save_checkpoint,
 )
 from dsl.config import ConfigError, RunConfig, dumps, to_dict
@@ -349,7 +350,10 @@ class Trainer:
         return uri
 
     def resume(self) -> bool:
-        """Restore the latest complete checkpoint in storage; False when there is none."""
+        """Restore the latest complete checkpoint in storage; False when there is none. Rank 0 first
+        removes what saves killed mid-write left behind (temporary ``step-<N>`` directories)."""
+        if self.rank == 0:
+            remove_interrupted_saves(self.storage)
         uri = latest_complete(self.storage)
         if uri is None:
             return False

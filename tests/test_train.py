@@ -249,3 +249,22 @@ def test_a_dsl_runs_validation_loss_is_named_a_denoising_cross_entropy(tmp_path:
     assert load_checkpoint(latest_complete(tmp_path)).metrics["valid_denoising_ce"] == metrics["valid_loss"]
     assert validation_metrics("ar", 2.0) == {"valid_loss": 2.0, "valid_nll": 2.0,
                                              "valid_nll_bits_per_token": 2.0 / math.log(2)}
+
+
+def test_the_next_start_of_a_run_removes_saves_killed_mid_write(tmp_path: Path) -> None:
+    """A save killed mid-write leaves its temporary step directory; the run's next start removes it
+    (and nothing else) before it trains on and saves that step again."""
+    cfg = _cfg("mdlm", "train.steps=2", "train.ckpt_every=2")
+    Trainer(cfg, storage=tmp_path).fit()
+    complete = _snapshot(tmp_path)
+    for debris in (".step-4.k2j3h4.tmp", ".tmp-step-4.9f8e7d"):   # this writer's and dsl.atomic's names
+        (tmp_path / debris).mkdir()
+        (tmp_path / debris / "model.safetensors").write_bytes(b"half a tens")
+    (tmp_path / ".notes").write_text("not ours to delete")
+    longer = _cfg("mdlm", "train.steps=4", "train.ckpt_every=2")
+    trainer = Trainer(longer, storage=tmp_path)
+    assert trainer.resume() and trainer.step_count == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".notes", "step-2"]
+    assert {k: v for k, v in _snapshot(tmp_path).items() if k != ".notes"} == complete
+    trainer.fit()
+    assert (tmp_path / "step-4" / "manifest.json").is_file()
