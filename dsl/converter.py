@@ -8,8 +8,21 @@ projection cannot favour a token, so we read ``b`` as a logit bias **inside** th
 mixture is softmax(b), which puts most of its weight on the mask row when b[mask] = ln(V−1) + 2.
 
 Memory: at V ≈ 50k a dense implementation keeps B×L×V probabilities alive for backward (about 200 MB per
-1024 tokens in fp32). :class:`_ChunkedConvert` processes positions in chunks and recomputes the softmax in
-backward, so only the inputs are saved.
+1024 tokens in fp32). :func:`convert` never does; it has two implementations of the same map:
+
+* ``chunked`` — positions in chunks, each a (chunk, V) softmax block; backward recomputes the block's
+  softmax, so only the inputs and the output are saved. Seven GEMMs of n·V·(d or hidden) in all, which
+  is the whole cost at paper shape;
+* ``attention`` — the map is one attention head from the positions to the vocabulary: queries [βz, 1],
+  keys [W_token, b] (the bias rides on the constant column), values W_trans, scale 1. Fused
+  ``scaled_dot_product_attention`` kernels compute it blockwise with an online softmax and keep only the
+  row log-sum-exp for backward. Same GEMMs; on a CPU it is no faster (both are GEMM-bound), on a GPU the
+  fused kernel saves the softmax passes through memory when a fused backend accepts the shapes.
+``impl="auto"`` picks per device (:data:`AUTO_IMPL`); ``bench/gpu_check.py`` times both.
+
+Precision: under bf16 autocast (the backbone's precision, as in MDLM) the GEMMs take bf16 inputs and
+accumulate in fp32; the logits come out in fp32 and the softmax stays in fp32 (a 50k-way softmax in bf16
+is too coarse). Without autocast everything is fp32 (fp64 for an fp64 module).
 
 Run ``python -m dsl.converter`` to print the activation bytes each path pins for backward at the OWT shape
 (V=50258, L=1024, d=64, hidden=768).
@@ -20,11 +33,18 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # Elements of one (chunk, V) block: 2**24 fp32 = 64 MiB, 333 positions per chunk at V=50258. Larger chunks
 # mean fewer passes over the (V, hidden) gradient of W_trans; two such blocks are alive at a time.
 DEFAULT_CHUNK_ELEMS = 1 << 24
+
+# The implementation "auto" resolves to, per device type. CPU: measured equal within noise at paper shape
+# and slightly faster chunked at small vocabularies (bench/bench_train.py); CUDA: chunked until
+# bench/gpu_check.py has measured the fused attention kernels at these shapes.
+AUTO_IMPL = {"cpu": "chunked", "cuda": "chunked"}
+IMPLS = ("auto", "chunked", "attention")
 
 
 def resolve_mask_bias(mask_bias: float, vocab_size: int) -> float:
@@ -45,58 +65,126 @@ def unit_rows(raw: torch.Tensor, mask_id: int) -> torch.Tensor:
     return raw / raw.norm(dim=1, keepdim=True).clamp_min(1e-12) * keep
 
 
-def _chunk_probs(zc: torch.Tensor, scaled: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """softmax(zc (βW)ᵀ + b) (n, V), computed in place in one (n, V) buffer."""
-    probs = torch.addmm(bias, zc, scaled.T)
-    probs.sub_(probs.amax(-1, keepdim=True)).exp_()
-    return probs.div_(probs.sum(-1, keepdim=True))
+def _mm(a: torch.Tensor, b: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """a @ b in a's dtype; with ``bf16``: bf16 inputs, fp32 accumulation, the result back in a's dtype."""
+    if not bf16:
+        return a @ b
+    return (a.to(torch.bfloat16) @ b.to(torch.bfloat16)).to(a.dtype)
+
+
+def _logits_mm(a: torch.Tensor, b: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """a @ b for the softmax's logits: with ``bf16``, bf16 inputs and an fp32 (not bf16-rounded) result.
+
+    CUDA's GEMM can write fp32 from bf16 inputs; elsewhere the inputs are rounded to bf16 and multiplied
+    in fp32, which is the same arithmetic (products of bf16 values are exact in fp32).
+    """
+    if not bf16:
+        return a @ b
+    a16, b16 = a.to(torch.bfloat16), b.to(torch.bfloat16)
+    if a.is_cuda:
+        try:
+            return torch.mm(a16, b16, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):  # a torch without mm(out_dtype=)
+            pass
+    return a16.to(a.dtype) @ b16.to(a.dtype)
+
+
+def _chunk_probs(zc: torch.Tensor, scaled_t: torch.Tensor, bias: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """softmax(zc (βW)ᵀ + b) (n, V) in zc's dtype."""
+    return torch.softmax(_logits_mm(zc, scaled_t, bf16).add_(bias), dim=-1)
 
 
 class _ChunkedConvert(torch.autograd.Function):
     """h = softmax(β z Wᵀ + b) @ T over positions in chunks; backward recomputes each chunk's softmax.
 
-    Inputs: z (N, d), W (V, d), beta (), b (V,), T (V, H), chunk (int). Output: h (N, H).
+    Inputs: z (N, d), W (V, d), beta (), b (V,), T (V, H), chunk (int), bf16 (bool). Output: h (N, H).
     Saved for backward: the inputs and h (N, H), never an (N, V) tensor.
     """
 
     @staticmethod
-    def forward(ctx, z, weight, beta, bias, trans, chunk):
-        scaled = beta * weight  # (V, d): β folded into W_token once
+    def forward(ctx, z, weight, beta, bias, trans, chunk, bf16):
+        scaled_t = (beta * weight).T  # (d, V): β folded into W_token once
         out = z.new_empty(z.shape[0], trans.shape[1])
         for start in range(0, z.shape[0], chunk):
-            probs = _chunk_probs(z[start:start + chunk], scaled, bias)  # (n, V)
-            torch.mm(probs, trans, out=out[start:start + chunk])
+            out[start:start + chunk] = _mm(_chunk_probs(z[start:start + chunk], scaled_t, bias, bf16), trans, bf16)
         ctx.save_for_backward(z, weight, beta, bias, trans, out)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.bf16 = chunk, bf16
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         z, weight, beta, bias, trans, out = ctx.saved_tensors
-        chunk = ctx.chunk
-        grad_z = torch.zeros_like(z) if ctx.needs_input_grad[0] else None
+        chunk, bf16 = ctx.chunk, ctx.bf16
+        grad_z = torch.empty_like(z) if ctx.needs_input_grad[0] else None
         grad_t = torch.zeros_like(trans) if ctx.needs_input_grad[4] else None
-        grad_scaled = torch.zeros_like(weight)  # dℓ/d(βW)
-        grad_b = torch.zeros_like(bias)
+        # dℓ/d(βW) and dℓ/db in one (V, d + 1) GEMM: [z, 1] carries the bias's column sums
+        grad_scaled_b = weight.new_zeros(weight.shape[0], weight.shape[1] + 1)
+        scaled = beta * weight
+        trans_t = trans.T
         with torch.autocast(device_type=z.device.type, enabled=False):
-            scaled = beta * weight
             for start in range(0, z.shape[0], chunk):
                 zc = z[start:start + chunk]  # (n, d)
-                gh = grad_out[start:start + chunk]  # (n, H)
-                probs = _chunk_probs(zc, scaled, bias)  # (n, V), recomputed
+                gh = grad_out[start:start + chunk].to(z.dtype)  # (n, H)
+                probs = _chunk_probs(zc, scaled.T, bias, bf16)  # (n, V), recomputed
                 if grad_t is not None:
-                    grad_t.addmm_(probs.T, gh)
+                    grad_t += _mm(probs.T, gh, bf16)
                 # softmax backward, a = z(βW)ᵀ + b, g = gh Tᵀ: dℓ/da = p ⊙ (g − Σ_v p_v g_v), where
                 # Σ_v p_v g_v = gh · (p T) = gh · h, so no second (n, V) reduction is needed
                 row_dot = (gh * out[start:start + chunk]).sum(-1, keepdim=True)  # (n, 1)
-                grad_a = torch.addmm(-row_dot, gh, trans.T).mul_(probs)  # (n, V)
+                grad_a = _mm(gh, trans_t, bf16).sub_(row_dot).mul_(probs)  # (n, V)
                 del probs
-                grad_b += grad_a.sum(0)
-                grad_scaled.addmm_(grad_a.T, zc)
+                ones = torch.ones(zc.shape[0], 1, dtype=zc.dtype, device=zc.device)
+                grad_scaled_b += _mm(grad_a.T, torch.cat([zc, ones], dim=1), bf16)
                 if grad_z is not None:
-                    torch.mm(grad_a, scaled, out=grad_z[start:start + chunk])
+                    grad_z[start:start + chunk] = _mm(grad_a, scaled, bf16)
+        grad_scaled, grad_b = grad_scaled_b[:, :-1], grad_scaled_b[:, -1]
         # βW: dℓ/dW = β dℓ/d(βW), dℓ/dβ = Σ W ⊙ dℓ/d(βW)
-        return grad_z, beta * grad_scaled, (weight * grad_scaled).sum(), grad_b, grad_t, None
+        return grad_z, beta * grad_scaled, (weight * grad_scaled).sum(), grad_b, grad_t, None, None
+
+
+def _attention_convert(z: torch.Tensor, weight: torch.Tensor, beta: torch.Tensor, bias: torch.Tensor,
+                       trans: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """The same map as attention: softmax([βz, 1]·[W, b]ᵀ) W_trans with scale 1.
+
+    Fused kernels want one head width for queries, keys and values (CPU and CUDA flash; ≤ 256 on CUDA), so
+    queries/keys are zero-padded (no dot product changes) to a width w and W_trans is cut into ⌈H/w⌉ value
+    heads that share them: the logits are computed once per head, ≈ n·V·max(H, d + 1) multiply-adds.
+    """
+    n, d = z.shape
+    hidden = trans.shape[1]
+    width = min(max(-(-(d + 1) // 8) * 8, -(-hidden // 8) * 8), 256)
+    if width < d + 1:
+        raise ValueError(f"converter impl=attention needs embed_dim + 1 <= 256 (got embed_dim={d}); use chunked")
+    heads = -(-hidden // width)
+    q = torch.cat([beta * z, z.new_ones(n, 1), z.new_zeros(n, width - d - 1)], dim=1)
+    k = torch.cat([weight, bias.unsqueeze(1), weight.new_zeros(weight.shape[0], width - d - 1)], dim=1)
+    v = F.pad(trans, (0, heads * width - hidden)).view(-1, heads, width).transpose(0, 1)  # (heads, V, w)
+    dtype = torch.bfloat16 if bf16 else z.dtype
+    q = q.to(dtype).expand(1, heads, n, width)
+    k = k.to(dtype).expand(1, heads, weight.shape[0], width)
+    v = v.to(dtype).unsqueeze(0)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    # a fused kernel or nothing: the math fallback keeps the (N, V) weights for backward
+    fused = [SDPBackend.FLASH_ATTENTION] + ([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+                                            if z.is_cuda else [])
+    with sdpa_kernel(fused):
+        h = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # (1, heads, n, w)
+    return h[0].transpose(0, 1).reshape(n, heads * width)[:, :hidden].to(z.dtype)
+
+
+def convert(z: torch.Tensor, weight: torch.Tensor, beta: torch.Tensor, bias: torch.Tensor, trans: torch.Tensor,
+            *, impl: str = "auto", bf16: bool = False, chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> torch.Tensor:
+    """softmax(β z Wᵀ + b) @ T for z (N, d), W (V, d), β (), b (V,), T (V, H): h (N, H), without keeping
+    an (N, V) tensor for backward. ``impl``: "chunked", "attention" or "auto" (:data:`AUTO_IMPL`)."""
+    if impl not in IMPLS:
+        raise ValueError(f"converter impl={impl!r}; accepted: {', '.join(IMPLS)}")
+    if impl == "auto":
+        impl = AUTO_IMPL.get(z.device.type, "chunked")
+    if impl == "attention":
+        return _attention_convert(z, weight, beta, bias, trans, bf16)
+    chunk = max(1, chunk_elems // weight.shape[0])
+    return _ChunkedConvert.apply(z, weight, beta, bias, trans, chunk, bf16)
 
 
 class SoftmaxConverter(nn.Module):
@@ -111,14 +199,16 @@ class SoftmaxConverter(nn.Module):
 
     def __init__(self, vocab_size: int, embed_dim: int, hidden: int, mask_id: int, beta_init: float = 1.0,
                  mask_bias: float = -1.0, gen: torch.Generator | None = None, *,
-                 chunk_elems: int = DEFAULT_CHUNK_ELEMS):
+                 chunk_elems: int = DEFAULT_CHUNK_ELEMS, impl: str = "auto"):
         super().__init__()
         if not 0 <= mask_id < vocab_size:
             raise ValueError(f"mask_id={mask_id} must lie in [0, vocab_size={vocab_size})")
         if beta_init <= 0:
             raise ValueError(f"beta_init={beta_init} must be > 0")
         self.vocab_size, self.embed_dim, self.hidden, self.mask_id = vocab_size, embed_dim, hidden, mask_id
-        self.chunk_elems = chunk_elems
+        if impl not in IMPLS:
+            raise ValueError(f"converter impl={impl!r}; accepted: {', '.join(IMPLS)}")
+        self.chunk_elems, self.impl = chunk_elems, impl
         self.token_embed = nn.Parameter(torch.empty(vocab_size, embed_dim))
         self.log_beta = nn.Parameter(torch.tensor(math.log(beta_init)))
         self.bias = nn.Parameter(torch.zeros(vocab_size))
@@ -156,18 +246,22 @@ class SoftmaxConverter(nn.Module):
         return torch.softmax(self.logits(z), dim=-1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """h (B, L, hidden) from z (B, L, d), fp32 (fp64 for an fp64 module); keeps no B×L×V for backward."""
+        """h (B, L, hidden) from z (B, L, d); keeps no B×L×V for backward.
+
+        fp32 (fp64 for an fp64 module); under bf16 autocast the GEMMs take bf16 inputs with fp32
+        accumulation while the logits and the softmax stay fp32.
+        """
         if z.shape[-1] != self.embed_dim:
             raise ValueError(f"converter expects z (..., {self.embed_dim}), got {tuple(z.shape)}")
         lead = z.shape[:-1]
-        chunk = max(1, self.chunk_elems // self.vocab_size)
-        # fp32 at least (a 50k-way softmax in bf16 is too coarse); fp64 when the module is fp64
+        device = z.device.type
+        bf16 = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16
         dtype = torch.float64 if self.trans.dtype == torch.float64 else torch.float32
-        with torch.autocast(device_type=z.device.type, enabled=False):
+        with torch.autocast(device_type=device, enabled=False):
             # Sec 4.2 with b inside the softmax: Convert(z) = softmax(β z W_tokenᵀ + b) W_trans
-            h = _ChunkedConvert.apply(z.reshape(-1, self.embed_dim).to(dtype),
-                                      self.token_embeddings().to(dtype), self.beta.to(dtype),
-                                      self.bias.to(dtype), self.trans.to(dtype), chunk)
+            h = convert(z.reshape(-1, self.embed_dim).to(dtype), self.token_embeddings().to(dtype),
+                        self.beta.to(dtype), self.bias.to(dtype), self.trans.to(dtype), impl=self.impl,
+                        bf16=bf16, chunk_elems=self.chunk_elems)
         return h.reshape(*lead, self.hidden)
 
     def dense_forward(self, z: torch.Tensor) -> torch.Tensor:
