@@ -32,6 +32,7 @@ class Denoiser:
     max_length: int | None = None  # the longest draft it accepts (a model's L, a source's fixed length)
     score_bytes: int = 8           # bytes per element of a raw prediction: float64 probabilities
     hidden_bytes_per_token: int = 0  # a network's activations per token of one forward (one block at a time)
+    device: torch.device = torch.device("cpu")  # where drafts go in and predictions come out
 
     def _scores(self, draft: torch.Tensor) -> tuple[torch.Tensor, str]:
         """Raw prediction (B, L, V) and its kind, "logits" or "probs"; rows at visible positions are ignored."""
@@ -46,7 +47,7 @@ class Denoiser:
         """
         masked = draft == self.mask_id
         if not masked.any():
-            return masked, torch.zeros(0, self.vocab_size, dtype=torch.float64), "probs"
+            return masked, torch.zeros(0, self.vocab_size, dtype=torch.float64, device=draft.device), "probs"
         scores, kind = self._scores(draft)
         # all masked (step 0): a view, no copy; the scores tensor is ours to edit
         rows = scores.reshape(-1, self.vocab_size) if masked.all() else scores[masked]
@@ -65,7 +66,7 @@ class Denoiser:
     def __call__(self, draft: torch.Tensor) -> torch.Tensor:
         """p(x_i | draft) (B, L, V) float64: zero mass on the mask, one-hot on visible tokens."""
         masked, rows, kind = self.masked_rows(draft)
-        out = torch.zeros(*draft.shape, self.vocab_size, dtype=torch.float64)
+        out = torch.zeros(*draft.shape, self.vocab_size, dtype=torch.float64, device=draft.device)
         out[~masked] = torch.nn.functional.one_hot(draft[~masked], self.vocab_size).double()
         if rows.shape[0]:
             out[masked] = torch.softmax(rows.double(), dim=-1) if kind == "logits" else rows
@@ -104,6 +105,7 @@ class MDLMDenoiser(Denoiser):
 
     def __init__(self, model: torch.nn.Module, tokenizer: object | None = None):
         self.model = model.eval()
+        self.device = next(model.parameters()).device
         self.vocab_size = int(model.cfg.vocab_size)
         mask_id = int(model.cfg.mask_id)
         self.mask_id = mask_id if mask_id >= 0 else self.vocab_size - 1
@@ -128,6 +130,7 @@ class DSLDenoiser(Denoiser):
 
     def __init__(self, model: torch.nn.Module, gamma_vis: float, tokenizer: object | None = None):
         self.model = model.eval()
+        self.device = next(model.parameters()).device
         self.vocab_size = int(model.vocab_size)
         self.mask_id = int(model.mask_id)
         self.gamma_vis = float(gamma_vis)
@@ -152,7 +155,8 @@ class DSLDenoiser(Denoiser):
     @torch.no_grad()
     def posterior(self, z: torch.Tensor) -> torch.Tensor:
         logits = self.model(z.to(torch.float32)).to(torch.float64)
-        return torch.softmax(logits.index_fill(-1, torch.tensor([self.mask_id]), -math.inf), dim=-1)
+        return torch.softmax(logits.index_fill(-1, torch.tensor([self.mask_id], device=logits.device), -math.inf),
+                             dim=-1)
 
     def decode(self, ids: torch.Tensor | list[int]) -> str:
         return _decode_with(self.tokenizer, ids) if self.tokenizer is not None else super().decode(ids)

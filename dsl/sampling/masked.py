@@ -194,7 +194,7 @@ def apply_transition(draft: torch.Tensor, cand_ids: torch.Tensor, cand_probs: to
     remasked = ~masked & (uniforms[:, 0] < remask)
     new = draft.clone()
     new[remasked] = mask_id
-    chosen_prob = torch.zeros(draft.shape, dtype=torch.float64)
+    chosen_prob = torch.zeros(draft.shape, dtype=torch.float64, device=draft.device)
     if reveal.any():
         rows = cand_probs[reveal]  # (N, K): only the rows that reveal pay for a cumulative sum
         cdf = rows.cumsum(-1)
@@ -207,7 +207,7 @@ def apply_transition(draft: torch.Tensor, cand_ids: torch.Tensor, cand_probs: to
 
 def dense_candidates(p_x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, probs) for :func:`apply_transition` from a dense p_x0 (B, L, V): every id is a candidate."""
-    return torch.arange(p_x0.shape[-1]).expand(p_x0.shape), p_x0
+    return torch.arange(p_x0.shape[-1], device=p_x0.device).expand(p_x0.shape), p_x0
 
 
 def confidence_sigma(scores: torch.Tensor, masked: torch.Tensor, sigma_max: float) -> torch.Tensor:
@@ -232,17 +232,19 @@ def run_masked(denoiser: Denoiser, rule: Rule, cfg: SamplingConfig, gens: list[t
                recorder: StepRecorder, keep_trajectory: bool = False, progress: bool = False) -> MaskedResult:
     """Sample len(gens) sequences of ``length`` tokens with ``rule`` for ``cfg.steps`` steps."""
     n, mask_id, steps = len(gens), denoiser.mask_id, cfg.steps
+    device = denoiser.device  # every per-step tensor lives where the denoiser computes
     grid = time_grid(steps, cfg.eps).tolist()
     use_cache = cfg.cache and denoiser.time_invariant
-    draft = torch.full((n, length), mask_id, dtype=torch.long)  # the prior: every position masked (§3.0)
-    cache = NucleusCache(n, length)  # the nucleus-filtered p_x0 of each sample's last forward
-    stats = torch.full((n, 3), float("nan"), dtype=torch.float64)  # per-sample u, H, k of that prediction
+    draft = torch.full((n, length), mask_id, dtype=torch.long, device=device)  # the prior: all masked (§3.0)
+    cache = NucleusCache(n, length, device)  # the nucleus-filtered p_x0 of each sample's last forward
+    stats = torch.full((n, 3), float("nan"), dtype=torch.float64, device=device)  # per-sample u, H, k
     forward_draft = torch.full_like(draft, -1)
-    nfe = torch.zeros(n, dtype=torch.long)
-    remask_count = torch.zeros(n, length, dtype=torch.long)
-    change_count = torch.zeros(n, length, dtype=torch.long)
-    scores = torch.full((n, length), -torch.inf, dtype=torch.float64)  # remdm-conf's ψ
+    nfe = torch.zeros(n, dtype=torch.long, device=device)
+    remask_count = torch.zeros(n, length, dtype=torch.long, device=device)
+    change_count = torch.zeros_like(remask_count)
+    scores = torch.full((n, length), -torch.inf, dtype=torch.float64, device=device)  # remdm-conf's ψ
     trajectory = [] if keep_trajectory else None
+    uniforms_of = _UniformBlocks(gens, length, device)
 
     iterator = range(steps)
     if progress:
@@ -253,7 +255,7 @@ def run_masked(denoiser: Denoiser, rule: Rule, cfg: SamplingConfig, gens: list[t
         t, s = grid[k], grid[k + 1]
         step_rule = rule(t, s)
         masked = draft == mask_id
-        stale = (draft != forward_draft).any(-1) if use_cache else torch.ones(n, dtype=torch.bool)
+        stale = (draft != forward_draft).any(-1) if use_cache else torch.ones(n, dtype=torch.bool, device=device)
         stale &= masked.any(-1)  # nothing masked: the transition never reads p_x0
         if stale.any():
             rows = stale.nonzero().squeeze(-1)
@@ -267,9 +269,9 @@ def run_masked(denoiser: Denoiser, rule: Rule, cfg: SamplingConfig, gens: list[t
         if step_rule.confidence:
             sigma = confidence_sigma(scores, masked, step_rule.sigma)
         else:
-            sigma = torch.full((n, length), step_rule.sigma, dtype=torch.float64)
+            sigma = torch.full((n, length), step_rule.sigma, dtype=torch.float64, device=device)
         unmask, remask = transition_coefficients(masked, step_rule, sigma)
-        uniforms = torch.stack([torch.rand(2, length, generator=g, dtype=torch.float64) for g in gens])
+        uniforms = uniforms_of(k)
         new, reveal, chosen = apply_transition(draft, cache.ids, cache.probs, unmask, remask, uniforms, mask_id)
         if k == steps - 1 and cfg.noise_removal:
             new = _remove_noise(denoiser, new, cache, forward_draft, nfe, use_cache)
@@ -286,8 +288,29 @@ def run_masked(denoiser: Denoiser, rule: Rule, cfg: SamplingConfig, gens: list[t
         if trajectory is not None:
             trajectory.append(draft.clone())
     rewrites = remask_count if cfg.rewrite_count == "remask" else change_count
-    traj = torch.stack(trajectory) if trajectory is not None else None
-    return MaskedResult(ids=draft, nfe=nfe, rewrites=rewrites, trajectory=traj)
+    traj = torch.stack(trajectory).cpu() if trajectory is not None else None
+    return MaskedResult(ids=draft.cpu(), nfe=nfe.cpu(), rewrites=rewrites.cpu(), trajectory=traj)
+
+
+class _UniformBlocks:
+    """Sample i's (u₁, u₂) (2, L) float64 of step k from its own generator, drawn ``block`` steps at a time.
+
+    One ``rand`` of (block, 2, L) per sample and block gives the same numbers as one (2, L) draw per step
+    (a CPU generator fills a tensor in order), so a sample's stream does not depend on the block size or
+    on its batch-mates; the per-sample loop runs once per block, and one copy moves the block to the
+    denoiser's device.
+    """
+
+    def __init__(self, gens: list[torch.Generator], length: int, device: torch.device, block: int = 32):
+        self.gens, self.length, self.device, self.block = gens, length, device, block
+        self.first, self.values = 0, None
+
+    def __call__(self, k: int) -> torch.Tensor:
+        if self.values is None or k >= self.first + self.block:
+            self.first = k
+            self.values = torch.stack([torch.rand(self.block, 2, self.length, generator=g, dtype=torch.float64)
+                                       for g in self.gens], dim=1).to(self.device)  # (block, n, 2, L)
+        return self.values[k - self.first]
 
 
 class NucleusCache:
@@ -297,10 +320,10 @@ class NucleusCache:
     is only used while that sample's draft is unchanged (time-invariant denoiser, §3.0 caching).
     """
 
-    def __init__(self, n: int, length: int):
-        self.ids = torch.zeros(n, length, 1, dtype=torch.long)
-        self.probs = torch.zeros(n, length, 1, dtype=torch.float64)
-        self.kept = torch.zeros(n, length, dtype=torch.long)
+    def __init__(self, n: int, length: int, device: torch.device | str = "cpu"):
+        self.ids = torch.zeros(n, length, 1, dtype=torch.long, device=device)
+        self.probs = torch.zeros(n, length, 1, dtype=torch.float64, device=device)
+        self.kept = torch.zeros(n, length, dtype=torch.long, device=device)
 
     def write(self, rows: torch.Tensor, masked: torch.Tensor, nuc: Nucleus) -> None:
         b, length = masked.shape
@@ -309,11 +332,11 @@ class NucleusCache:
             ids = nuc.ids.reshape(b, length, width).contiguous()  # (a copy only of expanded ids, top_p = 1)
             probs = nuc.probs.reshape(b, length, width).contiguous()
         else:
-            ids = torch.zeros(b, length, width, dtype=torch.long)
-            probs = torch.zeros(b, length, width, dtype=torch.float64)
+            ids = torch.zeros(b, length, width, dtype=torch.long, device=masked.device)
+            probs = torch.zeros(b, length, width, dtype=torch.float64, device=masked.device)
             ids[masked], probs[masked] = nuc.ids, nuc.probs
-        kept = torch.zeros(b, length, dtype=torch.long)
-        kept[masked] = torch.minimum(nuc.kept, torch.tensor(width))
+        kept = torch.zeros(b, length, dtype=torch.long, device=masked.device)
+        kept[masked] = nuc.kept.clamp(max=width)
         if rows.numel() == self.ids.shape[0]:  # every sample replaced: nothing of the old cache survives
             self.ids, self.probs, self.kept = ids, probs, kept
         else:
@@ -342,7 +365,7 @@ def _per_sample_means(masked: torch.Tensor, nuc: Nucleus) -> torch.Tensor:
     Visible rows are one-hot by carry-over and would only dilute these (see ``diagnostics.py``).
     """
     owner = masked.nonzero()[:, 0]  # (N,) which sample each masked row belongs to
-    sums = torch.zeros(masked.shape[0], 3, dtype=torch.float64)
+    sums = torch.zeros(masked.shape[0], 3, dtype=torch.float64, device=masked.device)
     sums.index_add_(0, owner, torch.stack([1 - nuc.max_prob, nuc.entropy, nuc.nucleus_size], dim=-1))
     return sums / masked.sum(-1).clamp(min=1).double().unsqueeze(-1)
 

@@ -55,7 +55,7 @@ class Nucleus:
 
     def dense(self, vocab_size: int) -> torch.Tensor:
         """The filtered rows as (N, V) float64."""
-        out = torch.zeros(self.ids.shape[0], vocab_size, dtype=torch.float64)
+        out = torch.zeros(self.ids.shape[0], vocab_size, dtype=torch.float64, device=self.ids.device)
         return out.scatter_add_(1, self.ids, self.probs)
 
 
@@ -104,7 +104,7 @@ def _decide(win: _Window, top_p: float | None, diag_p: float, exact_sums: bool
     if exact_sums:
         decided &= lightest >= _EXACT_FLOOR
     else:  # both sums lie within (count + 8)·u·c of the exact one
-        counts = win.base_count.unsqueeze(-1) + torch.arange(1, width + 1)
+        counts = win.base_count.unsqueeze(-1) + torch.arange(1, width + 1, device=p.device)
         tol = 2 * (counts + 8) * _U64 * cums
         for q in targets:
             decided &= ~(valid & ((cums - q).abs() <= tol)).any(-1)
@@ -113,12 +113,11 @@ def _decide(win: _Window, top_p: float | None, diag_p: float, exact_sums: bool
 
 def _top_window(p: torch.Tensor, idx: torch.Tensor) -> _Window:
     """The topk window re-sorted by (p desc, id asc): topk orders tied values arbitrarily."""
-    n = idx.shape[0]
     by_id = idx.sort(-1).values
     vals, order = p.gather(1, by_id).double().sort(dim=-1, descending=True, stable=True)
-    beyond = vals[:, -1].clone() if idx.shape[1] < p.shape[1] else torch.full((n,), -1.0, dtype=torch.float64)
-    return _Window(ids=by_id.gather(1, order), p=vals, base_mass=torch.zeros(n, dtype=torch.float64),
-                   base_count=torch.zeros(n, dtype=torch.long), beyond=beyond)
+    beyond = vals[:, -1].clone() if idx.shape[1] < p.shape[1] else torch.full_like(vals[:, 0], -1.0)
+    return _Window(ids=by_id.gather(1, order), p=vals, base_mass=torch.zeros_like(vals[:, 0]),
+                   base_count=torch.zeros_like(by_id[:, 0]), beyond=beyond)
 
 
 def _key_layout(dtype: torch.dtype) -> tuple[torch.dtype, int, int]:
@@ -145,11 +144,11 @@ def _band(p: torch.Tensor, rows: torch.Tensor, targets: list[float]) -> _Band:
     Flat (row-major) indices and per-row segments throughout: (row, column) indexing is several times
     slower at this size.
     """
-    r_count, vocab = rows.numel(), p.shape[1]
+    r_count, vocab, device = rows.numel(), p.shape[1], p.device
     sub = p if r_count == p.shape[0] else p[rows]
     int_dtype, shift, n_bins = _key_layout(sub.dtype)
     key = sub.view(int_dtype) >> shift
-    key += (torch.arange(r_count, dtype=int_dtype) * n_bins).unsqueeze(-1)  # row r owns bins [r·n, (r+1)·n)
+    key += (torch.arange(r_count, dtype=int_dtype, device=device) * n_bins).unsqueeze(-1)  # row r owns bins [r·n, (r+1)·n)
     # float64 bin masses: exact for float32 probabilities ≥ 2^-30 (the only ones the decisions add)
     hist = torch.bincount(key.view(-1), weights=sub.reshape(-1).double(), minlength=r_count * n_bins)
     above = hist.view(r_count, n_bins).flip(-1).cumsum(-1).flip(-1)  # mass of the bins ≥ j
@@ -157,27 +156,27 @@ def _band(p: torch.Tensor, rows: torch.Tensor, targets: list[float]) -> _Band:
     band_bottom = ((above > max(targets)).sum(-1) - 1).clamp(min=0)  # ... and the last one
     base_mass = torch.where(band_top + 1 < n_bins, above.gather(1, (band_top + 1).clamp(max=n_bins - 1)
                                                                 .unsqueeze(-1)).squeeze(-1), 0.0)
-    offset = torch.arange(r_count) * n_bins
+    offset = torch.arange(r_count, device=device) * n_bins
     top_key = (band_top + offset).to(int_dtype).unsqueeze(-1)
     in_base = key > top_key
     in_band = (key >= (band_bottom + offset).to(int_dtype).unsqueeze(-1)).logical_and_(~in_base)
     del key
-    row_start = torch.cat([torch.arange(r_count) * vocab, torch.tensor([r_count * vocab])])
+    row_start = torch.arange(r_count + 1, device=device) * vocab
     base_flat = in_base.view(-1).nonzero().squeeze(-1)  # row-major: ids ascend within a row
     base_counts = torch.diff(torch.searchsorted(base_flat, row_start))
     band_flat = in_band.view(-1).nonzero().squeeze(-1)
     band_counts = torch.diff(torch.searchsorted(band_flat, row_start))
-    band_rows = torch.repeat_interleave(torch.arange(r_count), band_counts)
+    band_rows = torch.repeat_interleave(torch.arange(r_count, device=device), band_counts)
     width = max(int(band_counts.max()), 1)
-    slot = torch.arange(band_flat.numel()) + torch.repeat_interleave(
-        torch.arange(r_count) * width - (band_counts.cumsum(0) - band_counts), band_counts)
-    ids = torch.zeros(r_count * width, dtype=torch.long).index_copy_(0, slot, band_flat - band_rows * vocab)
-    vals = torch.full((r_count * width,), -1.0, dtype=torch.float64)
+    slot = torch.arange(band_flat.numel(), device=device) + torch.repeat_interleave(
+        torch.arange(r_count, device=device) * width - (band_counts.cumsum(0) - band_counts), band_counts)
+    ids = torch.zeros(r_count * width, dtype=torch.long, device=device).index_copy_(0, slot, band_flat - band_rows * vocab)
+    vals = torch.full((r_count * width,), -1.0, dtype=torch.float64, device=device)
     vals.index_copy_(0, slot, sub.reshape(-1).index_select(0, band_flat).double())
     vals, order = vals.view(r_count, width).sort(dim=-1, descending=True, stable=True)  # ties stay in id order
     # everything below the band lies in lower bins: strictly less probable than every band token
     window = _Window(ids=ids.view(r_count, width).gather(1, order), p=vals, base_mass=base_mass,
-                     base_count=base_counts, beyond=torch.full((r_count,), -1.0, dtype=torch.float64))
+                     base_count=base_counts, beyond=torch.full((r_count,), -1.0, dtype=torch.float64, device=device))
     return _Band(window, base_flat, base_counts)
 
 
@@ -188,7 +187,7 @@ def _reference_rows(p: torch.Tensor, top_p: float | None, diag_p: float
     cums = vals.cumsum(-1)
     size = ((cums < diag_p).sum(-1) + 1).clamp(max=p.shape[1]).double()
     if top_p is None:
-        return idx, vals, torch.full((p.shape[0],), p.shape[1]), size
+        return idx, vals, torch.full((p.shape[0],), p.shape[1], device=p.device), size
     keep = cums <= top_p
     keep[:, 0] = True
     return idx, vals * keep, keep.sum(-1), size
@@ -206,10 +205,12 @@ def top_p_filter(rows: torch.Tensor, top_p: float, diag_p: float = 0.9, kind: st
     nucleus-size statistic.
     """
     n, vocab = rows.shape
+    device = rows.device
     if n == 0:
-        empty = torch.zeros(0, dtype=torch.float64)
-        return Nucleus(ids=torch.zeros(0, 1, dtype=torch.long), probs=torch.zeros(0, 1, dtype=torch.float64),
-                       max_prob=empty, nucleus_size=empty, entropy=empty, kept=torch.zeros(0, dtype=torch.long))
+        empty = torch.zeros(0, dtype=torch.float64, device=device)
+        return Nucleus(ids=torch.zeros(0, 1, dtype=torch.long, device=device), probs=empty.view(0, 1),
+                       max_prob=empty, nucleus_size=empty, entropy=empty,
+                       kept=torch.zeros(0, dtype=torch.long, device=device))
     filter_p = top_p if top_p < 1.0 else None
     targets = [diag_p] + ([filter_p] if filter_p is not None else [])
     if kind == "logits":
@@ -226,15 +227,15 @@ def top_p_filter(rows: torch.Tensor, top_p: float, diag_p: float = 0.9, kind: st
         entropy = torch.special.entr(p).sum(-1)
     exact_sums = p.dtype == torch.float32
 
-    kept = torch.ones(n, dtype=torch.long)
-    size = torch.zeros(n, dtype=torch.float64)
-    source = torch.full((n,), REFERENCE, dtype=torch.long)
+    kept = torch.ones(n, dtype=torch.long, device=device)
+    size = torch.zeros(n, dtype=torch.float64, device=device)
+    source = torch.full((n,), REFERENCE, dtype=torch.long, device=device)
 
     def settle(rows_s, k, s, ok, how):
         kept[rows_s[ok]], size[rows_s[ok]], source[rows_s[ok]] = k[ok], s[ok], how
         return ok
 
-    all_rows = torch.arange(n)
+    all_rows = torch.arange(n, device=device)
     top = _top_window(p, idx)
     ok = settle(all_rows, *_decide(top, filter_p, diag_p, exact_sums), TOP)
     broad, band = all_rows[~ok], None
@@ -248,8 +249,8 @@ def top_p_filter(rows: torch.Tensor, top_p: float, diag_p: float = 0.9, kind: st
         kept[last], size[last] = ref[2], ref[3]
 
     if filter_p is None:
-        return Nucleus(ids=torch.arange(vocab).expand(n, vocab), probs=p.double(), max_prob=max_prob,
-                       nucleus_size=size, entropy=entropy, kept=torch.full((n,), vocab, dtype=torch.long))
+        return Nucleus(ids=torch.arange(vocab, device=device).expand(n, vocab), probs=p.double(), max_prob=max_prob,
+                       nucleus_size=size, entropy=entropy, kept=torch.full((n,), vocab, dtype=torch.long, device=device))
     # the top-1 (lowest id among the most probable) is the window's first unless ties fill the whole window
     top1 = top.ids[:, 0].clone()
     crowded = (top.beyond >= 0) & (top.p[:, 0] == top.p[:, -1])
@@ -262,14 +263,14 @@ def top_p_filter(rows: torch.Tensor, top_p: float, diag_p: float = 0.9, kind: st
 def _assemble(p: torch.Tensor, kept: torch.Tensor, source: torch.Tensor, top: _Window, top1: torch.Tensor,
               broad: torch.Tensor, band: _Band | None, last: torch.Tensor, ref) -> tuple[torch.Tensor, torch.Tensor]:
     """Padded (N, K) kept ids and renormalised float64 probabilities, the top-1 first."""
-    n, vocab, k_max = p.shape[0], p.shape[1], int(kept.max())
-    out_ids = torch.empty(n * k_max, dtype=torch.long)  # slots past a row's kept count are cleared at the end
-    out_p = torch.empty(n * k_max, dtype=torch.float64)
-    mass = torch.zeros(n, dtype=torch.float64)  # Σ of the kept probabilities, from each row's own values
+    n, vocab, k_max, device = p.shape[0], p.shape[1], int(kept.max()), p.device
+    out_ids = torch.empty(n * k_max, dtype=torch.long, device=device)  # slots past a kept count: cleared below
+    out_p = torch.empty(n * k_max, dtype=torch.float64, device=device)
+    mass = torch.zeros(n, dtype=torch.float64, device=device)  # Σ of the kept probabilities, per row
 
     def put_window(rows, win, take, first):
         """Window entries j < take of ``rows`` at output slots first + j."""
-        rr, jj = (torch.arange(win.p.shape[1]) < take.unsqueeze(-1)).nonzero(as_tuple=True)
+        rr, jj = (torch.arange(win.p.shape[1], device=device) < take.unsqueeze(-1)).nonzero(as_tuple=True)
         slot = rows[rr] * k_max + first[rr] + jj
         out_ids.index_copy_(0, slot, win.ids[rr, jj])
         out_p.index_copy_(0, slot, win.p[rr, jj])
@@ -278,7 +279,7 @@ def _assemble(p: torch.Tensor, kept: torch.Tensor, source: torch.Tensor, top: _W
 
     from_top = source == TOP
     put_window(from_top.nonzero().squeeze(-1), top.select(from_top), kept[from_top],
-               torch.zeros(int(from_top.sum()), dtype=torch.long))
+               torch.zeros(int(from_top.sum()), dtype=torch.long, device=device))
     if band is not None:
         local = source[broad] == BAND
         rows_b, counts = broad[local], band.base_counts[local]
@@ -288,7 +289,7 @@ def _assemble(p: torch.Tensor, kept: torch.Tensor, source: torch.Tensor, top: _W
         # the base first, in id order (the top-1 is then swapped to the front), then the band's kept tokens
         local_rows = torch.repeat_interleave(local.nonzero().squeeze(-1), counts)
         ids = flat - local_rows * vocab
-        slot = torch.arange(flat.numel()) + torch.repeat_interleave(rows_b * k_max - (counts.cumsum(0) - counts),
+        slot = torch.arange(flat.numel(), device=device) + torch.repeat_interleave(rows_b * k_max - (counts.cumsum(0) - counts),
                                                                     counts)
         out_ids.index_copy_(0, slot, ids)
         out_p.index_copy_(0, slot, p.view(-1).index_select(0, ids + broad.index_select(0, local_rows) * vocab)
@@ -308,7 +309,7 @@ def _assemble(p: torch.Tensor, kept: torch.Tensor, source: torch.Tensor, top: _W
         out_ids.view(n, k_max)[last, :width] = ref[0][:, :width]
         out_p.view(n, k_max)[last, :width] = ref[1][:, :width]
         mass[last] = ref[1].cumsum(-1).gather(1, (kept[last] - 1).unsqueeze(-1)).squeeze(-1)
-    inside = torch.arange(k_max) < kept.unsqueeze(-1)
+    inside = torch.arange(k_max, device=device) < kept.unsqueeze(-1)
     out_p = out_p.view(n, k_max).masked_fill_(~inside, 0.0)
     out_p /= mass.unsqueeze(-1)
     return out_ids.view(n, k_max).masked_fill_(~inside, 0), out_p
