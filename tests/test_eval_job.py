@@ -234,3 +234,18 @@ def test_sentence_entropy_of_text_only_samples_is_computed_from_the_text(files, 
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["sentence_entropy"] == pytest.approx(sentence_entropy(samples.tolist()))
     assert summary["sentence_entropy_tokens"] == f"run tokenizer of {run}"
+
+
+def test_reference_features_are_cached_under_the_cache_root_not_the_working_directory(files, capsys, tmp_path,
+                                                                                      monkeypatch):
+    root = files[0]
+    cwd, cache = tmp_path / "cwd", tmp_path / "cache"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("DSL_CACHE_DIR", str(cache))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    rc, out, err = _run(capsys, f"eval.samples={root / 'samples.jsonl'}", f"reference={root / 'refs.jsonl'}",
+                        "eval.max_length=64", "eval.mauve_seeds=25", "eval.num_buckets=2", "progress=false")
+    assert rc == 0, err
+    assert list(cwd.iterdir()) == []
+    assert list((cache / "mauve-features").rglob("*.safetensors"))
