@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -126,5 +127,9 @@ def test_the_tour_runs_as_written_in_order_on_a_fresh_copy(tmp_path):
                 assert server.poll() is None and time.monotonic() < deadline, "mlflow ui did not come up"
                 time.sleep(1)
     finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
