@@ -27,6 +27,7 @@ import torch  # noqa: F401  -- before mauve/faiss (OpenMP clash in the other ord
 from dsl.cli import Job, Mode, main, renamed
 from dsl.config import JobConfig
 from dsl.eval.protocols import (
+    check_samples,
     evaluate_calibration,
     evaluate_likelihood,
     evaluate_samples,
@@ -104,7 +105,8 @@ def apply_protocol(cfg: JobConfig, mode: str, named: frozenset[str]) -> None:
 JOB = Job(
     script="jobs/evaluate.py", doc=__doc__,
     modes={"samples": Mode(evaluate_samples, "MAUVE / GenPPL / sentence entropy of eval.samples (the default)",
-                           tracked=True, tags=_samples_tags, run_name=_samples_name, after=log_samples_result),
+                           tracked=True, check=check_samples, tags=_samples_tags, run_name=_samples_name,
+                           after=log_samples_result),
            "calibration": Mode(evaluate_calibration, "token ECE vs SNR and a reliability diagram of DSL "
                                                      "checkpoint(s) (Fig 4)", tracked=True, after=log_calibration,
                                run_name=lambda c: f"evaluate calibration {_labels(c)}"),

@@ -61,19 +61,25 @@ def _commit_all(writers: list) -> None:
         os.replace(tmp, final)
 
 
+def check_sampling(job: JobConfig) -> None:
+    """Before anything is loaded or recorded: a checkpoint is named and every output path can be written."""
+    cfg = job.sampling
+    if not job.checkpoint:
+        raise ConfigError("checkpoint='' : give checkpoint=<run dir|checkpoint dir|s3://...|oracle:hmm|oracle:cyclic>")
+    _check_out(job.out)
+    _check_out(diagnostics_path(job.out), "out (its diagnostics file)")
+    if cfg.trajectory:
+        _check_out(cfg.trajectory, "sampling.trajectory", "trajectory.npy")
+    if cfg.plot:
+        _check_out(cfg.plot, "sampling.plot", "diagnostics.png")
+
+
 def run_sampling(job: JobConfig) -> dict:
     from dsl.sampling import generate, load_denoiser
     from dsl.sampling.figures import plot_diagnostics
 
     cfg = job.sampling
-    if not job.checkpoint:
-        raise ConfigError("checkpoint='' : give checkpoint=<run dir|checkpoint dir|s3://...|oracle:hmm|oracle:cyclic>")
-    out = _check_out(job.out)
-    _check_out(diagnostics_path(out), "out (its diagnostics file)")
-    if cfg.trajectory:
-        _check_out(cfg.trajectory, "sampling.trajectory", "trajectory.npy")
-    if cfg.plot:
-        _check_out(cfg.plot, "sampling.plot", "diagnostics.png")
+    out = job.out  # checked by check_sampling (the mode's check) before the run is recorded
     denoiser = load_denoiser(job.checkpoint, cfg, length=cfg.length or None, data_cfg=job.data)
     length = cfg.length or denoiser.max_length
     if not length:
@@ -190,7 +196,7 @@ RENAMED = {
 JOB = Job(
     script="jobs/sample.py", doc=__doc__,
     modes={"sample": Mode(run_sampling, "draw samples from checkpoint= (the default)", tracked=True,
-                          tags=_tags, run_name=_run_name, after=log_sampling),
+                          check=check_sampling, tags=_tags, run_name=_run_name, after=log_sampling),
            "recover": Mode(run_recover, "Fig 3 toy: K=7 recovery by confidence remasking (out=<file>.png)"),
            "sde-2d": Mode(run_sde_2d, "Fig 1b toy: K=5 SDE localization paths (out=<file>.png)")},
     uses=("name", "experiment", "seed", "checkpoint", "out", "progress", "sampling", "data.hmm_states",

@@ -75,6 +75,8 @@ def inputs(tmp_path_factory) -> Path:
 CASES = [
     # ---------------------------------------------------------------- jobs/sample.py
     ("sample-out-is-dir", "jobs/sample.py", ["checkpoint=oracle:hmm", "out={in}/a_dir"], "out="),
+    ("sample-out-is-dir-tracked", "jobs/sample.py", ["checkpoint=oracle:hmm", "out={in}/a_dir", "service.mlflow=on"],
+     "out="),   # refused before the MLflow run exists: no ./mlflow.db appears
     ("sample-out-missing-parent", "jobs/sample.py", ["checkpoint=oracle:hmm", "out={cwd}/no/such/s.jsonl"], "out="),
     ("sample-no-checkpoint", "jobs/sample.py", ["out=s.jsonl"], "checkpoint="),
     ("sample-checkpoint-missing", "jobs/sample.py", ["checkpoint={in}/nothing", "out=s.jsonl"], "nothing"),
@@ -161,6 +163,8 @@ CASES = [
                                                         "featurizer={in}/no_model"], "no_model"),
     ("evaluate-out-is-file", "jobs/evaluate.py", ["eval.samples={in}/good.jsonl", "reference={in}/good.jsonl",
                                                  "out={in}/a_file.txt"], "out="),
+    ("evaluate-out-is-file-tracked", "jobs/evaluate.py", ["eval.samples={in}/good.jsonl", "reference={in}/good.jsonl",
+                                                         "out={in}/a_file.txt", "service.mlflow=on"], "out="),
     ("evaluate-cache-is-file", "jobs/evaluate.py", ["eval.samples={in}/good.jsonl", "reference={in}/good.jsonl",
                                                    "eval.feature_cache={in}/a_file.txt"], "eval.feature_cache"),
     ("evaluate-calibration-missing", "jobs/evaluate.py", ["calibration", "checkpoint={in}/nothing"], "nothing"),

@@ -154,12 +154,9 @@ def _run_tokenizer(job: JobConfig) -> tuple[Any, str]:
     return tokenizer, f"run tokenizer of {job.checkpoint}" if tokenizer is not None else ""
 
 
-def evaluate_samples(job: JobConfig) -> dict[str, Any]:
-    from dsl.eval.entropy import sentence_entropy, text_token_ids
-    from dsl.eval.genppl import genppl, impossible_note
-    from dsl.eval.mauve import ReferenceSet, evaluate_mauve, read_records
-    from dsl.service.mauve_pool import open_featurizer
-
+def check_samples(job: JobConfig) -> None:
+    """Before anything is read or recorded: the keys name a sample file and references, and the outputs
+    (``out``, the feature cache) can be directories."""
     ev = job.eval
     if not ev.samples:
         raise ConfigError("eval.samples='' : give eval.samples=<file.jsonl|file.txt> (as jobs/sample.py writes)")
@@ -170,6 +167,17 @@ def evaluate_samples(job: JobConfig) -> dict[str, Any]:
                           "file does not load; give eval.reference=<file.jsonl|file.txt|hf:dataset>")
     if job.out:
         output_dir(job.out)
+    feature_cache(ev.feature_cache)
+
+
+def evaluate_samples(job: JobConfig) -> dict[str, Any]:
+    """Table 1's metrics of ``eval.samples`` (after :func:`check_samples`, the mode's check)."""
+    from dsl.eval.entropy import sentence_entropy, text_token_ids
+    from dsl.eval.genppl import genppl, impossible_note
+    from dsl.eval.mauve import ReferenceSet, evaluate_mauve, read_records
+    from dsl.service.mauve_pool import open_featurizer
+
+    ev = job.eval
     text_field = job.data.text_field
     records = read_records(ev.samples, text_field)
     texts = [r.get("text") for r in records]
@@ -294,5 +302,5 @@ def evaluate_likelihood(job: JobConfig) -> dict[str, Any]:
     return summary
 
 
-__all__ = ["evaluate_samples", "evaluate_calibration", "evaluate_likelihood", "load_judge", "JUDGE_KINDS",
+__all__ = ["check_samples", "evaluate_samples", "evaluate_calibration", "evaluate_likelihood", "load_judge", "JUDGE_KINDS",
            "labelled_checkpoints", "write_json_atomic"]
