@@ -93,7 +93,7 @@ def _one_position_per_step(source, n: int, seed: int) -> torch.Tensor:
         unmask = torch.zeros(draft.shape, dtype=torch.float64)
         unmask[torch.arange(n), pick] = 1.0
         uniforms = torch.rand(n, 2, source.length, generator=gen, dtype=torch.float64)
-        draft, _, _ = apply_transition(draft, *dense_candidates(den(draft)), unmask, torch.zeros_like(unmask),
+        draft, _, _ = apply_transition(draft, dense_candidates(den(draft)), unmask, torch.zeros_like(unmask),
                                        uniforms, source.mask_id)
     assert (draft != source.mask_id).all()
     return draft

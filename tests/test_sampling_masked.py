@@ -180,7 +180,7 @@ def test_transition_monte_carlo(name):
     drafts = draft.expand(MC_DRAWS, L)
     unmask, remask = transition_coefficients(drafts == MASK, step, sigma.expand(MC_DRAWS, L))
     uniforms = torch.rand(MC_DRAWS, 2, L, generator=gen, dtype=torch.float64)
-    new, _, _ = apply_transition(drafts, *dense_candidates(p.expand(MC_DRAWS, L, V)), unmask, remask, uniforms,
+    new, _, _ = apply_transition(drafts, dense_candidates(p.expand(MC_DRAWS, L, V)), unmask, remask, uniforms,
                                  MASK)
     freq = torch.nn.functional.one_hot(new, V).double().mean(0)  # (L, V)
     se = (q * (1 - q) / MC_DRAWS).sqrt()
@@ -296,3 +296,66 @@ def test_noise_removal_counts_one_forward_only_when_needed():
     still = (without.ids == MASK).any(-1)
     assert still.any() and not still.all()
     assert torch.equal(with_nr.nfe - without.nfe, still.long())
+
+
+# ------------------------------------------------------------------------------------------------
+# The p(x0) cache with broad rows: tokens above a threshold are kept without being listed.
+
+
+def _broad_logits(rows: int, vocab: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    ranks = torch.argsort(torch.rand(rows, vocab, generator=gen), dim=-1).float() + 1
+    logits = -ranks.log()  # Zipf: a nucleus of ~10^3 tokens at V = 6000, decided by the histogram band
+    logits[:, -1] = -1.0e30
+    return logits
+
+
+def test_cache_draws_broad_rows_from_their_whole_kept_set():
+    from dsl.sampling.masked import NucleusCache
+    from dsl.sampling.nucleus import top_p_filter
+
+    vocab, n, length = 6000, 2, 3
+    logits = _broad_logits(n * length, vocab, seed=0)
+    nuc = top_p_filter(logits, 0.9, kind="logits")
+    assert nuc.implicit is not None and (nuc.kept > 10 * nuc.ids.shape[1]).all()  # mostly unlisted
+    cache = NucleusCache(n, length)
+    cache.write(torch.arange(n), torch.ones(n, length, dtype=torch.bool), nuc)
+    dense = nuc.dense(vocab)
+    draws = 2_000
+    reveal = torch.zeros(n, length, dtype=torch.bool)
+    reveal[1, 2] = True
+    grid = (torch.arange(draws, dtype=torch.float64) + 0.5) / draws
+    tokens = torch.stack([cache.draw(reveal, g.reshape(1))[0] for g in grid]).squeeze(-1)
+    probs = torch.stack([cache.draw(reveal, g.reshape(1))[1] for g in grid]).squeeze(-1)
+    row = dense[1 * length + 2]
+    assert (row[tokens] > 0).all()  # only kept tokens are drawn
+    assert torch.equal(probs, row[tokens])  # with their renormalised probability
+    # the quantile grid visits the kept tokens in cumulative order: token v gets ≈ draws·p(v) draws
+    counts = torch.bincount(tokens, minlength=vocab).double()
+    assert (counts - draws * row).abs().max() <= 1.0 + 1e-9
+    assert torch.equal(cache.top1()[1, 2], logits[1 * length + 2].argmax())
+
+
+def test_cache_keeps_broad_rows_of_samples_that_were_not_refreshed():
+    from dsl.sampling.masked import NucleusCache
+    from dsl.sampling.nucleus import top_p_filter
+
+    vocab, n, length, draws = 6000, 3, 2, 2_000
+    first = _broad_logits(n * length, vocab, seed=1)
+    cache = NucleusCache(n, length)
+    cache.write(torch.arange(n), torch.ones(n, length, dtype=torch.bool), top_p_filter(first, 0.9, kind="logits"))
+    # sample 1 is refreshed with one position still masked and a sharp prediction; 0 and 2 keep theirs
+    masked = torch.tensor([[True, False]])
+    second = _broad_logits(1, vocab, seed=2) * 8
+    cache.write(torch.tensor([1]), masked, top_p_filter(second, 0.9, kind="logits"))
+    grid = (torch.arange(draws, dtype=torch.float64) + 0.5) / draws
+
+    def tokens_of(sample, position):
+        reveal = torch.zeros(n, length, dtype=torch.bool)
+        reveal[sample, position] = True
+        return torch.cat([cache.draw(reveal, g.reshape(1))[0] for g in grid])
+
+    for sample, position, logits in ((0, 1, first[1]), (2, 0, first[4]), (1, 0, second[0])):
+        expected = top_p_filter(logits.unsqueeze(0), 0.9, kind="logits").dense(vocab)[0]
+        counts = torch.bincount(tokens_of(sample, position), minlength=vocab).double()
+        assert (counts - draws * expected).abs().max() <= 1.0 + 1e-9, (sample, position)

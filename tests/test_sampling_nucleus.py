@@ -83,7 +83,7 @@ def _assert_exact(rows: torch.Tensor, top_p: float, kind: str = "logits", diag_p
     assert torch.equal(ours > 0, ref > 0), "kept sets differ"
     assert torch.equal(res.kept, (ref > 0).sum(-1))
     assert torch.equal(res.nucleus_size, size)
-    assert torch.equal(res.ids[:, 0], first)
+    assert torch.equal(res.top1, first)
     assert torch.allclose(ours, ref, rtol=0, atol=1e-12)
     return res
 
@@ -169,11 +169,25 @@ def test_each_row_is_decided_on_its_own():
     logits = _zipf_logits(12, 4000, 1.0, seed=5)
     logits[::3] *= 6.0
     batch = top_p_filter(logits, 0.9, kind="logits")
+    dense = batch.dense(4000)
     for i in range(12):
         one = top_p_filter(logits[i:i + 1], 0.9, kind="logits")
-        k = int(one.kept)
-        assert torch.equal(batch.ids[i, :k], one.ids[0, :k])
-        assert torch.equal(batch.probs[i, :k], one.probs[0, :k])
+        assert torch.equal(dense[i], one.dense(4000)[0])  # the same kept set and the same float64 values
+        assert int(batch.kept[i]) == int(one.kept[0]) and int(batch.top1[i]) == int(one.top1[0])
+
+
+def test_broad_rows_list_only_their_band():
+    # a broad row keeps ~10^3 tokens but lists only the band's share: the rest is implied by its threshold
+    logits = _zipf_logits(8, 20_000, 1.0, seed=11)
+    res = _assert_exact(logits, 0.9)
+    assert res.implicit is not None and res.implicit.rows.numel() == 8
+    assert res.ids.shape[1] * 10 < int(res.kept.min())
+    listed = (res.probs > 0).sum(-1)
+    implied = (res.implicit.probs() > 0).sum(-1)
+    assert torch.equal(listed[res.implicit.rows] + implied, res.kept[res.implicit.rows])
+    total = res.probs.sum(-1)
+    total[res.implicit.rows] += res.implicit.probs().sum(-1)
+    assert torch.allclose(total, torch.ones(8, dtype=torch.float64), atol=1e-12)
 
 
 def test_top_p_one_reports_the_nucleus_size_of_broad_rows():

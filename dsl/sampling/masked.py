@@ -29,7 +29,7 @@ import torch
 from dsl.config import ConfigError, SamplingConfig
 from dsl.sampling.denoiser import Denoiser
 from dsl.sampling.diagnostics import StepRecorder
-from dsl.sampling.nucleus import Nucleus, top_p_filter
+from dsl.sampling.nucleus import Implicit, Nucleus, top_p_filter
 from dsl.sampling.schedules import OFFICIAL_CAP_ETA, OFFICIAL_LOOP, time_grid
 
 
@@ -180,14 +180,14 @@ def transition_probs(p_x0: torch.Tensor, draft: torch.Tensor, mask_id: int, rule
     return q
 
 
-def apply_transition(draft: torch.Tensor, cand_ids: torch.Tensor, cand_probs: torch.Tensor,
-                     unmask: torch.Tensor, remask: torch.Tensor, uniforms: torch.Tensor, mask_id: int
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def apply_transition(draft: torch.Tensor, candidates, unmask: torch.Tensor, remask: torch.Tensor,
+                     uniforms: torch.Tensor, mask_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One draw from :func:`transition_probs` given uniforms (B, 2, L) float64.
 
-    p_x0 at masked positions is given sparsely: ``cand_ids`` (B, L, K) and their probabilities
-    ``cand_probs`` (B, L, K) float64 summing to 1 (a nucleus; :func:`dense_candidates` wraps a dense p_x0).
-    Returns (new draft, revealed (B, L) bool, p_x0 of each revealed token (B, L), 0 elsewhere).
+    p_x0 at masked positions comes from ``candidates.draw(reveal, u)`` -> (token, its probability) for
+    the revealed positions in row-major order, by float64 inverse CDF with u: a :class:`NucleusCache`, or
+    :func:`dense_candidates` around a dense p_x0. Returns (new draft, revealed (B, L) bool, p_x0 of each
+    revealed token (B, L), 0 elsewhere).
     """
     masked = draft == mask_id
     reveal = masked & (uniforms[:, 0] < unmask)
@@ -196,18 +196,29 @@ def apply_transition(draft: torch.Tensor, cand_ids: torch.Tensor, cand_probs: to
     new[remasked] = mask_id
     chosen_prob = torch.zeros(draft.shape, dtype=torch.float64, device=draft.device)
     if reveal.any():
-        rows = cand_probs[reveal]  # (N, K): only the rows that reveal pay for a cumulative sum
-        cdf = rows.cumsum(-1)
-        target = (uniforms[:, 1][reveal] * cdf[:, -1]).unsqueeze(-1)
-        pick = torch.searchsorted(cdf, target, right=True).clamp(max=rows.shape[-1] - 1)  # (N, 1)
-        new[reveal] = cand_ids[reveal].gather(-1, pick).squeeze(-1)
-        chosen_prob[reveal] = rows.gather(-1, pick).squeeze(-1)
+        new[reveal], chosen_prob[reveal] = candidates.draw(reveal, uniforms[:, 1][reveal])
     return new, reveal, chosen_prob
 
 
-def dense_candidates(p_x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, probs) for :func:`apply_transition` from a dense p_x0 (B, L, V): every id is a candidate."""
-    return torch.arange(p_x0.shape[-1], device=p_x0.device).expand(p_x0.shape), p_x0
+def _search(cdf: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Index (R,) of the first column of ``cdf`` (R, K) above ``target`` (R,) (the last one at most)."""
+    return torch.searchsorted(cdf, target.unsqueeze(-1), right=True).clamp(max=cdf.shape[-1] - 1).squeeze(-1)
+
+
+class _DenseCandidates:
+    def __init__(self, p_x0: torch.Tensor):
+        self.p_x0 = p_x0
+
+    def draw(self, reveal: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.p_x0[reveal]  # (R, V): only the rows that reveal pay for a cumulative sum
+        cdf = rows.cumsum(-1)
+        pick = _search(cdf, u * cdf[:, -1])
+        return pick, rows.gather(-1, pick.unsqueeze(-1)).squeeze(-1)
+
+
+def dense_candidates(p_x0: torch.Tensor) -> _DenseCandidates:
+    """Candidates for :func:`apply_transition` from a dense p_x0 (B, L, V): every id is a candidate."""
+    return _DenseCandidates(p_x0)
 
 
 def confidence_sigma(scores: torch.Tensor, masked: torch.Tensor, sigma_max: float) -> torch.Tensor:
@@ -272,7 +283,7 @@ def run_masked(denoiser: Denoiser, rule: Rule, cfg: SamplingConfig, gens: list[t
             sigma = torch.full((n, length), step_rule.sigma, dtype=torch.float64, device=device)
         unmask, remask = transition_coefficients(masked, step_rule, sigma)
         uniforms = uniforms_of(k)
-        new, reveal, chosen = apply_transition(draft, cache.ids, cache.probs, unmask, remask, uniforms, mask_id)
+        new, reveal, chosen = apply_transition(draft, cache, unmask, remask, uniforms, mask_id)
         if k == steps - 1 and cfg.noise_removal:
             new = _remove_noise(denoiser, new, cache, forward_draft, nfe, use_cache)
         remasked = ~masked & (new == mask_id)
@@ -314,44 +325,102 @@ class _UniformBlocks:
 
 
 class NucleusCache:
-    """Per-sample sparse p_x0: kept ids and probabilities (n, L, K), K = the widest cached nucleus.
+    """Per-sample nucleus-filtered p_x0 of each sample's last forward, as :func:`top_p_filter` gives it.
 
-    Rows at positions that were visible at a sample's last forward are zero and never read: the cache
-    is only used while that sample's draft is unchanged (time-invariant denoiser, §3.0 caching).
+    Listed tokens: ids and probabilities (n, L, K), K = the widest cached list; the top-1 (n, L). A broad
+    row also keeps every token above its threshold without listing it: its probability row sits in a store
+    (M, V) that ``implicit`` (n, L) indexes (−1: none), and a draw from it reads that one row. Positions
+    that were visible at a sample's last forward are never read: the cache is only used while that
+    sample's draft is unchanged (time-invariant denoiser, §3.0 caching).
     """
 
     def __init__(self, n: int, length: int, device: torch.device | str = "cpu"):
         self.ids = torch.zeros(n, length, 1, dtype=torch.long, device=device)
         self.probs = torch.zeros(n, length, 1, dtype=torch.float64, device=device)
-        self.kept = torch.zeros(n, length, dtype=torch.long, device=device)
+        self.best = torch.zeros(n, length, dtype=torch.long, device=device)
+        self.implicit = torch.full((n, length), -1, dtype=torch.long, device=device)
+        self.store: Implicit | None = None
 
     def write(self, rows: torch.Tensor, masked: torch.Tensor, nuc: Nucleus) -> None:
         b, length = masked.shape
         width = nuc.ids.shape[1]
+        device = masked.device
         if bool(masked.all()):  # every position masked (the first steps): the nucleus rows are the layout
             ids = nuc.ids.reshape(b, length, width).contiguous()  # (a copy only of expanded ids, top_p = 1)
             probs = nuc.probs.reshape(b, length, width).contiguous()
         else:
-            ids = torch.zeros(b, length, width, dtype=torch.long, device=masked.device)
-            probs = torch.zeros(b, length, width, dtype=torch.float64, device=masked.device)
+            ids = torch.zeros(b, length, width, dtype=torch.long, device=device)
+            probs = torch.zeros(b, length, width, dtype=torch.float64, device=device)
             ids[masked], probs[masked] = nuc.ids, nuc.probs
-        kept = torch.zeros(b, length, dtype=torch.long, device=masked.device)
-        kept[masked] = nuc.kept.clamp(max=width)
+        best = torch.zeros(b, length, dtype=torch.long, device=device)
+        best[masked] = nuc.top1
+        implicit = torch.full((b, length), -1, dtype=torch.long, device=device)
+        store = nuc.implicit
+        if store is not None:  # nucleus row i is the i-th masked position, row-major
+            where = masked.nonzero()[store.rows]
+            implicit[where[:, 0], where[:, 1]] = torch.arange(store.rows.numel(), device=device)
         if rows.numel() == self.ids.shape[0]:  # every sample replaced: nothing of the old cache survives
-            self.ids, self.probs, self.kept = ids, probs, kept
+            self.ids, self.probs, self.best, self.implicit, self.store = ids, probs, best, implicit, store
         else:
             full = max(width, self.ids.shape[2])
-            self.ids = _widen(self.ids, full)
-            self.probs = _widen(self.probs, full)
-            self.ids[rows], self.probs[rows] = _widen(ids, full), _widen(probs, full)
-            self.kept[rows] = kept
-        need = max(int(self.kept.max()), 1)
-        if need < self.ids.shape[2]:  # a broad early nucleus no longer cached: free its width
+            self.ids, self.probs = _widen(self.ids, full), _widen(self.probs, full)
+            self.ids[rows], self.probs[rows], self.best[rows] = _widen(ids, full), _widen(probs, full), best
+            self._merge_store(rows, implicit, store)
+        need = max(int((self.probs > 0).sum(-1).max()), 1)
+        if need < self.ids.shape[2]:  # a broad early list no longer cached: free its width
             self.ids = self.ids[:, :, :need].contiguous()
             self.probs = self.probs[:, :, :need].contiguous()
 
+    def _merge_store(self, rows: torch.Tensor, implicit: torch.Tensor, store: Implicit | None) -> None:
+        """Keep the stored rows of the samples not replaced, add ``store``'s for ``rows``."""
+        replaced = torch.zeros(self.implicit.shape[0], dtype=torch.bool, device=implicit.device)
+        replaced[rows] = True
+        self.implicit[replaced] = -1
+        keep = self.implicit >= 0
+        parts, offset = [], 0
+        merged = torch.full_like(self.implicit, -1)
+        if bool(keep.any()):
+            old = self.implicit[keep]
+            parts.append(Implicit(old, self.store.p[old], self.store.threshold[old], self.store.scale[old]))
+            merged[keep] = torch.arange(old.numel(), device=old.device)
+            offset = old.numel()
+        if store is not None:
+            fresh = implicit >= 0
+            sub = merged[rows]
+            sub[fresh] = implicit[fresh] + offset
+            merged[rows] = sub
+            parts.append(store)
+        self.implicit = merged
+        self.store = None if not parts else parts[0] if len(parts) == 1 else Implicit(
+            torch.cat([x.rows for x in parts]), torch.cat([x.p for x in parts]),
+            torch.cat([x.threshold for x in parts]), torch.cat([x.scale for x in parts]))
+
     def top1(self) -> torch.Tensor:
-        return self.ids[:, :, 0]
+        return self.best
+
+    def draw(self, reveal: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token, probability) at the revealed positions (row-major) by float64 inverse CDF with u: the
+        implicitly kept tokens of a row first (ids ascending), then its listed tokens."""
+        listed = self.probs[reveal]  # (R, K): only the rows that reveal pay for a cumulative sum
+        cdf = listed.cumsum(-1)
+        total = cdf[:, -1].clone()
+        implied = torch.zeros_like(total)
+        index = self.implicit[reveal]
+        broad = (index >= 0).nonzero().squeeze(-1)
+        if broad.numel():
+            dense = self.store.probs(index[broad])  # (R', V): the implicitly kept tokens, renormalised
+            dense_cdf = dense.cumsum(-1)
+            implied[broad] = dense_cdf[:, -1]
+            total[broad] += dense_cdf[:, -1]
+        target = u * total
+        token = self.ids[reveal].gather(-1, _search(cdf, target - implied).unsqueeze(-1)).squeeze(-1)
+        prob = listed.gather(-1, _search(cdf, target - implied).unsqueeze(-1)).squeeze(-1)
+        if broad.numel():
+            inside = target[broad] < implied[broad]
+            pick = _search(dense_cdf, target[broad])
+            token[broad] = torch.where(inside, pick, token[broad])
+            prob[broad] = torch.where(inside, dense.gather(-1, pick.unsqueeze(-1)).squeeze(-1), prob[broad])
+        return token, prob
 
 
 def _widen(x: torch.Tensor, width: int) -> torch.Tensor:

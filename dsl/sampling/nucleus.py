@@ -43,20 +43,50 @@ _U64 = 2.0 ** -53          # unit roundoff of float64
 
 
 @dataclass
-class Nucleus:
-    """Kept tokens per row, padded to the widest row (padding has probability 0), and row statistics."""
+class Implicit:
+    """Rows whose kept set also holds, besides their listed ids, every token whose probability's
+    histogram key (:func:`keys`) exceeds the row's threshold: the tokens above a broad row's band, kept
+    without being listed (a broad nucleus has ~10^4 of them per row)."""
 
-    ids: torch.Tensor           # (N, K) long, the top-1 first
-    probs: torch.Tensor         # (N, K) float64, renormalised over the kept tokens
+    rows: torch.Tensor       # (R,) long: rows of the nucleus
+    p: torch.Tensor          # (R, V) their probabilities (the rule's own values)
+    threshold: torch.Tensor  # (R,) keys above it are kept
+    scale: torch.Tensor      # (R,) float64: 1 / the kept mass of the row
+
+    def probs(self, which: torch.Tensor | None = None) -> torch.Tensor:
+        """(R', V) float64: the renormalised probabilities of the implicitly kept tokens, 0 elsewhere."""
+        p, threshold, scale = ((self.p, self.threshold, self.scale) if which is None else
+                               (self.p[which], self.threshold[which], self.scale[which]))
+        kept = keys(p) > threshold.unsqueeze(-1)
+        return torch.where(kept, p.double() * scale.unsqueeze(-1), torch.zeros((), dtype=torch.float64,
+                                                                                device=p.device))
+
+
+@dataclass
+class Nucleus:
+    """Kept tokens per row and row statistics.
+
+    Listed tokens: ``ids``/``probs`` padded to the widest row (padding has probability 0). A row in
+    ``implicit`` also keeps the tokens above its threshold, which are not listed; the probabilities of
+    both parts are renormalised over the whole kept set.
+    """
+
+    ids: torch.Tensor           # (N, K) long: listed kept tokens
+    probs: torch.Tensor         # (N, K) float64
     max_prob: torch.Tensor      # (N,) max_v p(v) of the unfiltered row
     nucleus_size: torch.Tensor  # (N,) smallest set with mass ≥ diag_p (Sec 7.4's k_t), float64
     entropy: torch.Tensor       # (N,) −Σ p log p of the unfiltered row, nats
-    kept: torch.Tensor          # (N,) tokens kept by the official rule
+    kept: torch.Tensor          # (N,) tokens kept by the official rule (listed or not)
+    top1: torch.Tensor          # (N,) the most probable token (the lowest id among equals)
+    implicit: Implicit | None = None
 
     def dense(self, vocab_size: int) -> torch.Tensor:
         """The filtered rows as (N, V) float64."""
         out = torch.zeros(self.ids.shape[0], vocab_size, dtype=torch.float64, device=self.ids.device)
-        return out.scatter_add_(1, self.ids, self.probs)
+        out.scatter_add_(1, self.ids, self.probs)
+        if self.implicit is not None:
+            out[self.implicit.rows] += self.implicit.probs()
+        return out
 
 
 @dataclass
@@ -129,13 +159,19 @@ def _key_layout(dtype: torch.dtype) -> tuple[torch.dtype, int, int]:
     return int_dtype, shift, top + 1
 
 
+def keys(p: torch.Tensor) -> torch.Tensor:
+    """The histogram key of each probability (float32 or float64): never lower for a higher probability."""
+    int_dtype, shift, _ = _key_layout(p.dtype)
+    return p.view(int_dtype) >> shift
+
+
 @dataclass
 class _Band:
-    """Band windows of broad rows and the tokens above them (the base)."""
+    """Band windows of broad rows; every token with a key above ``top_key`` is kept (the base)."""
 
     window: _Window
-    base_flat: torch.Tensor    # (M,) long: local row·V + id of every base token, row-major (ids ascend)
-    base_counts: torch.Tensor  # (R,) long
+    top_key: torch.Tensor  # (R,) the band's highest key
+    p: torch.Tensor        # (R, V) the rows' probabilities
 
 
 def _band(p: torch.Tensor, rows: torch.Tensor, targets: list[float]) -> _Band:
@@ -147,37 +183,40 @@ def _band(p: torch.Tensor, rows: torch.Tensor, targets: list[float]) -> _Band:
     r_count, vocab, device = rows.numel(), p.shape[1], p.device
     sub = p if r_count == p.shape[0] else p[rows]
     int_dtype, shift, n_bins = _key_layout(sub.dtype)
-    key = sub.view(int_dtype) >> shift
-    key += (torch.arange(r_count, dtype=int_dtype, device=device) * n_bins).unsqueeze(-1)  # row r owns bins [r·n, (r+1)·n)
+    key = keys(sub)
+    key += (torch.arange(r_count, dtype=int_dtype, device=device) * n_bins).unsqueeze(-1)  # row r: bins [r·n, r·n + n)
     # float64 bin masses: exact for float32 probabilities ≥ 2^-30 (the only ones the decisions add)
-    hist = torch.bincount(key.view(-1), weights=sub.reshape(-1).double(), minlength=r_count * n_bins)
+    flat_key = key.view(-1)
+    hist = torch.bincount(flat_key, weights=sub.reshape(-1).double(), minlength=r_count * n_bins)
     above = hist.view(r_count, n_bins).flip(-1).cumsum(-1).flip(-1)  # mass of the bins ≥ j
     band_top = (above > min(targets)).sum(-1) - 1  # the highest bin that the first crossing may lie in
     band_bottom = ((above > max(targets)).sum(-1) - 1).clamp(min=0)  # ... and the last one
-    base_mass = torch.where(band_top + 1 < n_bins, above.gather(1, (band_top + 1).clamp(max=n_bins - 1)
-                                                                .unsqueeze(-1)).squeeze(-1), 0.0)
+    take_above = (band_top + 1).clamp(max=n_bins - 1).unsqueeze(-1)
+    base_mass = torch.where(band_top + 1 < n_bins, above.gather(1, take_above).squeeze(-1), 0.0)
+    count_above = torch.bincount(flat_key, minlength=r_count * n_bins).view(r_count, n_bins)
+    count_above = count_above.flip(-1).cumsum(-1).flip(-1)
+    base_counts = torch.where(band_top + 1 < n_bins, count_above.gather(1, take_above).squeeze(-1), 0)
     offset = torch.arange(r_count, device=device) * n_bins
-    top_key = (band_top + offset).to(int_dtype).unsqueeze(-1)
-    in_base = key > top_key
-    in_band = (key >= (band_bottom + offset).to(int_dtype).unsqueeze(-1)).logical_and_(~in_base)
-    del key
+    in_band = (key >= (band_bottom + offset).to(int_dtype).unsqueeze(-1))
+    in_band &= key <= (band_top + offset).to(int_dtype).unsqueeze(-1)
+    del key, flat_key
     row_start = torch.arange(r_count + 1, device=device) * vocab
-    base_flat = in_base.view(-1).nonzero().squeeze(-1)  # row-major: ids ascend within a row
-    base_counts = torch.diff(torch.searchsorted(base_flat, row_start))
     band_flat = in_band.view(-1).nonzero().squeeze(-1)
     band_counts = torch.diff(torch.searchsorted(band_flat, row_start))
     band_rows = torch.repeat_interleave(torch.arange(r_count, device=device), band_counts)
     width = max(int(band_counts.max()), 1)
     slot = torch.arange(band_flat.numel(), device=device) + torch.repeat_interleave(
         torch.arange(r_count, device=device) * width - (band_counts.cumsum(0) - band_counts), band_counts)
-    ids = torch.zeros(r_count * width, dtype=torch.long, device=device).index_copy_(0, slot, band_flat - band_rows * vocab)
+    ids = torch.zeros(r_count * width, dtype=torch.long, device=device)
+    ids.index_copy_(0, slot, band_flat - band_rows * vocab)
     vals = torch.full((r_count * width,), -1.0, dtype=torch.float64, device=device)
     vals.index_copy_(0, slot, sub.reshape(-1).index_select(0, band_flat).double())
     vals, order = vals.view(r_count, width).sort(dim=-1, descending=True, stable=True)  # ties stay in id order
     # everything below the band lies in lower bins: strictly less probable than every band token
     window = _Window(ids=ids.view(r_count, width).gather(1, order), p=vals, base_mass=base_mass,
-                     base_count=base_counts, beyond=torch.full((r_count,), -1.0, dtype=torch.float64, device=device))
-    return _Band(window, base_flat, base_counts)
+                     base_count=base_counts,
+                     beyond=torch.full((r_count,), -1.0, dtype=torch.float64, device=device))
+    return _Band(window, band_top.to(int_dtype), sub)
 
 
 def _reference_rows(p: torch.Tensor, top_p: float | None, diag_p: float
@@ -208,9 +247,9 @@ def top_p_filter(rows: torch.Tensor, top_p: float, diag_p: float = 0.9, kind: st
     device = rows.device
     if n == 0:
         empty = torch.zeros(0, dtype=torch.float64, device=device)
-        return Nucleus(ids=torch.zeros(0, 1, dtype=torch.long, device=device), probs=empty.view(0, 1),
-                       max_prob=empty, nucleus_size=empty, entropy=empty,
-                       kept=torch.zeros(0, dtype=torch.long, device=device))
+        none = torch.zeros(0, dtype=torch.long, device=device)
+        return Nucleus(ids=none.view(0, 1), probs=empty.view(0, 1), max_prob=empty, nucleus_size=empty,
+                       entropy=empty, kept=none, top1=none)
     filter_p = top_p if top_p < 1.0 else None
     targets = [diag_p] + ([filter_p] if filter_p is not None else [])
     if kind == "logits":
@@ -248,71 +287,73 @@ def top_p_filter(rows: torch.Tensor, top_p: float, diag_p: float = 0.9, kind: st
         ref = _reference_rows(p[last].double(), filter_p, diag_p)
         kept[last], size[last] = ref[2], ref[3]
 
-    if filter_p is None:
-        return Nucleus(ids=torch.arange(vocab, device=device).expand(n, vocab), probs=p.double(), max_prob=max_prob,
-                       nucleus_size=size, entropy=entropy, kept=torch.full((n,), vocab, dtype=torch.long, device=device))
     # the top-1 (lowest id among the most probable) is the window's first unless ties fill the whole window
     top1 = top.ids[:, 0].clone()
     crowded = (top.beyond >= 0) & (top.p[:, 0] == top.p[:, -1])
     if crowded.any():
         top1[crowded] = p[crowded].argmax(-1)
-    out_ids, out_p = _assemble(p, kept, source, top, top1, broad, band, last, ref)
-    return Nucleus(ids=out_ids, probs=out_p, max_prob=max_prob, nucleus_size=size, entropy=entropy, kept=kept)
+    stats = dict(max_prob=max_prob, nucleus_size=size, entropy=entropy, top1=top1)
+    if filter_p is None:
+        return Nucleus(ids=torch.arange(vocab, device=device).expand(n, vocab), probs=p.double(),
+                       kept=torch.full((n,), vocab, dtype=torch.long, device=device), **stats)
+    return _assemble(p, kept, source, top, broad, band, last, ref, stats)
 
 
-def _assemble(p: torch.Tensor, kept: torch.Tensor, source: torch.Tensor, top: _Window, top1: torch.Tensor,
-              broad: torch.Tensor, band: _Band | None, last: torch.Tensor, ref) -> tuple[torch.Tensor, torch.Tensor]:
-    """Padded (N, K) kept ids and renormalised float64 probabilities, the top-1 first."""
-    n, vocab, k_max, device = p.shape[0], p.shape[1], int(kept.max()), p.device
-    out_ids = torch.empty(n * k_max, dtype=torch.long, device=device)  # slots past a kept count: cleared below
-    out_p = torch.empty(n * k_max, dtype=torch.float64, device=device)
+def _assemble(p: torch.Tensor, kept: torch.Tensor, source: torch.Tensor, top: _Window, broad: torch.Tensor,
+              band: _Band | None, last: torch.Tensor, ref, stats: dict) -> Nucleus:
+    """The listed ids (window rows: all kept; band rows: the band's kept part; sorted rows: the kept part
+    of the last kept token's bin) with renormalised probabilities, and the implicit rows."""
+    n, device = p.shape[0], p.device
+    listed = torch.zeros(n, dtype=torch.long, device=device)  # listed count per row
+    first = torch.zeros(n, dtype=torch.long, device=device)  # where the listed part starts in the row's window
     mass = torch.zeros(n, dtype=torch.float64, device=device)  # Σ of the kept probabilities, per row
+    windows = []  # (rows, window ids, window probabilities)
 
-    def put_window(rows, win, take, first):
-        """Window entries j < take of ``rows`` at output slots first + j."""
-        rr, jj = (torch.arange(win.p.shape[1], device=device) < take.unsqueeze(-1)).nonzero(as_tuple=True)
-        slot = rows[rr] * k_max + first[rr] + jj
-        out_ids.index_copy_(0, slot, win.ids[rr, jj])
-        out_p.index_copy_(0, slot, win.p[rr, jj])
-        sums = win.p.clamp(min=0).cumsum(-1).gather(1, (take - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        mass[rows] = win.base_mass + torch.where(take > 0, sums, torch.zeros_like(sums))
+    def prefix_sum(values: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        sums = values.clamp(min=0).cumsum(-1).gather(1, (count - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return torch.where(count > 0, sums, torch.zeros_like(sums))
 
-    from_top = source == TOP
-    put_window(from_top.nonzero().squeeze(-1), top.select(from_top), kept[from_top],
-               torch.zeros(int(from_top.sum()), dtype=torch.long, device=device))
+    from_top = (source == TOP).nonzero().squeeze(-1)
+    win = top.select(source == TOP)
+    listed[from_top] = kept[from_top]
+    mass[from_top] = prefix_sum(win.p, kept[from_top])
+    windows.append((from_top, win.ids, win.p))
+    implicit = []  # (rows, probabilities, threshold)
     if band is not None:
         local = source[broad] == BAND
-        rows_b, counts = broad[local], band.base_counts[local]
-        flat = band.base_flat
-        if not bool(local.all()):
-            flat = flat[torch.repeat_interleave(local, band.base_counts)]
-        # the base first, in id order (the top-1 is then swapped to the front), then the band's kept tokens
-        local_rows = torch.repeat_interleave(local.nonzero().squeeze(-1), counts)
-        ids = flat - local_rows * vocab
-        slot = torch.arange(flat.numel(), device=device) + torch.repeat_interleave(rows_b * k_max - (counts.cumsum(0) - counts),
-                                                                    counts)
-        out_ids.index_copy_(0, slot, ids)
-        out_p.index_copy_(0, slot, p.view(-1).index_select(0, ids + broad.index_select(0, local_rows) * vocab)
-                          .double())
+        rows_b = broad[local]
         win = band.window.select(local)
-        put_window(rows_b, win, kept[rows_b] - win.base_count, win.base_count)
-        with_base = local & (band.base_counts > 0)
-        local_idx = with_base.nonzero().squeeze(-1)
-        seg_start = band.base_counts.cumsum(0) - band.base_counts
-        at = torch.searchsorted(band.base_flat, local_idx * vocab + top1[broad[local_idx]]) - seg_start[local_idx]
-        front = broad[local_idx] * k_max
-        ids_front, p_front = out_ids[front].clone(), out_p[front].clone()
-        out_ids[front], out_p[front] = out_ids[front + at], out_p[front + at]
-        out_ids[front + at], out_p[front + at] = ids_front, p_front
-    if ref is not None:
-        width = min(k_max, ref[0].shape[1])
-        out_ids.view(n, k_max)[last, :width] = ref[0][:, :width]
-        out_p.view(n, k_max)[last, :width] = ref[1][:, :width]
-        mass[last] = ref[1].cumsum(-1).gather(1, (kept[last] - 1).unsqueeze(-1)).squeeze(-1)
-    inside = torch.arange(k_max, device=device) < kept.unsqueeze(-1)
-    out_p = out_p.view(n, k_max).masked_fill_(~inside, 0.0)
-    out_p /= mass.unsqueeze(-1)
-    return out_ids.view(n, k_max).masked_fill_(~inside, 0), out_p
+        take = kept[rows_b] - win.base_count
+        listed[rows_b] = take
+        mass[rows_b] = win.base_mass + prefix_sum(win.p, take)
+        windows.append((rows_b, win.ids, win.p))
+        implicit.append((rows_b, band.p if bool(local.all()) else band.p[local], band.top_key[local]))
+    if ref is not None:  # sorted rows: everything above the last kept token's bin is implicit
+        ref_ids, ref_p = ref[0], ref[1]
+        k = kept[last]
+        sorted_keys = keys(p[last]).gather(1, ref_ids)
+        threshold = sorted_keys.gather(1, (k - 1).unsqueeze(-1))
+        in_bin = ((sorted_keys == threshold) & (torch.arange(ref_ids.shape[1], device=device) < k.unsqueeze(-1)))
+        listed[last] = in_bin.sum(-1)
+        first[last] = k - listed[last]
+        mass[last] = prefix_sum(ref_p, k)
+        windows.append((last, ref_ids, ref_p))
+        implicit.append((last, p[last], threshold.squeeze(-1)))
+
+    width = max(int(listed.max()), 1)
+    out_ids = torch.zeros(n, width, dtype=torch.long, device=device)
+    out_p = torch.zeros(n, width, dtype=torch.float64, device=device)
+    for rows, ids, probs in windows:
+        rr, jj = (torch.arange(width, device=device) < listed[rows].unsqueeze(-1)).nonzero(as_tuple=True)
+        src = first[rows][rr] + jj
+        out_ids[rows[rr], jj] = ids[rr, src]
+        out_p[rows[rr], jj] = probs[rr, src] / mass[rows][rr]
+    imp = None
+    if implicit:
+        rows = torch.cat([r for r, _, _ in implicit])
+        imp = Implicit(rows=rows, p=implicit[0][1] if len(implicit) == 1 else torch.cat([x for _, x, _ in implicit]),
+                       threshold=torch.cat([t for _, _, t in implicit]), scale=1.0 / mass[rows])
+    return Nucleus(ids=out_ids, probs=out_p, kept=kept, implicit=imp, **stats)
 
 
 def sort_top_p_filter(rows: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -324,4 +365,4 @@ def sort_top_p_filter(rows: torch.Tensor, top_p: float) -> torch.Tensor:
     return out / out.sum(-1, keepdim=True)
 
 
-__all__ = ["Nucleus", "top_p_filter", "sort_top_p_filter"]
+__all__ = ["Nucleus", "Implicit", "keys", "top_p_filter", "sort_top_p_filter"]

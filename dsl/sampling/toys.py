@@ -63,7 +63,7 @@ def recover_cyclic(source: object, draft: torch.Tensor, steps: int, gen: torch.G
         unmask, remask_prob = transition_coefficients(masked, rule, sigma)
         uniforms = torch.rand(1, 2, draft.shape[1], generator=gen, dtype=torch.float64)
         p_x0 = denoiser(draft)  # masked rows: the posterior given the visible tokens as noisy evidence
-        new, _, _ = apply_transition(draft, *dense_candidates(p_x0), unmask, remask_prob, uniforms,
+        new, _, _ = apply_transition(draft, dense_candidates(p_x0), unmask, remask_prob, uniforms,
                                      source.mask_id)
         remasks += int((~masked & (new == source.mask_id)).sum())
         draft = new
