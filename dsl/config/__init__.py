@@ -40,6 +40,7 @@ from dsl.config.tree import (
     SamplingConfig,
     SearchConfig,
     ServiceConfig,
+    TableConfig,
     TrainConfig,
     run_config_of,
 )
@@ -49,7 +50,7 @@ RUN_PRESETS = run_presets()
 
 __all__ = [
     "ConfigError", "ModelConfig", "ChannelConfig", "MDLMLossConfig", "DataConfig", "TrainConfig",
-    "SamplingConfig", "EvalConfig", "SearchConfig", "PrepareConfig", "ServiceConfig", "ReportConfig", "RunConfig",
+    "SamplingConfig", "EvalConfig", "SearchConfig", "PrepareConfig", "ServiceConfig", "ReportConfig", "TableConfig", "RunConfig",
     "JobConfig",
     "run_config_of", "MODEL_PRESETS", "RUN_PRESETS", "model_presets", "run_presets", "describe_presets",
     "apply_overrides", "load", "set_key", "validate", "to_dict", "from_dict", "flatten", "dumps", "describe",

@@ -369,6 +369,32 @@ class ReportConfig:
                                   f"T,T,... (e.g. 128,1024)")
 
 
+@dataclass
+class TableConfig:
+    """The Table 1 grid (``jobs/grid.py``): which rows and step budgets, how each cell's samples are split
+    over Ray workers. What a row samples with and how cells are scored are the ``sampling`` and ``eval`` keys."""
+
+    spec: str = text("table1", "rows and columns: a named spec (dsl/config/presets/grid/<name>.toml: table1, "
+                               "paper-table1) | a spec TOML file")
+    models: str = text("", "the checkpoints the spec's rows name by role: role=<run dir|checkpoint dir|s3://...|"
+                           "oracle:*>,... (e.g. mdlm=runs/mdlm-ft,dsl=runs/dsl-ft)")
+    steps: tuple[int, ...] = values((), "step budgets T (the columns); '' = the spec's")
+    name: str = text("", "the grid's name, its resume key (MLflow tag dsl.grid.name): re-running with the same "
+                         "name skips finished cells; '' = derived from the spec, the models and the settings")
+    workers: int = num(0, 0, help="sampling tasks each cell is split into, by sample index (a cell's samples do "
+                                  "not depend on it); 0 = one per CPU (GPU) of the Ray cluster")
+    gpus_per_worker: float = num(-1.0, -1.0, help="GPUs per sampling task; -1 = 1 when the Ray cluster has GPUs, "
+                                                  "else 0")
+    mauve_resamples: int = num(0, 0, help="bootstrap resamples of each cell's samples: MAUVE's sampling std "
+                                          "(source-stats features only; 0 = off)")
+
+    def validate(self) -> None:
+        if any(t <= 0 or t > MAX_BUDGET for t in self.steps):
+            raise ConfigError(f"table.steps={','.join(map(str, self.steps))}: every T must be in [1, {MAX_BUDGET}]")
+        if len(set(self.steps)) != len(self.steps):
+            raise ConfigError(f"table.steps={','.join(map(str, self.steps))} repeats a budget")
+
+
 # ----------------------------------------------------------------------------------------------
 # Roots.
 
@@ -430,6 +456,7 @@ class JobConfig:
     prepare: PrepareConfig = section(PrepareConfig)
     service: ServiceConfig = section(ServiceConfig)
     report: ReportConfig = section(ReportConfig)
+    table: TableConfig = section(TableConfig)
 
 
 SCIENCE_SECTIONS = ("model", "channel", "mdlm", "data", "train")
@@ -447,6 +474,6 @@ def run_config_of(job: JobConfig) -> RunConfig:
 
 
 __all__ = ["ModelConfig", "ChannelConfig", "MDLMLossConfig", "DataConfig", "TrainConfig", "SamplingConfig",
-           "EvalConfig", "SearchConfig", "PrepareConfig", "ServiceConfig", "ReportConfig", "RunConfig", "JobConfig",
+           "EvalConfig", "SearchConfig", "PrepareConfig", "ServiceConfig", "ReportConfig", "TableConfig", "RunConfig", "JobConfig",
            "run_config_of",
            "check_search_range", "MAX_BUDGET", "field"]

@@ -39,6 +39,7 @@ class SampleBatch:
     eta_cap_extrapolation: str | None   # one line when η_cap was used outside what it was measured on
     settings: dict
     trajectory: torch.Tensor | None = field(default=None, repr=False)  # (T, n, L) if requested
+    recorder: StepRecorder | None = field(default=None, repr=False)   # the per-step sums behind diagnostics
 
     def diagnostics_records(self) -> list[dict]:
         return diagnostics_to_records(self.diagnostics)
@@ -147,6 +148,7 @@ def generate(denoiser: Denoiser, cfg: SamplingConfig, n: int, length: int, seed:
         eta_cap_extrapolation=eta_note,
         settings=settings,
         trajectory=torch.cat([p.trajectory for p in parts], dim=1) if keep_trajectory else None,
+        recorder=recorder,
     )
 
 

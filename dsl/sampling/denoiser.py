@@ -222,10 +222,10 @@ CHECKPOINT_KINDS = ("oracle", "checkpoint", "run", "uri")
 
 
 def load_denoiser(spec: str, cfg: SamplingConfig, *, length: int | None = None,
-                  data_cfg: DataConfig | None = None) -> Denoiser:
+                  data_cfg: DataConfig | None = None, device: str = "cpu") -> Denoiser:
     """``oracle:hmm`` / ``oracle:cyclic`` (exact, parameters from ``data_cfg``), a checkpoint directory,
     a run directory (its latest complete checkpoint) or a storage URI (``s3://...``) of an ``mdlm`` or
-    ``dsl`` run (see :mod:`dsl.model_spec`)."""
+    ``dsl`` run (see :mod:`dsl.model_spec`); a network's weights are loaded onto ``device``."""
     from dsl.model_spec import parse_model_spec
 
     model = parse_model_spec(spec, "checkpoint", CHECKPOINT_KINDS)
@@ -238,7 +238,7 @@ def load_denoiser(spec: str, cfg: SamplingConfig, *, length: int | None = None,
         return OracleDenoiser(build_source(model.target, data_cfg, length or ORACLE_DEFAULT_LENGTH))
     from dsl.checkpoint import load_run
 
-    run_cfg, net, tokenizer, _ = load_run(model.target)
+    run_cfg, net, tokenizer, _ = load_run(model.target, device=device)
     if run_cfg.objective == "mdlm":
         return MDLMDenoiser(net, tokenizer)
     if run_cfg.objective == "dsl":

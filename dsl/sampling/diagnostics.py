@@ -71,6 +71,20 @@ class StepRecorder:
         for key, v in values.items():
             self._add(key, k, v.double())
 
+    @classmethod
+    def merged(cls, parts: list[StepRecorder]) -> StepRecorder:
+        """One recorder for a run whose samples were drawn in parts (index shards on several workers):
+        the per-step sums and counts add up, so the means are those of one process up to rounding."""
+        first = parts[0]
+        out = cls(first.steps, first.length)
+        out.t = first.t.copy()
+        for part in parts:
+            out.t = np.where(np.isnan(out.t), part.t, out.t)
+            for key in out.sums:
+                out.sums[key] += part.sums[key]
+                out.counts[key] += part.counts[key]
+        return out
+
     def finalize(self) -> dict[str, np.ndarray]:
         out = {"t": self.t.copy()}
         for key, total in self.sums.items():
