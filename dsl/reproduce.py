@@ -55,12 +55,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from dsl.config import RunConfig, SamplingConfig, load
 from dsl.errors import UserError
-from dsl.seeding import sample_generator
+from dsl.eval.cells import SourceStatsFeaturizer, mauve_with_errors, nll_stats  # the grid's cell computation
 
 PAPER_LENGTH = 1024  # Table 1's L (Sec 6.1)
 
@@ -209,97 +206,22 @@ def train_models(size: StudySize, out: str | Path, *, data: Sequence[str] = (), 
 # Scoring.
 
 
-def nll_stats(source: Any, ids: torch.Tensor) -> dict[str, float]:
-    """Exact per-sample NLL per token under ``source``: mean ± standard error, GenPPL, impossible share."""
-    logp = source.log_prob(ids)  # (n,) float64, exact
-    ok = torch.isfinite(logp)
-    n, length = ids.shape
-    impossible = int((~ok).sum())
-    out = {"n_samples": n, "impossible": impossible, "impossible_share": impossible / n}
-    per_token = (-logp[ok] / length).numpy()
-    if len(per_token):
-        out.update(nll_per_token=float(per_token.mean()),
-                   nll_se=float(per_token.std(ddof=1) / math.sqrt(len(per_token))) if len(per_token) > 1 else 0.0,
-                   genppl=float(math.exp(per_token.mean())))
-    else:
-        out.update(nll_per_token=math.inf, nll_se=math.nan, genppl=math.inf)
-    return out
+def scorer_job(size: StudySize, featurizer: str, source_name: str, data: Any, seed: int) -> Any:
+    """The grid settings this study scores its cells with: the exact source as judge and as the reference
+    sampler, ``featurizer`` (``source-stats`` or a text featurizer on the decoded ids), the study's seeds."""
+    from dsl.config import JobConfig
 
-
-class SourceStatsFeaturizer:
-    """Features of a sequence under an exact HMM-structured source (the ``source-stats`` featurizer).
-
-    Reading chosen: the expected complete-data sufficient statistics of the HMM given x, i.e. what an
-    EM step would read from the sequence: word frequencies (W) and transition statistics
-    Σ_i p(s_i | x) p(s_{i+1} | x)ᵀ / (L-1) (S², the product of the exact posterior marginals standing in
-    for the pair marginals). They see word order, topic changes and grammar, cost one forward-backward,
-    and need no text model.
-    """
-
-    name = "source-stats"
-
-    def __init__(self, source: Any):
-        self.source = source
-
-    def features(self, ids: torch.Tensor) -> np.ndarray:
-        ids = torch.as_tensor(ids).long()
-        b, length = ids.shape
-        words = torch.nn.functional.one_hot(ids, self.source.n_words).double().mean(1)  # (B, W)
-        post = self.source.state_posterior(ids)  # (B, L, S)
-        pairs = torch.einsum("bls,blt->bst", post[:, :-1], post[:, 1:]).reshape(b, -1) / max(1, length - 1)
-        return torch.cat([words, pairs], dim=1).float().numpy()
-
-
-class TextFeaturizer:
-    """MiniLM (or any ``dsl.eval.featurizers`` name) on the decoded text."""
-
-    def __init__(self, source: Any, name: str = "minilm"):
-        from dsl.eval.featurizers import get_featurizer
-
-        self.source = source
-        self.name = name
-        self.inner = get_featurizer(name)
-
-    def features(self, ids: torch.Tensor) -> np.ndarray:
-        texts = [self.source.decode(row) for row in torch.as_tensor(ids)]
-        return self.inner.featurize(texts)
-
-
-def build_featurizer(name: str, source: Any) -> Any:
-    """``source-stats`` (an HMM-structured source's sufficient statistics) or a text featurizer name."""
-    if name == "source-stats":
-        if not hasattr(source, "state_posterior"):
-            raise UserError(f"featurizer=source-stats needs an HMM-structured source (hmm, topics), not "
-                            f"{type(source).__name__}; use featurizer=minilm")
-        return SourceStatsFeaturizer(source)
-    return TextFeaturizer(source, name)
-
-
-def mauve_with_errors(ref: np.ndarray, feats: np.ndarray, seeds: Sequence[int], resamples: int,
-                      seed: int = 0) -> dict[str, Any]:
-    """MAUVE mean ± std over k-means ``seeds``, and its std over ``resamples`` bootstrap draws of the
-    samples (first seed; what another draw of as many samples would have moved it by)."""
-    from dsl.eval.mauve import mauve_score
-
-    base = mauve_score(ref, feats, seeds=seeds)
-    boots = []
-    gen = np.random.default_rng(seed)
-    for _ in range(resamples):
-        pick = gen.integers(0, len(feats), len(feats))
-        boots.append(mauve_score(ref, feats[pick], seeds=seeds[:1])["mean"])
-    return {"mauve": base["mean"], "mauve_std_seeds": base["std"], "mauve_values": base["values"],
-            "mauve_std_resamples": float(np.std(boots, ddof=1)) if len(boots) > 1 else math.nan,
-            "mauve_buckets": base["num_buckets"]}
-
-
-def score_cell(source: Any, ids: torch.Tensor, featurizer: Any, ref_features: np.ndarray,
-               size: StudySize) -> dict[str, Any]:
-    from dsl.eval.entropy import sentence_entropy
-
-    out = nll_stats(source, ids)
-    out["sentence_entropy"] = sentence_entropy(ids.tolist())
-    out.update(mauve_with_errors(ref_features, featurizer.features(ids), size.mauve_seeds, size.mauve_resamples))
-    return out
+    job = JobConfig()
+    job.seed = seed
+    job.data = copy.deepcopy(data)
+    job.sampling.num_samples = size.n_samples
+    job.eval.judge = f"oracle:{source_name}"
+    job.eval.featurizer = featurizer
+    job.eval.reference = "source"
+    job.eval.feature_cache = ""
+    job.eval.mauve_seeds = tuple(size.mauve_seeds)
+    job.table.mauve_resamples = size.mauve_resamples
+    return job
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,50 +240,46 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def reference_ids(source: Any, n: int, seed: int, key: str) -> torch.Tensor:
-    """``n`` exact samples from a generator keyed apart from the training stream."""
-    return source.sample(n, sample_generator(seed, "reproduce-reference", key))
-
-
 def run_cells(source: Any, denoisers: dict[str, Any], size: StudySize, out: str | Path, *,
               rows: Sequence[Row] = REFERENCE_ROWS + TABLE1_ROWS, featurizer: str = "source-stats",
-              eta_cap: str = "paper-rewrites", seed: int = 0, log: Callable[[str], None] = print
+              eta_cap: str = "paper-rewrites", seed: int = 0, data: Any = None, log: Callable[[str], None] = print
               ) -> list[dict[str, Any]]:
-    """Sample and score every row × T (skipping cells already on disk); return one dict per cell."""
+    """Sample and score every row × T (skipping cells already on disk) with the grid's cell computation
+    (:func:`dsl.service.grid.cell_result`); return one dict per cell. ``data``: the source's ``data.*``."""
+    from dsl.config import DataConfig
     from dsl.sampling import generate
+    from dsl.service.grid import GridScorer, batch_draw, cell_result, data_draw
 
     out = Path(out)
-    feat = build_featurizer(featurizer, source)
-    ref = reference_ids(source, size.n_samples, seed, "mauve")
-    ref_features = feat.features(ref)
+    data = data if data is not None else DataConfig(source="topics")
+    scorer = GridScorer(scorer_job(size, featurizer, data.source, data, seed), source.length, source=source)
     eta_table = eta_cap_table(source.length, eta_cap)
     cells = []
-    for row in rows:
-        for steps in (step_budgets(source.length) if row.model != "data" else [source.length]):
-            path = out / "cells" / row.slug / f"T{steps}.json"
-            if path.is_file():
-                cells.append(json.loads(path.read_text()))
-                continue
-            t0 = time.perf_counter()
-            if row.model == "data":
-                ids = reference_ids(source, size.n_samples, seed, "data-row")
-                extra = {"nfe": 0.0, "rewrites_per_token": 0.0, "eta_cap": None, "eta_cap_source": "none"}
-            else:
-                cfg = sampling_config(row, steps, size, eta_table)
-                batch = generate(denoisers[row.model], cfg, size.n_samples, source.length, seed)
-                ids = batch.ids
-                extra = {"nfe": float(batch.nfe.double().mean()),
-                         "rewrites_per_token": float(batch.mean_rewrites.mean()),
-                         "eta_cap": batch.eta_cap, "eta_cap_source": batch.eta_cap_source,
-                         "rule": batch.settings["resolved"]}
-            cell = {"row": row.name, "model": row.model, "sampler": row.sampler, "steps": steps,
-                    **extra, **score_cell(source, ids, feat, ref_features, size),
-                    "featurizer": feat.name, "wall_s": time.perf_counter() - t0,
-                    "examples": [source.decode(r) for r in ids[:3]], "ids": ids.tolist()}
-            _write_json_atomic(path, cell)
-            log(f"{row.name:34s} T={steps:4d}  NLL/tok {cell['nll_per_token']:.3f} ± {cell['nll_se']:.3f}  "
-                f"MAUVE {cell['mauve']:.3f} ± {cell['mauve_std_resamples']:.3f}  ({cell['wall_s']:.0f} s)")
-            cells.append(cell)
+    try:
+        for row in rows:
+            for steps in (step_budgets(source.length) if row.model != "data" else [source.length]):
+                path = out / "cells" / row.slug / f"T{steps}.json"
+                if path.is_file():
+                    cells.append(json.loads(path.read_text()))
+                    continue
+                t0 = time.perf_counter()
+                if row.model == "data":
+                    draw = data_draw(scorer, size.n_samples)
+                else:
+                    cfg = sampling_config(row, steps, size, eta_table)
+                    batch = generate(denoisers[row.model], cfg, size.n_samples, source.length, seed)
+                    draw = batch_draw(batch, source.decode) | {"rule": batch.settings["resolved"]}
+                result = cell_result(draw, scorer)
+                cell = {"row": row.name, "model": row.model, "sampler": row.sampler, "steps": steps, **result,
+                        **({"rule": draw["rule"]} if "rule" in draw else {}), "featurizer": featurizer,
+                        "wall_s": time.perf_counter() - t0, "examples": draw["texts"][:3],
+                        "ids": draw["ids"].tolist()}
+                _write_json_atomic(path, cell)
+                log(f"{row.name:34s} T={steps:4d}  NLL/tok {cell['nll_per_token']:.3f} ± {cell['nll_se']:.3f}  "
+                    f"MAUVE {cell['mauve']:.3f} ± {cell['mauve_std']:.3f}  ({cell['wall_s']:.0f} s)")
+                cells.append(cell)
+    finally:
+        scorer.close()
     return cells
 
 
@@ -377,7 +295,7 @@ def load_cells(out: str | Path) -> list[dict[str, Any]]:
 # Tables.
 
 TABLE_FIELDS = ("row", "steps", "n_samples", "nll_per_token", "nll_se", "nll_gap", "genppl", "impossible",
-                "impossible_share", "mauve", "mauve_std_seeds", "mauve_std_resamples", "sentence_entropy",
+                "impossible_share", "mauve", "mauve_std", "mauve_std_resamples", "sentence_entropy",
                 "nfe", "rewrites_per_token", "eta_cap")
 
 
@@ -412,7 +330,7 @@ def to_markdown(cells: Sequence[dict[str, Any]]) -> str:
             r = mine.get(t) or (next(iter(mine.values())) if name.startswith("Data") else None)
             entries.append("–" if r is None else
                            f"{r['nll_per_token']:.3f} ± {r['nll_se']:.3f} / {r['mauve']:.2f} ± "
-                           f"{max(r['mauve_std_seeds'], r['mauve_std_resamples'] or 0):.2f} / "
+                           f"{max(r['mauve_std'], r['mauve_std_resamples'] or 0):.2f} / "
                            f"{r['sentence_entropy']:.2f}")
         lines.append(f"| {name} | " + " | ".join(entries) + " |")
     return "\n".join(lines) + "\n"
@@ -447,7 +365,7 @@ def run_study(size: str | StudySize, out: str | Path, *, data: Sequence[str] = (
     data_cfg = copy.deepcopy(run_config(size, "mdlm", "x", out, steps=1, lr=1e-3, data=data).data)
     source = build_source(data_cfg.source, data_cfg, size.length)
     cells = run_cells(source, load_denoisers(dirs, source), size, out, rows=rows, featurizer=featurizer,
-                      eta_cap=eta_cap, seed=seed, log=log)
+                      eta_cap=eta_cap, seed=seed, data=data_cfg, log=log)
     summary = {"size": asdict(size), "data": asdict(data_cfg), "featurizer": featurizer,
                "eta_cap_table": eta_cap_table(size.length, eta_cap), "runs": dirs,
                "train_wall_s": t_train, "total_wall_s": time.perf_counter() - t0,
@@ -459,6 +377,6 @@ def run_study(size: str | StudySize, out: str | Path, *, data: Sequence[str] = (
 
 
 __all__ = ["StudySize", "SIZES", "Row", "TABLE1_ROWS", "REFERENCE_ROWS", "step_budgets", "eta_cap_table",
-           "run_config", "train_phase", "train_models", "nll_stats", "SourceStatsFeaturizer", "TextFeaturizer",
-           "build_featurizer", "mauve_with_errors", "score_cell", "run_cells", "load_cells", "table_rows", "to_csv",
+           "run_config", "train_phase", "train_models", "nll_stats", "SourceStatsFeaturizer", "scorer_job",
+           "mauve_with_errors", "run_cells", "load_cells", "table_rows", "to_csv",
            "to_markdown", "load_denoisers", "run_study"]

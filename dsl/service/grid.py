@@ -279,17 +279,24 @@ def merge_shards(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
 class GridScorer:
     """The judge, the featurizer and the reference features of one grid (computed once, used by every
-    cell): ``scorer.score(ids, texts)`` is :func:`dsl.eval.cells.score_cell` with them."""
+    cell): ``scorer.score(ids, texts)`` is :func:`dsl.eval.cells.score_cell` with them. ``source``: the
+    exact source to judge and draw references from, when the caller already holds it (else the one
+    ``eval.judge=oracle:*`` names, built from ``data.*``)."""
 
-    def __init__(self, job: JobConfig, length: int, *, progress: bool = False):
+    def __init__(self, job: JobConfig, length: int, *, source: Any = None, progress: bool = False):
         from dsl.eval.cells import SOURCE_STATS, SourceStatsFeaturizer
         from dsl.eval.protocols import load_judge
 
         ev = job.eval
         self.job, self.length = job, length
         self.seeds = tuple(ev.mauve_seeds)
-        self.source = exact_source(job, length)
-        self.judge, _ = load_judge(job, [[0] * length])
+        self.source = source if source is not None else exact_source(job, length)
+        if source is not None and ev.judge.startswith("oracle:"):
+            from dsl.eval.genppl import ExactSourceOracle
+
+            self.judge = ExactSourceOracle(source)   # the very source the caller holds (e.g. non-default data.*)
+        else:
+            self.judge, _ = load_judge(job, [[0] * length])
         self.n_ref = ev.references or job.sampling.num_samples
         self._close: Callable[[], None] = lambda: None
         if ev.featurizer == SOURCE_STATS:
@@ -396,6 +403,14 @@ def cell_result(draw: dict[str, Any], scorer: GridScorer) -> dict[str, Any]:
     out = sampler_stats(draw["nfe"], draw["mean_rewrites"], draw["eta_cap"], draw["eta_cap_source"])
     out.update(scorer.score(draw["ids"], draw["texts"]))
     return out
+
+
+def batch_draw(batch: Any, decode: Callable[[Any], str]) -> dict[str, Any]:
+    """A draw (what :func:`cell_result` scores) from a :class:`dsl.sampling.SampleBatch` drawn in process."""
+    return {"ids": batch.ids.cpu(), "texts": [decode(r) for r in batch.ids], "nfe": batch.nfe.cpu(),
+            "mean_rewrites": batch.mean_rewrites, "diagnostics": batch.diagnostics, "settings": batch.settings,
+            "eta_cap": batch.eta_cap, "eta_cap_source": batch.eta_cap_source,
+            "eta_cap_extrapolation": batch.eta_cap_extrapolation}
 
 
 def data_draw(scorer: GridScorer, n: int) -> dict[str, Any]:
@@ -740,4 +755,4 @@ def _table_record(cell: Cell, result: dict[str, Any]) -> dict[str, Any]:
 
 __all__ = ["GridRow", "GridSpec", "GridScorer", "DATA_ROW", "named_specs", "load_spec", "parse_models",
            "row_checkpoint", "settle_grid", "check_grid", "draw_shard", "shard_ranges", "merge_shards", "exact_source",
-           "cell_result", "data_draw", "plan_cells", "default_grid_name", "run_grid"]
+           "cell_result", "batch_draw", "data_draw", "plan_cells", "default_grid_name", "run_grid"]
