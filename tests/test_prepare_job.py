@@ -18,7 +18,8 @@ from test_prepared import L, raw_cfg, write_corpus
 
 from dsl.checkpoint import load_checkpoint
 from dsl.data import build_data
-from dsl.data.prepared import MANIFEST, InProcess, Preparation
+from dsl.data.prepared.layout import MANIFEST
+from dsl.data.prepared.preparation import InProcess, Preparation
 
 REPO = Path(__file__).resolve().parents[1]
 PREP = ["data.tokenizer=char", f"data.length={L}", "data.valid_fraction=0.25", "prepare.shard_blocks=7"]

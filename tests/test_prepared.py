@@ -14,7 +14,10 @@ import torch
 
 from dsl.config import RunConfig, load
 from dsl.data import CharTokenizer, build_data, heldout_blocks
-from dsl.data.prepared import MANIFEST, InProcess, Preparation, PreparedStore, PrepWorker
+from dsl.data.prepared.layout import MANIFEST
+from dsl.data.prepared.preparation import InProcess, Preparation
+from dsl.data.prepared.reader import PreparedStore
+from dsl.data.prepared.worker import PrepWorker
 from dsl.data.wrapping import wrap_documents
 from dsl.errors import UserError
 

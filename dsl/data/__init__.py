@@ -29,7 +29,7 @@ import torch
 from dsl.config import ConfigError, RunConfig
 from dsl.data.corpora import HFCorpus, LocalCorpus, open_corpus
 from dsl.data.order import READ_WINDOW_NO_SHUFFLE, BlockOrder, window_perm
-from dsl.data.prepared import PREFIX as PREPARED  # data.source=prepared:<dir or s3://...>
+from dsl.data.prepared.layout import PREFIX as PREPARED  # data.source=prepared:<dir or s3://...>
 from dsl.data.tokenizers import (
     BPETokenizer,
     CharTokenizer,
@@ -349,7 +349,7 @@ def build_data(run_cfg: RunConfig, tokenizer: Any = None) -> Data:
         return Data(tok, store, seq_len, batch_size, source)
 
     if source.startswith(PREPARED):
-        from dsl.data.prepared import PreparedBlocks, open_for_run
+        from dsl.data.prepared.reader import PreparedBlocks, open_for_run
 
         store, tok, length = open_for_run(run_cfg, tokenizer)
         return Data(tok, PreparedBlocks(store, run_cfg.seed, data_cfg.shuffle_window), length, batch_size, source)
@@ -383,7 +383,7 @@ def heldout_blocks(run_cfg: RunConfig, tokenizer: Any, path: str = "", limit: in
     data_cfg = run_cfg.data
     length = data_cfg.length or run_cfg.model.length
     if data_cfg.source.startswith(PREPARED) and not path:  # the store's validation blocks, already laid out
-        from dsl.data.prepared import PreparedStore, read_blocks
+        from dsl.data.prepared.reader import PreparedStore, read_blocks
 
         return read_blocks(PreparedStore(data_cfg.source[len(PREPARED):]), "valid", limit)
     if data_cfg.source in SYNTHETIC and not path:

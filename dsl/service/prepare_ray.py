@@ -1,4 +1,4 @@
-"""Corpus preparation on Ray Data: the :class:`dsl.data.prepared.PrepWorker` steps as Ray Data stages.
+"""Corpus preparation on Ray Data: the :class:`dsl.data.prepared.worker.PrepWorker` steps as Ray Data stages.
 
     parts --flat_map(read)--> chunks --map_batches(tokenize, N actors)--> token streams in <out>/_work
     shard plans --map_batches(write, N actors)--> <out>/<split>/shard-*.bin      (driver: manifest last)
@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from dsl.config import ConfigError
-from dsl.data.prepared import Preparation, PrepWorker
+from dsl.data.prepared.preparation import Preparation
+from dsl.data.prepared.worker import PrepWorker
 
 _WORKERS: dict[str, PrepWorker] = {}  # one per preparation per Ray worker process (tasks reuse processes)
 
@@ -72,7 +73,7 @@ class _Tokenize:
 
 
 class RayDataExecutor:
-    """:class:`dsl.data.prepared.Executor` on Ray Data (the caller holds the Ray connection).
+    """:class:`dsl.data.prepared.preparation.Executor` on Ray Data (the caller holds the Ray connection).
 
     Tokenization runs on ``workers`` long-lived actors (one tokenizer each); reading parts, counting
     their documents and writing shards are light and run as tasks, at most ``workers`` at a time.
@@ -227,7 +228,7 @@ def log_manifest(logger: Any, summary: dict) -> None:
     from pathlib import Path
 
     from dsl.checkpoint import open_storage
-    from dsl.data.prepared import MANIFEST
+    from dsl.data.prepared.layout import MANIFEST
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / MANIFEST
@@ -258,7 +259,8 @@ def check_prepared_data(run_cfg: Any, endpoint: str = "") -> None:
     """Before a training run starts: a prepared ``data.source`` fits the model (L, tokenizer, layout, the
     ``init`` checkpoint's tokenizer), is complete, and every shard's sha256 matches its manifest — so bad
     data is one line, never a step."""
-    from dsl.data.prepared import open_for_run, prepared_uri
+    from dsl.data.prepared.layout import prepared_uri
+    from dsl.data.prepared.reader import open_for_run
 
     if prepared_uri(run_cfg.data.source) is None:
         return
