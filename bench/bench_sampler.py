@@ -22,16 +22,13 @@ from machine import describe
 
 from dsl.config import ModelConfig, SamplingConfig
 from dsl.models.dit import DiT
+from dsl.sampling.candidates import NucleusCache
 from dsl.sampling.denoiser import Denoiser
 from dsl.sampling.diagnostics import StepRecorder
-from dsl.sampling.masked import (
-    NucleusCache,
-    _per_sample_means,
-    apply_transition,
-    remdm_loop_rule,
-    transition_coefficients,
-)
+from dsl.sampling.masked import _per_sample_means
 from dsl.sampling.nucleus import sort_top_p_filter, top_p_filter
+from dsl.sampling.rules import remdm_loop_rule
+from dsl.sampling.transition import apply_transition, transition_coefficients
 
 VOCAB, MASK = 50258, 50257
 

@@ -204,7 +204,7 @@ def logged_params(job: Job, cfg: JobConfig) -> dict[str, Any]:
     """What a run logs as params: the keys this job reads, less those of a synthetic source it does not
     load (``data.hmm_seed`` of a job on a real checkpoint reads nothing) and the sampler settings the
     chosen sampler does not read (``sampling.eta`` of ``mdlm``)."""
-    from dsl.sampling.masked import unread_sampling_fields
+    from dsl.sampling.rules import unread_sampling_fields
     from dsl.sources import unread_source_keys
 
     params = used_params(job, cfg)

@@ -20,8 +20,9 @@ import torch
 
 from dsl.config import DataConfig, SamplingConfig
 from dsl.sampling import generate
+from dsl.sampling.candidates import dense_candidates
 from dsl.sampling.denoiser import OracleDenoiser
-from dsl.sampling.masked import apply_transition, dense_candidates
+from dsl.sampling.transition import apply_transition
 from dsl.sources import ExactSource, build_source
 
 torch.set_num_threads(1)

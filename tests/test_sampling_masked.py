@@ -11,21 +11,23 @@ import torch
 
 from dsl.config import SamplingConfig
 from dsl.sampling import generate
+from dsl.sampling.candidates import dense_candidates
 from dsl.sampling.denoiser import Denoiser
-from dsl.sampling.masked import (
-    apply_transition,
-    confidence_sigma,
-    dense_candidates,
+from dsl.sampling.rules import (
     forward_backward_rule,
     mdlm_rule,
     remdm_cap_rule,
     remdm_conf_rule,
     remdm_loop_rule,
     remdm_rescale_rule,
+)
+from dsl.sampling.schedules import time_grid
+from dsl.sampling.transition import (
+    apply_transition,
+    confidence_sigma,
     transition_coefficients,
     transition_probs,
 )
-from dsl.sampling.schedules import time_grid
 
 torch.set_num_threads(1)
 
@@ -311,7 +313,7 @@ def _broad_logits(rows: int, vocab: int, seed: int) -> torch.Tensor:
 
 
 def test_cache_draws_broad_rows_from_their_whole_kept_set():
-    from dsl.sampling.masked import NucleusCache
+    from dsl.sampling.candidates import NucleusCache
     from dsl.sampling.nucleus import top_p_filter
 
     vocab, n, length = 6000, 2, 3
@@ -337,7 +339,7 @@ def test_cache_draws_broad_rows_from_their_whole_kept_set():
 
 
 def test_cache_keeps_broad_rows_of_samples_that_were_not_refreshed():
-    from dsl.sampling.masked import NucleusCache
+    from dsl.sampling.candidates import NucleusCache
     from dsl.sampling.nucleus import top_p_filter
 
     vocab, n, length, draws = 6000, 3, 2, 2_000

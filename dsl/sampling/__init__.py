@@ -18,7 +18,8 @@ import torch
 from dsl.config import SamplingConfig, to_dict
 from dsl.sampling.denoiser import Denoiser, DSLDenoiser, MDLMDenoiser, OracleDenoiser, load_denoiser
 from dsl.sampling.diagnostics import StepRecorder, diagnostics_to_records
-from dsl.sampling.masked import resolve_rule, run_masked
+from dsl.sampling.masked import run_masked
+from dsl.sampling.rules import resolve_rule
 from dsl.sampling.schedules import EtaCapSchedule, load_eta_cap
 from dsl.sampling.sde import run_sde
 from dsl.seeding import derive_seed

@@ -14,11 +14,13 @@ from dataclasses import dataclass
 import torch
 
 from dsl.config import SamplingConfig
+from dsl.sampling.candidates import dense_candidates
 from dsl.sampling.denoiser import OracleDenoiser
 from dsl.sampling.diagnostics import StepRecorder
-from dsl.sampling.masked import StepRule, apply_transition, dense_candidates, transition_coefficients
+from dsl.sampling.rules import StepRule
 from dsl.sampling.schedules import time_grid
 from dsl.sampling.sde import SDEResult, run_sde
+from dsl.sampling.transition import apply_transition, transition_coefficients
 
 FIG3_DRAFT = "__CDBFD"  # Fig 3: positions 1-2 masked, 5 (E→B) and 7 (G→D) visible but wrong
 FIG3_TRUTH = "ABCDEFG"
