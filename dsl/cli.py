@@ -227,8 +227,9 @@ def run_mode(job: Job, mode: str, cfg: JobConfig) -> dict:
         m.check(cfg)
     if not m.tracked:
         return m.run(cfg)
+    from dsl.service.job_runs import tracked_job
     from dsl.service.lineage import MODE
-    from dsl.service.tracking import resolve_tracking_uri, tracked_job
+    from dsl.service.tracking import resolve_tracking_uri
 
     kind = job.kind or job.name
     tracking_uri = resolve_tracking_uri(cfg.service, default_on=job.tracks_by_default)

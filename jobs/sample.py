@@ -25,7 +25,7 @@ from dsl.cli import Job, Mode, Renamed, main, renamed
 from dsl.config import ConfigError, JobConfig
 from dsl.errors import UserError
 from dsl.service import lineage
-from dsl.service.tracking import current_run
+from dsl.service.job_runs import current_run
 
 
 def diagnostics_path(out: str) -> str:

@@ -10,6 +10,7 @@ import torch
 from dsl.checkpoint import save_checkpoint
 from dsl.config import RunConfig
 from dsl.service import tracking
+from dsl.service.job_runs import job_run
 from dsl.service.tracking import (
     REDACTED,
     RunLogger,
@@ -17,7 +18,6 @@ from dsl.service.tracking import (
     ensure_training_run,
     find_run,
     flat_params,
-    job_run,
     scrub,
 )
 

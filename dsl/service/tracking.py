@@ -1,5 +1,6 @@
-"""MLflow tracking for the jobs: one run per training run name (found again by tag, never duplicated),
-one run per sampling/evaluation invocation, flat scrubbed params, checkpoint URIs as tags.
+"""MLflow tracking: which store runs go to (:func:`resolve_tracking_uri`), experiments, one run per
+training run name (found again by tag, never duplicated), flat scrubbed params, checkpoint URIs as tags,
+and :class:`RunLogger`, which logs to one run. One run per job invocation: :mod:`dsl.service.job_runs`.
 
 Tracking URI: ``MLFLOW_TRACKING_URI`` if set, else a local SQLite database through SQLAlchemy
 (``sqlite:///<abs path>/mlflow.db``; MLflow 3 refuses a bare file store). Credentials never reach
@@ -9,15 +10,14 @@ MLflow: every param and tag value passes :func:`scrub`.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import os
-import subprocess
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from dsl.redact import REDACTED, scrub
 from dsl.service import lineage
+from dsl.service.code_version import code_tags
 from dsl.service.database_url import with_installed_driver
 
 DEFAULT_EXPERIMENT = "dsl"
@@ -65,7 +65,7 @@ def ui_command(tracking_uri: str, experiment: str | None = None) -> str:
     exp_id = None
     if experiment:
         with contextlib.suppress(Exception):  # a hint only: an unreachable store just gives the plain command
-            exp = _client(tracking_uri).get_experiment_by_name(experiment)
+            exp = mlflow_client(tracking_uri).get_experiment_by_name(experiment)
             exp_id = exp.experiment_id if exp is not None else None
     if tracking_uri.startswith(("http://", "https://")):
         return f"open {scrub(experiment_url(tracking_uri, exp_id) if exp_id else tracking_uri)} in a browser"
@@ -80,43 +80,7 @@ def ui_command(tracking_uri: str, experiment: str | None = None) -> str:
     return command + (f", then open {experiment_url('http://127.0.0.1:5000', exp_id)}" if exp_id else "")
 
 
-def git_commit(path: str | os.PathLike | None = None) -> str | None:
-    """The code's git commit: ``DSL_GIT_COMMIT`` (set it when submitting a job: Ray's working-dir copy
-    has no repository), else ``git rev-parse HEAD`` beside the package, else in the working directory."""
-    if os.environ.get("DSL_GIT_COMMIT"):
-        return os.environ["DSL_GIT_COMMIT"]
-    for where in ([path] if path else [Path(__file__).resolve().parent, Path.cwd()]):
-        try:
-            out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True,
-                                 timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip()
-    return None
-
-
-def code_digest() -> str:
-    """sha256 (16 hex) of the ``dsl`` package's Python sources: identifies the code even without git."""
-    import hashlib
-
-    root = Path(__file__).resolve().parents[1]
-    h = hashlib.sha256()
-    for f in sorted(root.rglob("*.py")):
-        h.update(str(f.relative_to(root)).encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def _code_tags() -> dict[str, str]:
-    tags = {"dsl.code_digest": code_digest()}
-    commit = git_commit()
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
-    return tags
-
-
-def _client(tracking_uri: str | None):
+def mlflow_client(tracking_uri: str | None):
     import mlflow
 
     return mlflow.MlflowClient(tracking_uri=tracking_uri or default_tracking_uri())
@@ -155,23 +119,24 @@ def experiment_url(base_url: str, exp_id: str) -> str:
 def find_run(run_name: str, *, tracking_uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT,
              kind: str | None = None) -> str | None:
     """The run id tagged with training-run name ``run_name`` (and ``kind``), or None."""
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
-    flt = f"tags.`{TAG_RUN_NAME}` = '{_quote(run_name)}'"
+    flt = f"tags.`{TAG_RUN_NAME}` = '{filter_quote(run_name)}'"
     if kind:
-        flt += f" and tags.`{TAG_KIND}` = '{_quote(kind)}'"
+        flt += f" and tags.`{TAG_KIND}` = '{filter_quote(kind)}'"
     runs = client.search_runs([exp.experiment_id], filter_string=flt, max_results=2,
                               order_by=["attributes.start_time ASC"])
     return runs[0].info.run_id if runs else None
 
 
-def _quote(s: str) -> str:
+def filter_quote(s: str) -> str:
+    """``s`` inside a single-quoted MLflow search filter value."""
     return s.replace("'", "\\'")
 
 
-def _log_params(client: Any, run_id: str, params: Mapping[str, str]) -> None:
+def log_params(client: Any, run_id: str, params: Mapping[str, str]) -> None:
     from mlflow.entities import Param
 
     existing = client.get_run(run_id).data.params
@@ -184,11 +149,11 @@ def ensure_training_run(run_name: str, *, params: Mapping[str, Any] | Any, tags:
                         tracking_uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT,
                         kind: str = "finetune") -> tuple[str, bool]:
     """``(run_id, resumed)``: the MLflow run of training run ``run_name``, created the first time only."""
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     run_id = find_run(run_name, tracking_uri=tracking_uri, experiment=experiment, kind=kind)
     resumed = run_id is not None
     if run_id is None:
-        all_tags = {TAG_RUN_NAME: run_name, TAG_KIND: kind, "mlflow.runName": run_name, **_code_tags()}
+        all_tags = {TAG_RUN_NAME: run_name, TAG_KIND: kind, "mlflow.runName": run_name, **code_tags()}
         all_tags.update({k: scrub(v) for k, v in (tags or {}).items()})
         run_id = client.create_run(experiment_id(client, experiment), tags=all_tags, run_name=run_name).info.run_id
     else:
@@ -197,7 +162,7 @@ def ensure_training_run(run_name: str, *, params: Mapping[str, Any] | Any, tags:
         client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
         for k, v in (tags or {}).items():
             client.set_tag(run_id, k, scrub(v))
-    _log_params(client, run_id, flat_params(params))
+    log_params(client, run_id, flat_params(params))
     return run_id, resumed
 
 
@@ -211,7 +176,7 @@ class RunLogger:
         self.experiment: str | None = None
         self.run_name: str | None = None
         self.tags: dict[str, str] = {}
-        self.client = _client(self.tracking_uri)
+        self.client = mlflow_client(self.tracking_uri)
         self._monitor = None
         if system_metrics:
             try:
@@ -301,36 +266,6 @@ class RunLogger:
             self.client.set_terminated(self.run_id, status=status)
 
 
-def training_run_of(checkpoint_uri: str, *, tracking_uri: str | None = None) -> tuple[str | None, str | None]:
-    """``(training run name, its MLflow run id)`` for a checkpoint URI, when both can be found: the name
-    from the checkpoint's manifest, the run by that name in any experiment of the store (a job may log to
-    another experiment than the fine-tune did)."""
-    from dsl.checkpoint import MANIFEST, latest_complete, open_storage, read_manifest
-    from dsl.errors import UserError
-
-    if checkpoint_uri.startswith(("oracle:", "hf:")):
-        return None, None
-    try:
-        storage = open_storage(checkpoint_uri)
-        if not storage.exists(MANIFEST):
-            latest = latest_complete(storage)
-            if latest is None:
-                return None, None
-            storage = open_storage(latest)
-        manifest = read_manifest(storage, "")
-    except (UserError, OSError, ValueError):
-        return None, None
-    name = (manifest.get("config") or {}).get("name") or None
-    if not name:
-        return None, None
-    client = _client(tracking_uri)
-    ids = [e.experiment_id for e in client.search_experiments()]
-    flt = f"tags.`{TAG_RUN_NAME}` = '{_quote(name)}' and tags.`{TAG_KIND}` = '{lineage.KIND_FINETUNE}'"
-    runs = client.search_runs(ids, filter_string=flt, max_results=1, order_by=["attributes.start_time ASC"]) \
-        if ids else []
-    return name, (runs[0].info.run_id if runs else None)
-
-
 def end_status(exc: BaseException | None) -> str:
     """The MLflow status a run ends with: FINISHED, KILLED (stopped: Ctrl-C, SIGTERM, SIGHUP) or FAILED."""
     from dsl.errors import was_stopped
@@ -338,64 +273,6 @@ def end_status(exc: BaseException | None) -> str:
     if exc is None:
         return "FINISHED"
     return "KILLED" if was_stopped(exc) else "FAILED"
-
-
-_CURRENT: contextvars.ContextVar[RunLogger | None] = contextvars.ContextVar("dsl_current_run", default=None)
-
-
-def current_run() -> RunLogger | None:
-    """The run the current job logs to (inside :func:`job_run`), or None when tracking is off: a job's
-    body adds tags and artifacts it only knows once it has run, and writes the run id into its outputs."""
-    return _CURRENT.get()
-
-
-def lineage_tags(kind: str, checkpoint_uri: str | None, *, tracking_uri: str | None) -> dict[str, str]:
-    """What a job run says about itself and its parents: its kind, the code, the checkpoint it loaded and
-    the training run that wrote that checkpoint."""
-    tags = {TAG_KIND: kind, **_code_tags()}
-    if checkpoint_uri:
-        tags[TAG_CHECKPOINT] = scrub(checkpoint_uri)
-        name, train_id = training_run_of(checkpoint_uri, tracking_uri=tracking_uri)
-        if name:
-            tags[lineage.TRAINING_RUN_NAME] = name
-        if train_id:
-            tags[TAG_TRAINING_RUN] = train_id
-    return tags
-
-
-@contextlib.contextmanager
-def job_run(kind: str, params: Mapping[str, Any] | Any, checkpoint_uri: str | None = None, *,
-            tracking_uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT,
-            system_metrics: bool = False, run_name: str | None = None,
-            tags: Mapping[str, Any] | None = None) -> Iterator[RunLogger]:
-    """One MLflow run for one invocation of a job (``kind`` = sample/evaluate/...), tagged with its
-    lineage (:func:`lineage_tags`; ``tags`` may name other parents, e.g. the sample run an evaluation
-    scored). Parents are tags, not UI nesting: a sample run is not part of its fine-tune, and every run
-    stays a visible row of the runs table. It ends FINISHED, FAILED if the body raises, KILLED if the job
-    was stopped (Ctrl-C, SIGTERM)."""
-    client = _client(tracking_uri)
-    exp_id = experiment_id(client, experiment)
-    all_tags = lineage_tags(kind, checkpoint_uri, tracking_uri=tracking_uri)
-    all_tags.update({k: scrub(v) for k, v in (tags or {}).items() if v is not None and v != ""})
-    run_id = client.create_run(exp_id, tags=all_tags, run_name=run_name or kind).info.run_id
-    logger = None
-    try:
-        _log_params(client, run_id, flat_params(params))
-        logger = RunLogger(run_id, tracking_uri or default_tracking_uri(), system_metrics=system_metrics)
-        logger.experiment, logger.run_name, logger.tags = experiment, run_name or kind, all_tags
-        token = _CURRENT.set(logger)
-        try:
-            yield logger
-        finally:
-            _CURRENT.reset(token)
-    except BaseException as exc:
-        with contextlib.suppress(Exception):  # the job's own error is what the user must see
-            if logger is not None:
-                logger.close(end_status(exc))
-            else:
-                client.set_terminated(run_id, end_status(exc))
-        raise
-    logger.close("FINISHED")
 
 
 def resolve_tracking_uri(service: Any, *, default_on: bool) -> str | None:
@@ -415,57 +292,7 @@ def resolve_tracking_uri(service: Any, *, default_on: bool) -> str | None:
     return None
 
 
-def tracked_job(kind: str, params: Any, checkpoint_uri: str | None, body: Any, *,
-                tags: Mapping[str, str] | None = None, tracking_uri: str | None = None,
-                experiment: str = DEFAULT_EXPERIMENT, run_name: str | None = None,
-                after: Any = None) -> Any:
-    """Run ``body()`` inside :func:`job_run` when ``tracking_uri`` is given (see
-    :func:`resolve_tracking_uri`) and log the numbers of its summary; ``after(logger, summary)`` then
-    adds what else the run records (artifacts).
-
-    Tracking trouble (a locked SQLite file, an unreachable server) never fails the job: it is reported
-    as one warning line on stderr and the job's own result stands.
-    """
-    import sys
-
-    if tracking_uri is None:
-        return body()
-    try:
-        ctx = job_run(kind, params, checkpoint_uri, tracking_uri=tracking_uri, experiment=experiment,
-                      run_name=run_name, tags=tags)
-        logger = ctx.__enter__()
-    except Exception as exc:  # noqa: BLE001 - see docstring
-        print(f"warning: MLflow tracking off for this {kind} job ({type(exc).__name__}: "
-              f"{scrub(' '.join(str(exc).split()))[:200]})", file=sys.stderr)
-        return body()
-    try:
-        summary = body()
-    except BaseException:
-        with contextlib.suppress(Exception):
-            ctx.__exit__(*sys.exc_info())
-        raise
-    try:
-        if isinstance(summary, Mapping):
-            logger.log_metrics({k: float(v) for k, v in flat_params(summary).items() if _is_number(v)}, step=0)
-        if after is not None:
-            after(logger, summary)
-        ctx.__exit__(None, None, None)
-        print(f"mlflow run: {logger.run_id} ({scrub(logger.tracking_uri)}); "
-              f"{ui_command(logger.tracking_uri, experiment)}", file=sys.stderr)
-    except Exception as exc:  # noqa: BLE001
-        print(f"warning: MLflow logging of this {kind} job failed ({type(exc).__name__})", file=sys.stderr)
-    return summary
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return text.lower() not in ("true", "false", "nan", "inf", "-inf")
-
-
-__all__ = ["resolve_tracking_uri", "tracked_job", "DEFAULT_EXPERIMENT", "TAG_RUN_NAME", "TAG_KIND", "TAG_CHECKPOINT",
+__all__ = ["resolve_tracking_uri", "DEFAULT_EXPERIMENT", "TAG_RUN_NAME", "TAG_KIND", "TAG_CHECKPOINT",
            "TAG_TRAINING_RUN", "scrub", "REDACTED", "flat_params", "default_tracking_uri", "ui_command", "experiment_url",
-           "git_commit", "code_digest", "find_run", "ensure_training_run", "RunLogger", "training_run_of",
-           "job_run", "experiment_id", "end_status", "current_run", "lineage_tags"]
+           "find_run", "ensure_training_run", "RunLogger", "experiment_id", "end_status", "mlflow_client", "log_params",
+           "filter_quote"]
