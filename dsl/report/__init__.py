@@ -2,7 +2,8 @@
 HTML page plus CSV and Markdown of every table.
 
 - :mod:`dsl.report.paper`  — the paper's tables (1, 3, 5, 6) and how a cell meets them;
-- :mod:`dsl.report.tables` — cells → table records, CSV, Markdown;
+- :mod:`dsl.report.tables` — cells → table records;
+- :mod:`dsl.report.formatting` — numbers, CSV and Markdown of the tables;
 - :mod:`dsl.report.plots`  — the figures (matplotlib Agg);
 - :mod:`dsl.report.page`   — the HTML page.
 
@@ -83,7 +84,7 @@ def write_report(grid: GridInfo, cells: Sequence[Cell], out: str | os.PathLike, 
     """Write ``report.html`` and every table's CSV and Markdown (and the plots' PNGs) into ``out``; return
     the files written, relative to ``out``. Everything is built in a temporary folder first, so a failure
     leaves the previous report in ``out`` as it was."""
-    from dsl.report import page, plots, tables
+    from dsl.report import formatting, page, plots, tables
 
     if not cells:
         raise ValueError("a report needs at least one cell")
@@ -102,25 +103,25 @@ def write_report(grid: GridInfo, cells: Sequence[Cell], out: str | os.PathLike, 
 
         t1 = tables.table1_records(cells, match, spec_rows)
         shaped = tables.table1_shaped(cells, match, spec_rows)
-        put(TABLE1_CSV, tables.to_csv(t1, tables.TABLE1_FIELDS))
-        put("table1.md", tables.shaped_markdown(shaped, "Table 1 — our rows beside the paper's"))
+        put(TABLE1_CSV, formatting.to_csv(t1, tables.TABLE1_FIELDS))
+        put("table1.md", formatting.shaped_markdown(shaped, "Table 1 — our rows beside the paper's"))
         t5 = tables.table5_records(cells, match, spec_rows)
         etas = tables.eta_cap_tables(c.eta_cap_source for c in cells)
-        put("table5.csv", tables.to_csv(t5, tables.TABLE5_FIELDS))
+        put("table5.csv", formatting.to_csv(t5, tables.TABLE5_FIELDS))
         eta_lines = [f"η_cap source {e['source']}: " + (str(e.get("table") or e.get("rule") or e.get("error") or "no table"))
                      for e in etas]
-        put("table5.md", tables.long_markdown(t5, tables.TABLE5_FIELDS, "Table 5 — rewrites per token",
+        put("table5.md", formatting.long_markdown(t5, tables.TABLE5_FIELDS, "Table 5 — rewrites per token",
                                               [*eta_lines, paper.TABLE5_NOTE]))
         t6 = tables.table6_records(cells, match, spec_rows)
         if t6:
-            put("table6.csv", tables.to_csv(t6, tables.TABLE6_FIELDS))
-            put("table6.md", tables.long_markdown(t6, tables.TABLE6_FIELDS, "Table 6 — sharpness checkpoints"))
+            put("table6.csv", formatting.to_csv(t6, tables.TABLE6_FIELDS))
+            put("table6.md", formatting.long_markdown(t6, tables.TABLE6_FIELDS, "Table 6 — sharpness checkpoints"))
         t3 = tables.table3_records(likelihood)
         p3 = tables.paper_table3_records()
         if t3:
-            put("table3.csv", tables.to_csv(t3, tables.TABLE3_FIELDS))
-            put("table3.md", tables.long_markdown(t3, tables.TABLE3_FIELDS, "Table 3 — bits per character (ours)")
-                + "\n" + tables.long_markdown(p3, tables.PAPER_TABLE3_FIELDS, "Table 3 — the paper's",
+            put("table3.csv", formatting.to_csv(t3, tables.TABLE3_FIELDS))
+            put("table3.md", formatting.long_markdown(t3, tables.TABLE3_FIELDS, "Table 3 — bits per character (ours)")
+                + "\n" + formatting.long_markdown(p3, tables.PAPER_TABLE3_FIELDS, "Table 3 — the paper's",
                                               [paper.TABLE3_PROTOCOL_TEXT]))
 
         plot_specs = [

@@ -18,16 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dsl.report import paper
-from dsl.report.tables import (
-    DASH,
-    PAPER_TABLE3_FIELDS,
-    TABLE3_FIELDS,
-    TABLE5_FIELDS,
-    TABLE6_FIELDS,
-    GridInfo,
-    ShapedTable,
-    show,
-)
+from dsl.report.formatting import DASH, ShapedTable, show
+from dsl.report.tables import PAPER_TABLE3_FIELDS, TABLE3_FIELDS, TABLE5_FIELDS, TABLE6_FIELDS, GridInfo
 
 
 @dataclass

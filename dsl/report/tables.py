@@ -1,6 +1,6 @@
 """The report's tables as plain records: Table 1 (our rows beside the paper's), Table 5 (rewrites per
-token and the η_cap table used), Table 6 (sharpness checkpoints), Table 3 (bits per character), and their
-CSV / Markdown forms.
+token and the η_cap table used), Table 6 (sharpness checkpoints), Table 3 (bits per character). How they
+are written out (numbers, CSV, Markdown): :mod:`dsl.report.formatting`.
 
 A grid cell is one (row, T) decode of the grid (:class:`Cell`); numbers are the cell's metrics by their
 MLflow names. Every paper number carries the protocol it was measured under, and a difference is flagged
@@ -9,14 +9,22 @@ when the two sides' protocols differ (``same_protocol``), so nothing is mixed si
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from dsl.report import paper
+from dsl.report.formatting import (
+    DASH,
+    ShapedTable,
+    finite,
+    fmt_diff,
+    fmt_entropy,
+    fmt_mauve,
+    fmt_ppl,
+    table1_entry,
+)
 
 
 @dataclass
@@ -83,62 +91,6 @@ class LikelihoodRun:
 
 
 # ----------------------------------------------------------------------------------------------
-# Formatting (one rule for the page, the Markdown and the tests' reading of both).
-
-
-DASH = "–"
-
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def fmt_mauve(x: float | None) -> str:
-    return f"{x:.3f}" if _finite(x) else DASH
-
-
-def fmt_ppl(x: float | None) -> str:
-    return (f"{x:.2f}" if abs(x) < 10 else f"{x:.1f}") if _finite(x) else DASH
-
-
-def fmt_entropy(x: float | None) -> str:
-    return f"{x:.2f}" if _finite(x) else DASH
-
-
-def fmt_count(x: float | None) -> str:
-    """NFE and the like: whole numbers without decimals, means with one."""
-    if not _finite(x):
-        return DASH
-    return f"{x:.0f}" if float(x).is_integer() else f"{x:.1f}"
-
-
-def fmt_num(x: float | None, digits: int = 3) -> str:
-    return f"{x:.{digits}f}" if _finite(x) else DASH
-
-
-def fmt_general(x: float | None) -> str:
-    return f"{x:.4g}" if _finite(x) else DASH
-
-
-def fmt_diff(x: float | None, fmt=fmt_mauve) -> str:
-    """A signed difference: ``+0.397``, ``−26.3`` (a true minus sign)."""
-    if not _finite(x):
-        return DASH
-    text = fmt(abs(x))
-    return ("−" if x < 0 else "+") + text
-
-
-def mauve_entry(mauve: float | None, std: float | None) -> str:
-    return fmt_mauve(mauve) + (f" ± {fmt_mauve(std)}" if _finite(std) else "")
-
-
-def table1_entry(mauve: float | None, std: float | None, genppl: float | None, entropy: float | None,
-                 nfe: float | None) -> str:
-    """Table 1's cell: MAUVE ± std / GenPPL / sentence entropy / NFE."""
-    return " / ".join((mauve_entry(mauve, std), fmt_ppl(genppl), fmt_entropy(entropy), fmt_count(nfe)))
-
-
-# ----------------------------------------------------------------------------------------------
 # Cells → rows and budgets.
 
 
@@ -163,7 +115,7 @@ def paper_budget(cell: Cell, match: str) -> int | None:
 
 
 def _diff(a: float | None, b: float | None) -> float | None:
-    return a - b if _finite(a) and _finite(b) else None
+    return a - b if finite(a) and finite(b) else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,15 +160,6 @@ def table1_records(cells: Sequence[Cell], match: str = "fraction", spec_rows: Se
                        diff_sentence_entropy=_diff(rec["sentence_entropy"], pe))
         out.append({k: rec.get(k) for k in TABLE1_FIELDS})
     return out
-
-
-@dataclass
-class ShapedTable:
-    """A table in the paper's shape: a header, and lines of (kind, label, protocol, entries)."""
-
-    columns: list[str]                     # per budget: "T=4 (paper T=128)"
-    lines: list[dict[str, Any]]            # {"kind": ours|paper|diff, "label", "protocol", "entries": [...]}
-    notes: list[str]
 
 
 def table1_shaped(cells: Sequence[Cell], match: str = "fraction", spec_rows: Sequence[str] = ()) -> ShapedTable:
@@ -385,7 +328,7 @@ PAPER_TABLE3_FIELDS = ("row", "family", "bpc", "upper_bound", "protocol")
 def table3_records(runs: Sequence[LikelihoodRun]) -> list[dict]:
     def val(r: LikelihoodRun, name: str) -> float | None:
         v = r.metrics.get(name)
-        return float(v) if _finite(v) else None
+        return float(v) if finite(v) else None
 
     return [{"checkpoint": r.checkpoint, "estimator": r.estimator, "bpc": val(r, "bpc"),
              "bits_per_token": val(r, "bits_per_token"), "nll_bound": val(r, "nll_bound"),
@@ -397,71 +340,7 @@ def paper_table3_records() -> list[dict]:
             for row, (fam, bpc, bound) in paper.TABLE3.items()]
 
 
-# ----------------------------------------------------------------------------------------------
-# CSV and Markdown.
-
-
-def to_csv(records: Sequence[dict], fields: Sequence[str]) -> str:
-    """Numbers at full precision (``repr``), missing values empty."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(fields), lineterminator="\n")
-    writer.writeheader()
-    for r in records:
-        writer.writerow({k: ("" if r.get(k) is None else r[k]) for k in fields})
-    return buf.getvalue()
-
-
-def _md_cell(text: Any) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(_md_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-def shaped_markdown(table: ShapedTable, title: str) -> str:
-    header = ["row", "measured", "protocol", *table.columns]
-    rows = [[ln["label"], {"ours": "ours", "paper": "paper", "diff": "ours − paper"}[ln["kind"]], ln["protocol"],
-             *ln["entries"]] for ln in table.lines]
-    return f"## {title}\n\n" + markdown_table(header, rows) + "\n" + "".join(f"- {n}\n" for n in table.notes)
-
-
-FORMATS = {  # how a column of the long tables is shown on the page and in Markdown
-    "mauve": fmt_mauve, "mauve_std": fmt_mauve, "mauve_mean": fmt_mauve, "paper_mauve": fmt_mauve,
-    "diff_mauve": fmt_diff, "genppl": fmt_ppl, "paper_genppl": fmt_ppl,
-    "diff_genppl": lambda x: fmt_diff(x, fmt_ppl), "sentence_entropy": fmt_entropy,
-    "paper_sentence_entropy": fmt_entropy, "diff_sentence_entropy": lambda x: fmt_diff(x, fmt_entropy),
-    "nfe": fmt_count, "rewrites_per_token": lambda x: fmt_num(x, 4), "paper_rewrites_per_token": lambda x: fmt_num(x, 4),
-    "eta_cap": fmt_general, "paper_eta_printed": fmt_general, "paper_eta_eq24": fmt_general,
-    "genppl_impossible_share": lambda x: fmt_num(x, 3), "t": lambda x: fmt_num(x, 4), "paper_t": lambda x: fmt_num(x, 4),
-    "mean_max_prob": lambda x: fmt_num(x, 4), "paper_mean_max_prob": lambda x: fmt_num(x, 4),
-    "nucleus_size": lambda x: fmt_num(x, 2), "paper_nucleus_size": lambda x: fmt_num(x, 2),
-    "bpc": lambda x: fmt_num(x, 3), "bits_per_token": lambda x: fmt_num(x, 3), "nll_bound": lambda x: fmt_num(x, 4),
-    "nll_stderr": lambda x: fmt_num(x, 4),
-}
-
-
-def show(field_name: str, value: Any) -> str:
-    """A long table's value as the page and the Markdown show it."""
-    if value is None or value == "":
-        return DASH
-    fmt = FORMATS.get(field_name)
-    if fmt is not None and _finite(value):
-        return fmt(value)
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    return str(value)
-
-
-def long_markdown(records: Sequence[dict], fields: Sequence[str], title: str, notes: Sequence[str] = ()) -> str:
-    rows = [[show(f, r.get(f)) for f in fields] for r in records]
-    return f"## {title}\n\n" + markdown_table(list(fields), rows) + "\n" + "".join(f"- {n}\n" for n in notes)
-
-
-__all__ = ["Cell", "GridInfo", "LikelihoodRun", "ShapedTable", "TABLE1_FIELDS", "TABLE5_FIELDS", "TABLE6_FIELDS", "TABLE3_FIELDS",
+__all__ = ["Cell", "GridInfo", "LikelihoodRun", "TABLE1_FIELDS", "TABLE5_FIELDS", "TABLE6_FIELDS", "TABLE3_FIELDS",
            "PAPER_TABLE3_FIELDS", "table1_records", "table1_shaped", "paper_table1_shaped", "table5_records",
-           "eta_cap_tables", "table6_records", "table3_records", "paper_table3_records", "to_csv", "markdown_table",
-           "shaped_markdown", "long_markdown", "show", "table1_entry", "mauve_entry", "row_order", "budgets",
-           "grid_length", "fmt_mauve", "fmt_ppl", "fmt_entropy", "fmt_count", "fmt_diff", "DASH"]
+           "eta_cap_tables", "table6_records", "table3_records", "paper_table3_records", "row_order", "budgets",
+           "grid_length"]
