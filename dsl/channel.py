@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from dsl.config import ChannelConfig
+from dsl.devices import to_device
 
 
 def spherical_embeddings(vocab_size: int, dim: int, mask_id: int, gen: torch.Generator,
@@ -86,11 +87,11 @@ def corrupt_rows(x: torch.Tensor, gamma: torch.Tensor, gens: Sequence[torch.Gene
     if len(gens) != x.shape[0]:
         raise ValueError(f"corrupt_rows got {len(gens)} generators for a batch of {x.shape[0]} rows")
     eps = torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype, device=g.device) for g in gens])
-    return _channel(x, gamma, eps.to(x.device))
+    return _channel(x, gamma, to_device(eps, x.device))
 
 
 def _channel(x: torch.Tensor, gamma: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    gamma = gamma.to(device=x.device, dtype=x.dtype).unsqueeze(-1)  # (B, L, 1)
+    gamma = to_device(gamma, x.device).to(x.dtype).unsqueeze(-1)  # (B, L, 1)
     # Alg 1 line 17: z_i = γ_i x_i + √γ_i ε_i
     return gamma * x + gamma.sqrt() * eps
 

@@ -8,6 +8,7 @@ nothing. Randomness comes from one generator per row (``gens[b]``), keyed by the
 * ``dsl_loss``: Alg 1 (token cross-entropy under mixed-SNR corruption).
 * ``mdlm_loss``: MDLM's SUBS continuous-time NELBO with the log-linear schedule (reference §2).
 * ``ar_loss``: next-token cross-entropy.
+* ``select_objective``: a run's loss, chosen once; ``validation_metrics``: what its validation loss is called.
 * ``path_integral_nll``: -log P(x) = ½ ∫₀^∞ Σ_i E‖x_i - x̂_i(z_t)‖² dt (eq. 3 on the contour γ_i = t).
 """
 
@@ -15,11 +16,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
 from dsl.channel import corrupt_rows, sample_snr_rows
-from dsl.config import ChannelConfig, MDLMLossConfig
+from dsl.config import ChannelConfig, ConfigError, MDLMLossConfig, RunConfig
+from dsl.devices import to_device
 
 # MDLM's SUBS "-inf" (diffusion.py: neg_infinity = -1000000.0), added to the mask logit
 _SUBS_NEG_INF = -1.0e6
@@ -39,11 +42,12 @@ def _masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def dsl_loss(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, cfg: ChannelConfig,
-             gens: Sequence[torch.Generator]) -> LossOutput:
+             gens: Sequence[torch.Generator], *, stats: bool = True) -> LossOutput:
     """Alg 1: x = W_token[s], per-token γ from the mixed sampler, z = γx + √γε, CE(s, p_θ(·|z)).
 
     ``model`` exposes ``embed(ids) -> (B, L, d)`` and ``forward(z) -> logits (B, L, V)``; row b's SNRs
-    and noise come from ``gens[b]`` (SNRs first, then noise).
+    and noise come from ``gens[b]`` (SNRs first, then noise). ``stats=False`` leaves the diagnostics
+    out (they read device values back to the host; the training loop does without them).
     """
     _check_batch(ids, mask, gens)
     x = model.embed(ids)  # (B, L, d), Alg 1 line 1
@@ -53,6 +57,8 @@ def dsl_loss(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, cfg:
     nll = _token_nll(logits, ids)  # line 19: CE(s_i, p_θ(·|z)_i)
     loss_sum = _masked_sum(nll, mask)
     n_tokens = mask.sum()
+    if not stats:
+        return loss_sum, n_tokens, {}
     with torch.no_grad():
         scored = mask.bool().cpu()
         roar = is_roar & scored
@@ -82,11 +88,12 @@ def mdlm_times(gens: Sequence[torch.Generator], rows: Sequence[int] | torch.Tens
 
 def mdlm_loss(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, cfg: MDLMLossConfig,
               gens: Sequence[torch.Generator], rows: Sequence[int] | torch.Tensor, global_batch: int,
-              *, mask_id: int | None = None) -> LossOutput:
+              *, mask_id: int | None = None, stats: bool = True) -> LossOutput:
     """MDLM SUBS continuous-time NELBO with the log-linear schedule (reference §2.1-2.5).
 
     Row b draws t_b (``mdlm_times``) and then its L masking uniforms from ``gens[b]``. ``model(ids)``
     returns logits (B, L, V). ``mask_id`` defaults to ``model.mask_id`` (or the model config's).
+    ``stats=False`` leaves the diagnostics (host reads of device values) out.
     """
     _check_batch(ids, mask, gens)
     if len(rows) != ids.shape[0]:
@@ -95,7 +102,7 @@ def mdlm_loss(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, cfg
     t = mdlm_times(gens, rows, global_batch, cfg)  # (B,)
     move = torch.stack([torch.rand(ids.shape[1], generator=g, dtype=torch.float64) for g in gens])
     # §2.1: α_t = 1 - (1-ε)t, so each token is masked with probability 1 - α_t = (1-ε)t (§2.2)
-    is_masked = (move < ((1.0 - cfg.eps) * t)[:, None]).to(ids.device)  # (B, L)
+    is_masked = to_device(move < ((1.0 - cfg.eps) * t)[:, None], ids.device)  # (B, L)
     noisy = torch.where(is_masked, torch.full_like(ids, mask_id), ids)
     logits = model(noisy).float()  # (B, L, V)
     # §2.3 SUBS: -1e6 on the mask logit, then log-normalise; carry-over makes every unmasked
@@ -104,11 +111,13 @@ def mdlm_loss(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, cfg
     subs[mask_id] = _SUBS_NEG_INF
     nll = _token_nll(logits + subs, ids)
     # §2.4: weight σ'(t)/(e^σ(t) - 1) = 1/t exactly for the log-linear schedule
-    weight = (1.0 / t).to(device=ids.device, dtype=nll.dtype)[:, None]
+    weight = to_device(1.0 / t, ids.device).to(nll.dtype)[:, None]
     per_token = torch.where(is_masked, weight * nll, torch.zeros_like(nll))
     loss_sum = _masked_sum(per_token, mask)
     # §2.4: the denominator counts every token under the padding mask, masked or not
     n_tokens = mask.sum()
+    if not stats:
+        return loss_sum, n_tokens, {}
     with torch.no_grad():
         stats = {
             "loss": float(loss_sum.detach()) / max(1, int(n_tokens)),
@@ -118,8 +127,9 @@ def mdlm_loss(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, cfg
     return loss_sum, n_tokens, stats
 
 
-def ar_loss(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> LossOutput:
-    """Next-token cross-entropy: logits at i predict ids at i+1; the first token is not scored."""
+def ar_loss(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, *, stats: bool = True) -> LossOutput:
+    """Next-token cross-entropy: logits at i predict ids at i+1; the first token is not scored.
+    ``stats=False`` leaves the diagnostics (host reads of device values) out."""
     if ids.shape != mask.shape:
         raise ValueError(f"ids {tuple(ids.shape)} and mask {tuple(mask.shape)} must have the same shape")
     logits = model(ids)  # (B, L, V)
@@ -127,7 +137,47 @@ def ar_loss(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> Lo
     target_mask = mask[:, 1:]
     loss_sum = _masked_sum(nll, target_mask)
     n_tokens = target_mask.sum()
+    if not stats:
+        return loss_sum, n_tokens, {}
     return loss_sum, n_tokens, {"loss": float(loss_sum.detach()) / max(1, int(n_tokens))}
+
+
+# ----------------------------------------------------------------------------------------------
+# One objective per run, and what its validation loss is called.
+
+
+# An objective as the trainer calls it: (model, ids, mask, row generators, rows) -> (loss sum, tokens, stats).
+Objective = Callable[[Any, torch.Tensor, torch.Tensor, list, torch.Tensor], LossOutput]
+
+
+def select_objective(cfg: RunConfig) -> Objective:
+    """``cfg.objective``'s loss, chosen once per run; without diagnostics (they read the device back)."""
+    if cfg.objective == "dsl":
+        return lambda model, ids, mask, gens, rows: dsl_loss(model, ids, mask, cfg.channel, gens, stats=False)
+    if cfg.objective == "mdlm":
+        return lambda model, ids, mask, gens, rows: mdlm_loss(model, ids, mask, cfg.mdlm, gens, rows,
+                                                              cfg.train.batch_size, stats=False)
+    if cfg.objective == "ar":
+        return lambda model, ids, mask, gens, rows: ar_loss(model, ids, mask, stats=False)
+    raise ConfigError(f"objective={cfg.objective!r} is not one of: dsl, mdlm, ar")
+
+
+# What each objective's validation loss is, by name (nats per token). Only AR's is a likelihood. MDLM's is
+# its NELBO (MDLM eq. 10), an upper bound on the NLL. DSL's is the denoiser's token cross-entropy over
+# Alg 1's mixed-SNR corruptions, not a likelihood at all: the path-integral NLL (eq. 3/10) is
+# ``jobs/evaluate.py likelihood``'s, at many forward passes per sequence.
+VALIDATION_METRIC = {"ar": "valid_nll", "mdlm": "valid_nelbo", "dsl": "valid_denoising_ce"}
+
+
+def validation_metrics(objective: str, loss: float) -> dict[str, float]:
+    """``valid_loss`` (what retention ranks checkpoints by, for every objective) and the same number
+    under its own name; in bits per token too where it bounds or is the NLL."""
+    name = VALIDATION_METRIC[objective]
+    out = {"valid_loss": loss, name: loss}
+    if objective != "dsl":
+        out[f"{name}_bits_per_token"] = loss / math.log(2.0)
+    return out
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,4 +289,5 @@ def _progress(total: int, enabled: bool, desc: str):
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
 
 
-__all__ = ["dsl_loss", "mdlm_loss", "mdlm_times", "ar_loss", "path_integral_nll", "nll_to_bits"]
+__all__ = ["dsl_loss", "mdlm_loss", "mdlm_times", "ar_loss", "path_integral_nll", "nll_to_bits", "Objective",
+           "select_objective", "validation_metrics", "VALIDATION_METRIC"]

@@ -27,3 +27,9 @@ def sample_generator(seed: int, *keys: int | str, device: str | torch.device = "
     gen = torch.Generator(device=device)
     gen.manual_seed(derive_seed(seed, *keys))
     return gen
+
+
+def row_generators(seed: int, split: str, step: int, rows: torch.Tensor | list[int]) -> list[torch.Generator]:
+    """One generator per row of a batch keyed by (seed, split, step, global row): a row's corruption noise
+    is the same whichever micro-batch or worker it lands in. ``rows`` live on the host."""
+    return [sample_generator(seed, split, step, int(r)) for r in rows]

@@ -7,7 +7,13 @@ One optimizer step (global batch B = micro × accum × world sequences):
    the objective's *summed* token loss;
 2. the gradient is divided by the global token count of the step (all slices, all workers) — so the
    update does not depend on how the batch is split, and the LR means the same for any worker count;
-3. clip, AdamW with the scheduled LR, EMA update (MDLM: decay_n = min(decay, (1+n)/(10+n))).
+3. clip, AdamW with the scheduled LR, EMA update (MDLM: decay_n = min(decay, (1+n)/(10+n)); dsl.ema).
+
+The step reads nothing back to the host: loss, token count and grad norm stay device tensors until the
+loop reads them at logging, validation and checkpoint steps, so an accelerator is never left waiting for
+the Python side. Host batches and noise travel through pinned memory (dsl.devices). ``train.precision=bf16``
+runs the forward under bf16 autocast as MDLM trains (its DiT forces bf16 around the blocks; master
+weights, optimizer, softmax and the loss stay fp32); ``train.compile`` wraps the model in torch.compile.
 
 Everything a step depends on — weights, optimizer, EMA, the global RNG (dropout), the step (which fixes
 the data and the noise) and a streamed corpus' position — is saved, so a resumed run is bit-identical
@@ -16,11 +22,13 @@ on CPU to one that never stopped.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +51,11 @@ from dsl.checkpoint import (
 )
 from dsl.config import ConfigError, RunConfig, dumps, to_dict
 from dsl.data import SYNTHETIC, build_data
+from dsl.devices import to_device
+from dsl.ema import EMA, ema_decay
 from dsl.errors import UserError
-from dsl.seeding import derive_seed, sample_generator
+from dsl.objectives import select_objective, validation_metrics
+from dsl.seeding import derive_seed, row_generators
 
 
 def lr_at(step: int, cfg: Any) -> float:
@@ -59,11 +70,6 @@ def lr_at(step: int, cfg: Any) -> float:
     if cfg.lr_schedule == "cosine":
         return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
     return cfg.lr + (floor - cfg.lr) * progress  # linear
-
-
-def ema_decay(decay: float, n: int) -> float:
-    """MDLM models/ema.py: decay_n = min(decay, (1+n)/(10+n)) for the n-th update (n counts from 1)."""
-    return min(decay, (1.0 + n) / (10.0 + n))
 
 
 def run_name(cfg: RunConfig) -> str:
@@ -86,37 +92,39 @@ class _ObjectiveView:
         return getattr(self._raw, name)
 
 
-# What each objective's validation loss is, by name (nats per token). Only AR's is a likelihood. MDLM's is
-# its NELBO (MDLM eq. 10), an upper bound on the NLL. DSL's is the denoiser's token cross-entropy over
-# Alg 1's mixed-SNR corruptions, not a likelihood at all: the path-integral NLL (eq. 3/10) is
-# ``jobs/evaluate.py likelihood``'s, at many forward passes per sequence.
-VALIDATION_METRIC = {"ar": "valid_nll", "mdlm": "valid_nelbo", "dsl": "valid_denoising_ce"}
+@dataclass
+class StepFigures:
+    """What steps since the last read left on the device: summed loss and token count of the latest step
+    (float64, over all workers), its grad norm, and the tokens and token-less steps of the whole window."""
 
-
-def validation_metrics(objective: str, loss: float) -> dict[str, float]:
-    """``valid_loss`` (what retention ranks checkpoints by, for every objective) and the same number
-    under its own name; in bits per token too where it bounds or is the NLL."""
-    name = VALIDATION_METRIC[objective]
-    out = {"valid_loss": loss, name: loss}
-    if objective != "dsl":
-        out[f"{name}_bits_per_token"] = loss / math.log(2.0)
-    return out
+    loss_sum: torch.Tensor
+    n_tokens: torch.Tensor
+    grad_norm: torch.Tensor
+    lr: float
+    window_tokens: torch.Tensor
+    unscored_steps: torch.Tensor
 
 
 class Trainer:
-    """``fit()`` trains ``run_cfg`` to ``train.steps``, validating and checkpointing on the way."""
+    """``fit()`` trains ``run_cfg`` to ``train.steps``, validating and checkpointing on the way.
+
+    ``on_metrics(metrics, step)`` receives the logged metrics (rank 0); ``on_checkpoint(uri, step)``
+    each checkpoint written (rank 0).
+    """
 
     def __init__(self, run_cfg: RunConfig, *, rank: int = 0, world_size: int = 1,
                  wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
                  storage: Storage | str | None = None,
                  on_metrics: Callable[[dict, int], None] | None = None,
+                 on_checkpoint: Callable[[str, int], None] | None = None,
                  device: str | torch.device | None = None) -> None:
         from dsl.models import build_model
+        from dsl.models.init import initialise_weights
 
         cfg = copy.deepcopy(run_cfg)
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device or "cpu")
-        self.on_metrics = on_metrics
+        self.on_metrics, self.on_checkpoint = on_metrics, on_checkpoint
         tc = cfg.train
         self.micro = tc.micro_batch_size or tc.batch_size // world_size
         if self.micro < 1 or tc.batch_size % (self.micro * world_size):
@@ -136,171 +144,137 @@ class Trainer:
             cfg.model.mask_id = self.data.mask_id  # e.g. text8's [MASK]=4 is not the last id
         self.raw_model = build_model(cfg, self.data.vocab_size)  # fills model.vocab_size / mask_id
         self.cfg = cfg
-        self._init_weights(cfg.init)
+        self.objective = select_objective(cfg)
+        initialise_weights(self.raw_model, cfg.init, cfg.objective)
         self.raw_model.to(self.device)
         self.model = wrap_model(self.raw_model) if wrap_model else self.raw_model
+        if tc.compile:  # after DDP: its optimizer splits the graph at the gradient buckets
+            self.model = torch.compile(self.model)
         self._view = _ObjectiveView(self.model, self.raw_model)
+        self._autocast = torch.bfloat16 if tc.precision == "bf16" else None
 
         params = [p for p in self.raw_model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.adam_eps,
-                                           weight_decay=tc.weight_decay)
-        self.ema: dict[str, torch.Tensor] | None = None
-        if tc.ema > 0:
-            self.ema = {n: p.detach().clone() for n, p in self.raw_model.named_parameters() if p.requires_grad}
+                                           weight_decay=tc.weight_decay,
+                                           fused=True if self.device.type == "cuda" else None)
+        self.ema = EMA(self.raw_model, tc.ema) if tc.ema > 0 else None
         self.step_count = 0
         self.best_valid_loss = math.inf
         self.metrics: dict[str, float] = {}
+        self._figures: StepFigures | None = None
+        self._window_start = time.perf_counter()
         # dropout is the one consumer of the global RNG: seed it per rank, save and restore it
         torch.manual_seed(derive_seed(cfg.seed, "dropout", rank))
 
     # ------------------------------------------------------------------------------------------
-    def _init_weights(self, init: str) -> None:
-        from dsl.model_spec import INIT_KINDS, parse_model_spec
+    def _loss(self, model: Any, split: str, step: int, accum_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed loss and scored-token count of this rank's slice ``accum_index`` of a step's batch."""
+        batch = self.data.batch(split, step, self.rank, self.world_size, self.micro, accum_index)
+        ids, mask = to_device(batch["ids"], self.device), to_device(batch["mask"], self.device)
+        gens = row_generators(self.cfg.seed, split, step, batch["rows"])
+        with torch.autocast(self.device.type, dtype=self._autocast or torch.float32,
+                            enabled=self._autocast is not None):
+            loss_sum, n_tokens, _ = self.objective(model, ids, mask, gens, batch["rows"])
+        return loss_sum, n_tokens
 
-        spec = parse_model_spec(init, "init", INIT_KINDS)
-        if spec.kind == "scratch":
-            return
-        if spec.ours:
-            storage = open_storage(init)
-            uri = init if storage.exists(MANIFEST) else latest_complete(storage)
-            if uri is None:
-                raise UserError(f"init={init}: no complete checkpoint there")
-            ckpt = load_checkpoint(uri)
-            weights = ckpt.ema_state if ckpt.ema_state is not None else ckpt.model_state
-            source_objective = ckpt.config.get("objective")
-            if source_objective == "mdlm" and self.cfg.objective == "dsl":
-                # Sec 6.1: DSL fine-tuning starts from an MDLM run (backbone + W_trans from vocab_embed)
-                from dsl.models.mdlm_weights import init_dsl_from_mdlm
-
-                init_dsl_from_mdlm(self.raw_model, weights, f"init={ckpt.uri}")
-            elif source_objective not in (None, self.cfg.objective):
-                raise UserError(f"init={ckpt.uri}: a {source_objective} checkpoint cannot initialise "
-                                f"objective={self.cfg.objective} (accepted: the same objective, or mdlm for dsl)")
-            else:
-                load_weights(self.raw_model, weights, f"init={ckpt.uri}")
-            return
-        from dsl.models.mdlm_weights import init_from_mdlm
-
-        init_from_mdlm(self.raw_model, init)
-
-    def _loss(self, model: Any, batch: dict[str, torch.Tensor], split: str, step: int
-              ) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        from dsl.objectives import ar_loss, dsl_loss, mdlm_loss
-
-        ids = batch["ids"].to(self.device)
-        mask = batch["mask"].to(self.device)
-        rows = batch["rows"]
-        gens = [sample_generator(self.cfg.seed, split, step, int(r)) for r in rows]
-        precision = torch.bfloat16 if self.cfg.train.precision == "bf16" else None
-        with torch.autocast(self.device.type, dtype=precision or torch.float32, enabled=precision is not None):
-            if self.cfg.objective == "dsl":
-                return dsl_loss(model, ids, mask, self.cfg.channel, gens)
-            if self.cfg.objective == "mdlm":
-                return mdlm_loss(model, ids, mask, self.cfg.mdlm, gens, rows, self.cfg.train.batch_size)
-            return ar_loss(model, ids, mask)
-
-    def _all_reduce(self, values: list[float]) -> list[float]:
-        if self.world_size == 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        torch.distributed.all_reduce(t)
-        return t.tolist()
+    def _summed(self, model: Any, split: str, step: int, backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss and token count over every accumulation slice and worker (float64 device scalars)."""
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        n_tokens = torch.zeros((), dtype=torch.float64, device=self.device)
+        for a in range(self.accum):
+            no_sync = getattr(self.model, "no_sync", None)
+            quiet = no_sync() if backward and no_sync is not None and a < self.accum - 1 else contextlib.nullcontext()
+            with quiet:
+                part, n = self._loss(model, split, step, a)
+                if backward:
+                    part.backward()
+            loss_sum += part.detach().double()
+            n_tokens += n.double()
+        if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            both = torch.stack([loss_sum, n_tokens])
+            torch.distributed.all_reduce(both)
+            loss_sum, n_tokens = both[0], both[1]
+        return loss_sum, n_tokens
 
     # ------------------------------------------------------------------------------------------
-    def step(self) -> dict[str, float]:
-        """One optimizer step; returns its metrics (loss in nats/token over the global batch)."""
+    def train_step(self) -> None:
+        """One optimizer step. Reads nothing back from the device: its figures wait in ``_figures``
+        until :meth:`read_metrics`."""
         tc = self.cfg.train
-        t0 = time.perf_counter()
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum, n_tokens = 0.0, 0.0
-        for a in range(self.accum):
-            batch = self.data.batch("train", self.step_count, self.rank, self.world_size, self.micro, a)
-            last = a == self.accum - 1
-            sync = getattr(self.model, "no_sync", None)
-            if sync is not None and not last:
-                with sync():
-                    part, n, _ = self._loss(self._view, batch, "train", self.step_count)
-                    part.backward()
-            else:
-                part, n, _ = self._loss(self._view, batch, "train", self.step_count)
-                part.backward()
-            loss_sum += float(part.detach())
-            n_tokens += float(n)
-        loss_sum, n_tokens = self._all_reduce([loss_sum, n_tokens])
-        if n_tokens <= 0:
-            raise UserError(f"data.source={self.cfg.data.source}: step {self.step_count} has no scored tokens")
-        # DDP averages gradients over workers; the sum over workers divided by the global count is wanted
-        scale = self.world_size / n_tokens
+        loss_sum, n_tokens = self._summed(self._view, "train", self.step_count, backward=True)
+        # the sum over workers divided by the global count is wanted; DDP averaged the gradients over
+        # workers. (A step without scored tokens has zero gradients; the next read reports it.)
+        scale = (self.world_size / n_tokens.clamp(min=1.0)).to(torch.float32)
         params = [p for p in self.raw_model.parameters() if p.grad is not None]
-        for p in params:
-            p.grad.mul_(scale)
+        grads = [p.grad for p in params]
+        if grads:
+            torch._foreach_mul_(grads, scale)
         if tc.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.grad_clip))
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+        elif grads:
+            grad_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
         else:
-            grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))) \
-                if params else 0.0
+            grad_norm = torch.zeros((), device=self.device)
         lr = lr_at(self.step_count, tc)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
         self.step_count += 1
         if self.ema is not None:
-            decay = ema_decay(tc.ema, self.step_count)
-            with torch.no_grad():
-                for name, p in self.raw_model.named_parameters():
-                    if name in self.ema:
-                        s = self.ema[name]
-                        s.sub_((1.0 - decay) * (s - p.detach()))  # ema.py: s ← s − (1−decay)(s − θ)
-        elapsed = time.perf_counter() - t0
-        return {"loss": loss_sum / n_tokens, "lr": lr, "grad_norm": grad_norm,
-                "tokens_per_s": n_tokens / elapsed if elapsed > 0 else float("nan")}
+            self.ema.update(self.raw_model, self.step_count)
+        previous = self._figures
+        self._figures = StepFigures(
+            loss_sum, n_tokens, grad_norm.detach(), lr,
+            n_tokens if previous is None else previous.window_tokens + n_tokens,
+            (n_tokens <= 0).long() if previous is None else previous.unscored_steps + (n_tokens <= 0).long())
+
+    def read_metrics(self) -> dict[str, float]:
+        """The latest step's metrics as floats (waits for the device), merged into ``self.metrics``:
+        loss (nats/token over the global batch), lr, grad_norm, and tokens_per_s since the last read."""
+        fig, self._figures = self._figures, None
+        if fig is None:
+            return {}
+        unscored = int(fig.unscored_steps)
+        elapsed = time.perf_counter() - self._window_start
+        self._window_start = time.perf_counter()
+        if unscored:
+            raise UserError(f"data.source={self.cfg.data.source}: {unscored} step(s) up to step {self.step_count} "
+                            "had no scored tokens")
+        metrics = {"loss": float(fig.loss_sum / fig.n_tokens), "lr": fig.lr, "grad_norm": float(fig.grad_norm),
+                   "tokens_per_s": float(fig.window_tokens) / elapsed if elapsed > 0 else float("nan")}
+        self.metrics.update(metrics)
+        return metrics
+
+    def step(self) -> dict[str, float]:
+        """One optimizer step and its metrics (:meth:`train_step` then :meth:`read_metrics`)."""
+        self.read_metrics()
+        self.train_step()
+        return self.read_metrics()
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Validation loss and NLL (nats/token; the objective's NELBO or CE) with the EMA weights."""
-        tc = self.cfg.train
+        """Validation loss (nats/token; the objective's NELBO or CE) with the EMA weights."""
         model = self.raw_model
-        backup = self._swap_in_ema()
         was_training = model.training
         model.eval()
         try:
-            loss_sum, n_tokens = 0.0, 0.0
-            for k in range(tc.eval_batches):
-                for a in range(self.accum):
-                    batch = self.data.batch("valid", k, self.rank, self.world_size, self.micro, a)
-                    part, n, _ = self._loss(model, batch, "valid", k)
-                    loss_sum += float(part)
-                    n_tokens += float(n)
-            loss_sum, n_tokens = self._all_reduce([loss_sum, n_tokens])
+            with self.ema.applied(model) if self.ema is not None else contextlib.nullcontext():
+                loss_sum = n_tokens = 0.0
+                for k in range(self.cfg.train.eval_batches):
+                    part, n = self._summed(model, "valid", k, backward=False)
+                    loss_sum, n_tokens = loss_sum + part, n_tokens + n
         finally:
-            self._swap_out_ema(backup)
             model.train(was_training)
-        return validation_metrics(self.cfg.objective, loss_sum / max(n_tokens, 1.0))
-
-    def _swap_in_ema(self) -> dict[str, torch.Tensor] | None:
-        if self.ema is None:
-            return None
-        backup = {}
-        for name, p in self.raw_model.named_parameters():
-            if name in self.ema:
-                backup[name] = p.detach().clone()
-                p.data.copy_(self.ema[name])
-        return backup
-
-    def _swap_out_ema(self, backup: dict[str, torch.Tensor] | None) -> None:
-        if backup is None:
-            return
-        for name, p in self.raw_model.named_parameters():
-            if name in backup:
-                p.data.copy_(backup[name])
+        return validation_metrics(self.cfg.objective, float(loss_sum) / max(float(n_tokens), 1.0))
 
     # ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
             "step": self.step_count,
             "model": {k: v.detach().clone() for k, v in self.raw_model.state_dict().items()},
-            "ema": None if self.ema is None else {k: v.clone() for k, v in self.ema.items()},
+            "ema": None if self.ema is None else self.ema.state_dict(),
             "optimizer": copy.deepcopy(self.optimizer.state_dict()),
             "rng": {"torch": torch.get_rng_state().clone()},
             "data": self.data.state_dict(),
@@ -310,15 +284,7 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any], where: str = "state") -> None:
         load_weights(self.raw_model, state["model"], f"{where}/model")
         if self.ema is not None:
-            if state.get("ema") is None:
-                raise UserError(f"{where}: has no EMA weights but train.ema={self.cfg.train.ema}")
-            missing = sorted(set(self.ema) - set(state["ema"]))
-            shapes = [k for k in self.ema if k in state["ema"] and state["ema"][k].shape != self.ema[k].shape]
-            if missing or shapes:
-                raise UserError(f"{where}/ema: does not fit the model (missing: {', '.join(missing[:5])}; "
-                                f"wrong shape: {', '.join(shapes[:5])})")
-            for k in self.ema:
-                self.ema[k] = state["ema"][k].to(self.device).clone()
+            self.ema.load_state_dict(state.get("ema"), where)
         if state.get("optimizer") is not None:
             try:
                 self.optimizer.load_state_dict(state["optimizer"])
@@ -333,20 +299,21 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def save(self, step: int | None = None) -> str | None:
         """Write a checkpoint of the current state (rank 0 only) and apply retention; returns its URI."""
+        self.read_metrics()  # every rank: a step without tokens must fail before anything is saved
         if self.rank != 0:
             return None
         step = self.step_count if step is None else step
         sd = self.state_dict()
-        ema_full = None
-        if sd["ema"] is not None:  # EMA shadows parameters; buffers ride along so it loads as a model
-            ema_full = {k: sd["ema"].get(k, v) for k, v in sd["model"].items()}
         state = {"rng": {"torch": encode_rng(sd["rng"]["torch"])}, "data": sd["data"],
                  "best_valid_loss": sd["best_valid_loss"] if math.isfinite(sd["best_valid_loss"]) else None,
                  "ema_updates": self.step_count, "run_name": self.name}
         uri = save_checkpoint(self.storage, step, config=to_dict(self.cfg), model_state=sd["model"],
-                              ema_state=ema_full, optim_state=sd["optimizer"], state=state,
-                              metrics=dict(self.metrics), tokenizer=self.data.tokenizer)
+                              ema_state=None if self.ema is None else self.ema.full_state(sd["model"]),
+                              optim_state=sd["optimizer"], state=state, metrics=dict(self.metrics),
+                              tokenizer=self.data.tokenizer)
         apply_retention(self.storage, self.cfg.train.keep_last)
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(uri, self.step_count)
         return uri
 
     def resume(self) -> bool:
@@ -376,7 +343,8 @@ class Trainer:
             self.on_metrics(dict(metrics), self.step_count)
 
     def fit(self) -> dict[str, float]:
-        """Train from the current step to ``train.steps``; validate and checkpoint on schedule and at the end."""
+        """Train from the current step to ``train.steps``; validate and checkpoint on schedule and at the
+        end. Device values are read only at those steps and every ``train.log_every`` steps."""
         from tqdm import tqdm
 
         tc = self.cfg.train
@@ -388,13 +356,14 @@ class Trainer:
         bar = tqdm(total=tc.steps, initial=self.step_count, desc=f"train {self.name}",
                    disable=self.rank != 0, leave=False)
         last_eval = last_ckpt = -1
+        self.read_metrics()
         try:
             while self.step_count < tc.steps:
-                metrics = self.step()
+                self.train_step()
                 bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-                self.metrics.update(metrics)
                 if self.step_count % tc.log_every == 0 or self.step_count == tc.steps:
+                    metrics = self.read_metrics()
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}")
                     self._emit(metrics)
                 if tc.eval_every and self.step_count % tc.eval_every == 0:
                     self._validate_and_record()
@@ -417,4 +386,4 @@ class Trainer:
         self._emit(valid)
 
 
-__all__ = ["Trainer", "lr_at", "ema_decay", "run_name", "validation_metrics", "VALIDATION_METRIC"]
+__all__ = ["Trainer", "StepFigures", "lr_at", "ema_decay", "run_name"]

@@ -11,9 +11,10 @@ import torch
 from dsl.channel import corrupt_rows, sample_snr_rows
 from dsl.checkpoint import latest_complete, load_checkpoint, load_run
 from dsl.config import RunConfig, load
+from dsl.ema import ema_decay
 from dsl.errors import UserError
 from dsl.seeding import sample_generator
-from dsl.train import Trainer, ema_decay, lr_at
+from dsl.train import Trainer, lr_at
 
 torch.set_num_threads(1)
 
@@ -123,10 +124,10 @@ def test_load_run_and_init_use_ema_weights(tmp_path: Path) -> None:
     assert cfg.objective == "dsl" and not model.training
     assert tokenizer.vocab_size == trainer.data.vocab_size
     for name, p in model.named_parameters():
-        assert torch.equal(p, trainer.ema[name])
+        assert torch.equal(p, trainer.ema.shadow[name])
     warm = Trainer(_cfg("dsl", f"init={tmp_path / 'run'}"), storage=tmp_path / "warm")
     for name, p in warm.raw_model.named_parameters():
-        assert torch.equal(p, trainer.ema[name])
+        assert torch.equal(p, trainer.ema.shadow[name])
 
 
 def test_dsl_run_initialised_from_an_mdlm_run(tmp_path: Path) -> None:
@@ -134,7 +135,7 @@ def test_dsl_run_initialised_from_an_mdlm_run(tmp_path: Path) -> None:
     mdlm.fit()
     dsl = Trainer(_cfg("dsl", f"init={tmp_path / 'mdlm'}"), storage=tmp_path / "dsl")
     for name, p in dsl.raw_model.backbone.named_parameters():
-        assert torch.equal(p, mdlm.ema[name]), name
+        assert torch.equal(p, mdlm.ema.shadow[name]), name
     with pytest.raises(UserError, match="cannot initialise objective=ar"):
         Trainer(_cfg("ar", f"init={tmp_path / 'mdlm'}"), storage=tmp_path / "ar")
 
@@ -240,7 +241,7 @@ def test_text_run_reuses_its_saved_bpe_tokenizer(tmp_path: Path, monkeypatch) ->
 def test_a_dsl_runs_validation_loss_is_named_a_denoising_cross_entropy(tmp_path: Path) -> None:
     """DSL's validation number is the denoiser's CE under Alg 1's corruptions, not a likelihood: no
     NLL or bits-per-token name, and best-checkpoint retention reads valid_loss."""
-    from dsl.train import validation_metrics
+    from dsl.objectives import validation_metrics
 
     trainer = Trainer(_cfg("dsl", "train.steps=2", "train.eval_every=1"), storage=tmp_path)
     metrics = trainer.fit()

@@ -130,7 +130,11 @@ class TrainConfig:
     min_lr_ratio: float = num(0.1, 0.0, 1.0, help="final lr / peak for cosine and linear decay")
     grad_clip: float = num(1.0, 0.0, help="global grad-norm clip; 0 = off")
     ema: float = num(0.9999, 0.0, 1.0, hi_open=True, help="EMA decay (MDLM: 0.9999); 0 = off")
-    precision: Literal["fp32", "bf16"] = choice("fp32", "bf16 = autocast; App C.1 uses fp32")
+    precision: Literal["fp32", "bf16"] = choice("fp32", "bf16 = bf16 autocast of the forward (as MDLM trains; "
+                                                "weights, optimizer, softmax and loss stay fp32); "
+                                                "App C.1 uses fp32")
+    compile: bool = flag(False, "torch.compile the model for training steps (faster GPU steps after the "
+                                "first ones compile; validation stays eager); false = eager")
     eval_every: int = num(200, 0, help="validate every N steps; 0 = only at the end")
     eval_batches: int = num(4, 1, help="validation batches per evaluation")
     ckpt_every: int = num(200, 0, help="checkpoint every N steps; 0 = only at the end")

@@ -53,7 +53,8 @@ class DSLModel(nn.Module):
             # Alg 1 line 18 reading (see module docstring): f_θ(h, ‖z‖) = f_θ(h + A log(1 + ‖z_i‖))
             extra = self.znorm_proj(torch.log1p(z.float().norm(dim=-1, keepdim=True)))  # (B, L, hidden)
         logits = self.backbone(inputs_embeds=h, extra=extra)  # (B, L, V)
-        mask_col = torch.tensor([self.mask_id], device=logits.device)
+        # made on the device (torch.full), not copied from a host list: a blocking copy would wait for the GPU
+        mask_col = torch.full((1,), self.mask_id, dtype=torch.long, device=logits.device)
         return logits.index_fill(-1, mask_col, float("-inf"))
 
     def posterior_mean(self, z: torch.Tensor) -> torch.Tensor:

@@ -13,17 +13,18 @@ the config); its checkpoints live under ``<storage>/<name>/step-<N>/``. Any star
 latest *complete* checkpoint there, and the driver re-opens the MLflow run tagged with that name.
 Ray's own checkpoint machinery is not used for weights (``ray.train.report`` carries only metrics and
 our checkpoint URI), so the run's state has one source of truth that sampling/eval jobs also read.
+The workers run ``dsl.service.train_worker.train_worker`` on a typed ``WorkerPlan``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
 import re
 import shutil
-import socket
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from typing import Any
 
 from dsl.config import ConfigError, JobConfig, RunConfig, from_dict, run_config_of, to_dict
 from dsl.data import check_source
-from dsl.errors import JobFailed, UserError, one_line
+from dsl.errors import JobFailed, UserError
 from dsl.outputs import RUNS_ROOT, output_dir
 from dsl.redact import scrub
 from dsl.service.ray_failures import (
@@ -41,6 +42,7 @@ from dsl.service.ray_failures import (
     user_error_in,
     worker_runtime_env,
 )
+from dsl.service.train_worker import WorkerPlan, train_worker
 
 # The service keys a training run records as MLflow params (where and how it ran, not where it is tracked).
 LOGGED_SERVICE_KEYS = ("workers", "gpus_per_worker", "cpus_per_worker", "threads_per_worker", "max_failures",
@@ -154,109 +156,6 @@ LARGEST_ACCELERATOR_BYTES = 192 * (1 << 30)
 
 
 # ----------------------------------------------------------------------------------------------
-# Inside each Ray Train worker.
-
-
-def latest_uri(storage: Any) -> str | None:
-    from dsl.checkpoint import latest_complete
-
-    return latest_complete(storage)
-
-
-def untrust_corrupt_after_latest(storage: Any) -> list[int]:
-    """Drop the manifest of every checkpoint newer than the latest one that verifies.
-
-    Such a checkpoint (a missing, truncated or altered file) is never loaded; the run falls back to the
-    previous complete one and must be able to train through and re-save those steps. Removing only the
-    manifest leaves the files as debris that the next save of that step cleans up.
-    """
-    from dsl.checkpoint import MANIFEST, list_checkpoints, step_dir, verify_checkpoint
-
-    dropped = []
-    for step in reversed(list_checkpoints(storage)):
-        key = f"{step_dir(step)}/{MANIFEST}"
-        if not storage.exists(key):
-            continue
-        try:
-            verify_checkpoint(storage, step_dir(step))
-            break
-        except UserError as exc:
-            print(f"warning: not trusting {scrub(one_line(exc))}; falling back", flush=True)
-            storage.delete(key)
-            dropped.append(step)
-    return dropped
-
-
-def train_worker(payload: dict[str, Any]) -> None:
-    """Ray Train per-worker function: build the core Trainer, resume, fit, report to Ray and MLflow."""
-    import ray.train
-    import ray.train.torch
-    import torch
-
-    from dsl.train import Trainer
-
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(payload["threads"])))
-    if payload["storage_endpoint"]:
-        from dsl.service.storage_s3 import set_default_endpoint
-
-        set_default_endpoint(payload["storage_endpoint"])
-    run_cfg = from_dict(RunConfig, payload["run"])
-    device = ray.train.torch.get_device() if payload["gpus_per_worker"] > 0 else torch.device("cpu")
-    logger = None
-    if rank == 0 and payload["mlflow_run_id"]:
-        from dsl.service.tracking import RunLogger
-
-        node = re.sub(r"[^A-Za-z0-9_.-]", "-", f"rank0-{socket.gethostname()}")  # MLflow metric-name chars
-        logger = RunLogger(payload["mlflow_run_id"], payload["tracking_uri"],
-                           system_metrics=payload["system_metrics"], node_id=node)
-
-    def on_metrics(metrics: dict, step: int) -> None:
-        shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
-        print(f"[{run_cfg.name}] step {step}/{run_cfg.train.steps} {shown}", flush=True)
-        if logger is not None:
-            logger.log_metrics(metrics, step)
-
-    class ReportingTrainer(Trainer):
-        """The core Trainer; rank 0 also tags each checkpoint it writes in MLflow. (No Ray report here:
-        ranks may disagree on whether a final save is needed, and reports must pair up across ranks.)"""
-
-        def save(self, step: int | None = None) -> str | None:
-            uri = super().save(step)
-            if logger is not None and uri:
-                logger.log_checkpoint(uri, self.step_count)
-            return uri
-
-    wrap = (lambda m: ray.train.torch.prepare_model(m, move_to_device=False)) if world > 1 else None
-    trainer = ReportingTrainer(run_cfg, rank=rank, world_size=world, wrap_model=wrap,
-                               storage=payload["storage_root"], on_metrics=on_metrics, device=device)
-    if rank == 0:
-        untrust_corrupt_after_latest(trainer.storage)
-    if world > 1:
-        torch.distributed.barrier()  # every rank must see the same checkpoints before resuming
-    trainer.resume()
-    if rank == 0:
-        # one point per (re)start of the worker group: where it resumed from (0 = fresh)
-        print(f"[{run_cfg.name}] rank 0 of {world} starting at step {trainer.step_count} "
-              f"(nice {os.getpriority(os.PRIO_PROCESS, 0)})", flush=True)
-        if logger is not None:
-            logger.log_metrics({"resumed_from_step": trainer.step_count}, trainer.step_count)
-    try:
-        final = trainer.fit()
-    except BaseException:
-        if logger is not None:
-            logger.close()
-        raise
-    if logger is not None:
-        logger.log_metrics({k: v for k, v in final.items() if k.startswith("valid_")}, trainer.step_count)
-        logger.close()
-    # one report per rank per attempt: the barrier that ends the attempt together
-    ray.train.report({"step": trainer.step_count,
-                      "checkpoint_uri": (latest_uri(trainer.storage) or "") if rank == 0 else ""})
-
-
-# ----------------------------------------------------------------------------------------------
 # Driver side.
 
 
@@ -339,9 +238,9 @@ def run_finetune(cfg: JobConfig, *, name: str | None = None) -> FinetuneResult:
                                                  experiment=cfg.experiment)
 
     threads = svc.threads_per_worker or max(1, int(round(svc.cpus_per_worker)))
-    payload = {"run": to_dict(run_cfg), "storage_root": root, "storage_endpoint": svc.storage_endpoint,
-               "mlflow_run_id": run_id, "tracking_uri": tracking_uri, "system_metrics": svc.system_metrics,
-               "threads": threads, "gpus_per_worker": svc.gpus_per_worker}
+    plan = WorkerPlan(run=run_cfg, storage_root=root, storage_endpoint=svc.storage_endpoint, threads=threads,
+                      gpus_per_worker=svc.gpus_per_worker, mlflow_run_id=run_id, tracking_uri=tracking_uri,
+                      system_metrics=svc.system_metrics)
     env_vars = {"RAY_CHDIR_TO_TRIAL_DIR": "0", "OMP_NUM_THREADS": str(threads)}
     for key in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
                 "MLFLOW_S3_ENDPOINT_URL"):
@@ -361,7 +260,7 @@ def run_finetune(cfg: JobConfig, *, name: str | None = None) -> FinetuneResult:
         attempt = 0
         while True:
             trainer = TorchTrainer(
-                train_worker, train_loop_config=payload,
+                functools.partial(train_worker, plan),
                 scaling_config=ray.train.ScalingConfig(num_workers=svc.workers, use_gpu=svc.gpus_per_worker > 0,
                                                        resources_per_worker=resources),
                 run_config=ray.train.RunConfig(
@@ -422,5 +321,5 @@ def print_progress_note(result: FinetuneResult, stream: Any = None) -> None:
 
 
 __all__ = ["FinetuneResult", "LOGGED_SERVICE_KEYS", "run_config_of", "resolve_name",
-           "storage_root", "run_finetune", "train_worker", "submission_id", "user_error_in",
+           "storage_root", "run_finetune", "submission_id", "user_error_in",
            "print_progress_note", "check_init", "check_storage"]
