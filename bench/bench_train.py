@@ -43,13 +43,14 @@ def _run(shape: str, objective: str, steps: int, threads: int, precision: str, o
 
     from dsl.config import RunConfig, load
     from dsl.models import build_model
-    from dsl.objectives import dsl_loss, mdlm_loss
+    from dsl.objectives import select_objective
     from dsl.seeding import sample_generator
 
     spec = SHAPES[shape]
     cfg = load(RunConfig, [f"model={spec['preset']}", f"model.length={spec['length']}", f"objective={objective}",
-                           "model.dropout=0.0"])
+                           "model.dropout=0.0", f"train.batch_size={spec['batch']}"])
     model = build_model(cfg, spec["vocab"])
+    loss_of = select_objective(cfg)  # the trainer's loss: no diagnostics
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     b, length = spec["batch"], spec["length"]
     ids = torch.randint(spec["vocab"] - 1, (b, length), generator=sample_generator(0, "bench-ids"))
@@ -60,10 +61,7 @@ def _run(shape: str, objective: str, steps: int, threads: int, precision: str, o
     def step(k: int) -> None:
         gens = [sample_generator(0, "bench", k, r) for r in range(b)]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            if objective == "dsl":
-                loss, n, _ = dsl_loss(model, ids, mask, cfg.channel, gens)
-            else:
-                loss, n, _ = mdlm_loss(model, ids, mask, cfg.mdlm, gens, rows, b)
+            loss, n, _ = loss_of(model, ids, mask, gens, rows)
         (loss / n).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -80,20 +80,20 @@ def _peak_memory_gib(device: torch.device) -> float | None:
 def train_step_fn(objective: str, shape: dict, batch: int, device: torch.device, compile_model: bool):
     """(step function, model) of one optimizer step: bf16 autocast loss, backward, clip, AdamW."""
     from dsl.config import RunConfig, load
+    from dsl.devices import to_device
     from dsl.models import build_model
-    from dsl.objectives import dsl_loss, mdlm_loss
+    from dsl.objectives import select_objective
     from dsl.seeding import sample_generator
 
     cfg = load(RunConfig, [f"model={shape['preset']}", f"model.length={shape['length']}", f"objective={objective}",
-                           "model.dropout=0.0"])
+                           "model.dropout=0.0", f"train.batch_size={batch}"])
+    loss_of = select_objective(cfg)  # the trainer's loss: no diagnostics, nothing read back
     model = build_model(cfg, shape["vocab"]).to(device)
     fused = device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
     forward = torch.compile(model) if compile_model else model
     length = shape["length"]
     host_ids = torch.randint(shape["vocab"] - 1, (batch, length), generator=sample_generator(0, "gpu-check"))
-    if device.type == "cuda":
-        host_ids = host_ids.pin_memory()
     rows = torch.arange(batch)
     counter = [0]
 
@@ -108,27 +108,17 @@ def train_step_fn(objective: str, shape: dict, batch: int, device: torch.device,
 
     def step() -> None:
         counter[0] += 1
-        ids = host_ids.to(device, non_blocking=True)
+        ids = to_device(host_ids, device)  # as the trainer's batches: pinned, non-blocking
         mask = torch.ones_like(ids)
         gens = [sample_generator(0, "gpu-check", counter[0], r) for r in range(batch)]
         with _autocast(device):
-            if objective == "dsl":
-                loss, n, _ = dsl_loss(view, ids, mask, cfg.channel, gens, **_no_stats(dsl_loss))
-            else:
-                loss, n, _ = mdlm_loss(view, ids, mask, cfg.mdlm, gens, rows, batch, **_no_stats(mdlm_loss))
+            loss, n, _ = loss_of(view, ids, mask, gens, rows)
         (loss / n).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     return step, model
-
-
-def _no_stats(loss_fn) -> dict:
-    """``stats=False`` where the objective takes it: its float diagnostics read device values back."""
-    import inspect
-
-    return {"stats": False} if "stats" in inspect.signature(loss_fn).parameters else {}
 
 
 def measure_training(shape: dict, batch: int, steps: int, device: torch.device, peak: float,
