@@ -3,7 +3,9 @@
     from dsl.config import JobConfig, RunConfig, SamplingConfig, load, ConfigError
 
 - :mod:`dsl.config.fields`  — field declarations (help, range) and value parsing;
-- :mod:`dsl.config.tree`    — the sections and the roots (:class:`JobConfig`, :class:`RunConfig`);
+- :mod:`dsl.config.science` — the science sections (model, channel, mdlm, data, train, sampling);
+- :mod:`dsl.config.job_sections` — eval, search, prepare, service, report, table;
+- :mod:`dsl.config.tree`    — the roots (:class:`JobConfig`, :class:`RunConfig`);
 - :mod:`dsl.config.presets` — run and model presets, read from ``presets/*/*.toml``;
 - :mod:`dsl.config.parse`   — overrides, validation, dict round trips, ``describe``.
 
@@ -13,6 +15,14 @@ Command lines are parsed by :mod:`dsl.cli`, which adds per-job key sets, aliases
 from __future__ import annotations
 
 from dsl.config.fields import ConfigError, choice, flag, num, parse_value, section, text, values
+from dsl.config.job_sections import (
+    EvalConfig,
+    PrepareConfig,
+    ReportConfig,
+    SearchConfig,
+    ServiceConfig,
+    TableConfig,
+)
 from dsl.config.parse import (
     apply_overrides,
     describe,
@@ -27,23 +37,15 @@ from dsl.config.parse import (
     validate,
 )
 from dsl.config.presets import describe_presets, model_presets, run_presets
-from dsl.config.tree import (
+from dsl.config.science import (
     ChannelConfig,
     DataConfig,
-    EvalConfig,
-    JobConfig,
     MDLMLossConfig,
     ModelConfig,
-    PrepareConfig,
-    ReportConfig,
-    RunConfig,
     SamplingConfig,
-    SearchConfig,
-    ServiceConfig,
-    TableConfig,
     TrainConfig,
-    run_config_of,
 )
+from dsl.config.tree import JobConfig, RunConfig, run_config_of
 
 MODEL_PRESETS = model_presets()
 RUN_PRESETS = run_presets()

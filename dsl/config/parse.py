@@ -16,7 +16,7 @@ from typing import Any
 
 from dsl.config.fields import ConfigError, check_range, parse_value, range_text, strip_optional, type_name
 from dsl.config.presets import model_presets, run_presets
-from dsl.config.tree import ModelConfig
+from dsl.config.science import ModelConfig
 
 
 def leaf_keys(cfg: Any, prefix: str = "") -> list[str]:
