@@ -5,13 +5,8 @@ is sequence ``g = s·B + r`` of the split's stream (B = the global batch). Rank 
 takes rows ``a·W·b + k·b … + b−1`` of accumulation slice ``a`` (b = its micro-batch), so the union over
 ranks and slices is exactly the single-process batch, and a resumed run sees the same sequences.
 
-- Synthetic sources (``hmm``, ``cyclic``): sequence g is ``source.sample(1, gen(seed, "data", split, g))``
-  — an infinite stream that costs nothing to seek.
-- Text corpora: the split's documents are tokenised and wrapped into L-token blocks (one pass = one
-  epoch). Training blocks are shuffled inside windows of ``data.shuffle_window`` blocks by a generator
-  keyed on (seed, split, epoch, window); validation blocks stay in corpus order. Loaded and streamed
-  corpora follow the same order block for block; a stream seeks by (document, carried tokens) saved in
-  the checkpoint instead of re-reading from the start.
+Where the sequences come from and in which order (synthetic streams, loaded or streamed text corpora):
+:mod:`dsl.data.blocks`; prepared token stores: :mod:`dsl.data.prepared`.
 """
 
 from __future__ import annotations
@@ -23,12 +18,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from dsl.config import ConfigError, RunConfig
+from dsl.data.blocks import MemoryBlocks, StreamBlocks, SyntheticBlocks, TextStream
 from dsl.data.corpora import HFCorpus, LocalCorpus, open_corpus
-from dsl.data.order import READ_WINDOW_NO_SHUFFLE, BlockOrder, window_perm
 from dsl.data.prepared.layout import PREFIX as PREPARED  # data.source=prepared:<dir or s3://...>
 from dsl.data.tokenizers import (
     BPETokenizer,
@@ -39,13 +33,11 @@ from dsl.data.tokenizers import (
 )
 from dsl.data.wrapping import WrapState, pad_document, wrap_documents
 from dsl.errors import UserError
-from dsl.seeding import sample_generator
 from dsl.sources import SOURCE_NAMES
 
 SYNTHETIC = SOURCE_NAMES
 TOKENIZERS = "auto, char, gpt2, bpe or a saved tokenizer directory"
 BPE_TRAIN_CHARS = 50_000_000  # a BPE is trained on at most this much training text (a prefix)
-STREAM_WINDOW_NO_SHUFFLE = READ_WINDOW_NO_SHUFFLE  # blocks read at a time by a stream that does not shuffle
 
 
 def global_rows(batch_size: int, rank: int, world: int, micro: int, accum: int) -> torch.Tensor:
@@ -57,191 +49,6 @@ def global_rows(batch_size: int, rank: int, world: int, micro: int, accum: int) 
         raise ValueError(f"micro={micro}, accum={accum}, rank={rank}/{world} reach past the global batch "
                          f"train.batch_size={batch_size}")
     return torch.arange(start, start + micro)
-
-
-# ----------------------------------------------------------------------------------------------
-# Block stores: ``get(split, g) -> (ids (L,), mask (L,))`` for the g-th sequence of a split.
-
-
-class _SyntheticBlocks:
-    def __init__(self, source: Any, seed: int, length: int) -> None:
-        self.source, self.seed, self.length = source, seed, length
-
-    def get(self, split: str, g: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = self.source.sample(1, sample_generator(self.seed, "data", split, g))[0]
-        return ids.long(), torch.ones_like(ids, dtype=torch.long)
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
-class _TextStream:
-    """Blocks of one split produced on the fly; shared by the in-memory store (one full pass) and streaming."""
-
-    def __init__(self, corpus: Any, tokenizer: Any, split: str, length: int, wrap: bool) -> None:
-        self.corpus, self.tok, self.split, self.length, self.wrap = corpus, tokenizer, split, length, wrap
-
-    def _token_docs(self, start: int) -> Iterator[list[int]]:
-        batch: list[str] = []
-        encode_batch = getattr(self.tok, "encode_batch", None)
-        for text in self.corpus.documents(self.split, start):
-            if encode_batch is None:
-                yield self.tok.encode(text)
-                continue
-            batch.append(text)
-            if len(batch) == 256:
-                yield from encode_batch(batch)
-                batch = []
-        if batch:
-            yield from encode_batch(batch)
-
-    def blocks(self, state: WrapState) -> Iterator[tuple[list[int], list[int], WrapState]]:
-        """``(ids, mask, state after)`` from ``state`` to the end of the pass."""
-        docs = self._token_docs(state.doc)
-        if self.wrap:
-            ones = [1] * self.length
-            for block, after in wrap_documents(docs, self.length, self.tok.bos_id, self.tok.eos_id, state):
-                yield block, ones, after
-        else:
-            for i, tokens in enumerate(docs, start=state.doc):
-                ids, mask = pad_document(tokens, self.length, self.tok.bos_id, self.tok.eos_id, self.tok.pad_id)
-                yield ids, mask, WrapState(i + 1, [])
-
-
-class _MemoryBlocks:
-    """All blocks of each split in memory (or a numpy memmap of the on-disk cache)."""
-
-    def __init__(self, streams: dict[str, _TextStream], seed: int, window: int, cache: Path | None,
-                 where: str) -> None:
-        self.order = BlockOrder(seed, window)
-        self.arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        for split, stream in streams.items():
-            self.arrays[split] = self._load_or_build(stream, cache, where)
-
-    @staticmethod
-    def _load_or_build(stream: _TextStream, cache: Path | None, where: str) -> tuple[np.ndarray, np.ndarray]:
-        if cache is not None:
-            ids_path, mask_path = cache / f"{stream.split}.ids.npy", cache / f"{stream.split}.mask.npy"
-            if ids_path.is_file() and mask_path.is_file():
-                return np.load(ids_path, mmap_mode="r"), np.load(mask_path, mmap_mode="r")
-        rows = [(ids, mask) for ids, mask, _ in stream.blocks(WrapState())]
-        if not rows:
-            raise UserError(f"data.source={where}: the {stream.split} split yields no {stream.length}-token "
-                            "blocks (empty corpus, or too little text for one block)")
-        dtype = np.int32 if stream.tok.vocab_size < 2**31 else np.int64
-        ids = np.asarray([r[0] for r in rows], dtype=dtype)
-        mask = np.asarray([r[1] for r in rows], dtype=np.int8)
-        if cache is not None:
-            cache.mkdir(parents=True, exist_ok=True)
-            for name, arr in ((f"{stream.split}.ids.npy", ids), (f"{stream.split}.mask.npy", mask)):
-                tmp = cache / f".{name}.{os.getpid()}.tmp"
-                with open(tmp, "wb") as fh:
-                    np.save(fh, arr)
-                os.replace(tmp, cache / name)
-        return ids, mask
-
-    def get(self, split: str, g: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, mask = self.arrays[split]
-        p, _, _ = self.order.locate(split, g, ids.shape[0])
-        return torch.from_numpy(np.array(ids[p], dtype=np.int64)), torch.from_numpy(np.array(mask[p], dtype=np.int64))
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
-class _StreamReader:
-    """One split read window by window; seeks back by restarting from the last saved window start."""
-
-    def __init__(self, stream: _TextStream, seed: int, window: int, shuffle: bool, where: str) -> None:
-        self.stream, self.seed, self.window, self.shuffle, self.where = stream, seed, window, shuffle, where
-        self._resume = {"epoch": 0, "window": 0, "g_start": 0, "state": WrapState().to_json()}
-        self._reset(self._resume)
-
-    def _reset(self, point: dict) -> None:
-        self.epoch, self.w, self.g_start = int(point["epoch"]), int(point["window"]), int(point["g_start"])
-        self.start_state = WrapState.from_json(point["state"])
-        self.rows: list[tuple[list[int], list[int]]] = []
-        self.order: torch.Tensor | None = None
-        self._it = self.stream.blocks(self.start_state)
-        self._after = self.start_state
-        self._fill()
-
-    def _fill(self) -> None:
-        """Read the window that starts at ``self.start_state``; roll over to a new epoch at the end."""
-        while True:
-            self.rows = []
-            for ids, mask, after in self._it:
-                self.rows.append((ids, mask))
-                self._after = after
-                if len(self.rows) == self.window:
-                    break
-            if self.rows:
-                break
-            if self.w == 0 and self.start_state.doc == 0 and not self.start_state.carry:
-                raise UserError(f"data.source={self.where}: the {self.stream.split} split yields no "
-                                f"{self.stream.length}-token blocks (empty corpus, or too little text)")
-            self.epoch, self.w, self.start_state = self.epoch + 1, 0, WrapState()
-            self._it = self.stream.blocks(self.start_state)
-        self.order = (window_perm(self.seed, self.stream.split, self.epoch, self.w, len(self.rows))
-                      if self.shuffle else None)
-        self.ended = len(self.rows) < self.window
-
-    def _next_window(self) -> None:
-        self.g_start += len(self.rows)
-        if self.ended:
-            self.epoch, self.w, self.start_state = self.epoch + 1, 0, WrapState()
-            self._it = self.stream.blocks(self.start_state)
-        else:
-            self.w, self.start_state = self.w + 1, self._after
-        self._fill()
-
-    def get(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if g < self.g_start:
-            point = self._resume if g >= self._resume["g_start"] else {
-                "epoch": 0, "window": 0, "g_start": 0, "state": WrapState().to_json()}
-            self._reset(point)
-        while g >= self.g_start + len(self.rows):
-            self._next_window()
-        q = g - self.g_start
-        if self.order is not None:
-            q = int(self.order[q])
-        ids, mask = self.rows[q]
-        return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
-
-    def position(self) -> dict:
-        return {"epoch": self.epoch, "window": self.w, "g_start": self.g_start,
-                "state": self.start_state.to_json()}
-
-    def seek(self, point: dict) -> None:
-        self._resume = dict(point)
-        self._reset(point)
-
-
-class _StreamBlocks:
-    def __init__(self, streams: dict[str, _TextStream], seed: int, window: int, where: str) -> None:
-        self.readers = {
-            split: _StreamReader(s, seed, window if (split == "train" and window > 0) else STREAM_WINDOW_NO_SHUFFLE,
-                                 split == "train" and window > 0, where)
-            for split, s in streams.items()}
-
-    def get(self, split: str, g: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.readers[split].get(g)
-
-    def state_dict(self) -> dict:
-        return {"train": self.readers["train"].position()}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("train"):
-            self.readers["train"].seek(state["train"])
-
-
-# ----------------------------------------------------------------------------------------------
 
 
 class Data:
@@ -341,7 +148,7 @@ def build_data(run_cfg: RunConfig, tokenizer: Any = None) -> Data:
             raise ConfigError(f"data.tokenizer={data_cfg.tokenizer!r}: synthetic source {source} has its own "
                               "word tokenizer; use data.tokenizer=auto")
         tok = tokenizer or SourceTokenizer.for_source(source, data_cfg, length)
-        store = _SyntheticBlocks(tok.source, run_cfg.seed, length)
+        store = SyntheticBlocks(tok.source, run_cfg.seed, length)
         seq_len = store.get("train", 0)[0].shape[0]
         if seq_len > run_cfg.model.length:
             raise UserError(f"data.source={source}: sequences of {seq_len} tokens are longer than the model "
@@ -360,16 +167,16 @@ def build_data(run_cfg: RunConfig, tokenizer: Any = None) -> Data:
                           "char, gpt2, bpe or a saved text tokenizer")
     if not data_cfg.wrap and length < 3:
         raise ConfigError(f"model.length={length} is too short for [BOS] text [EOS] rows")
-    streams = {split: _TextStream(corpus, tok, split, length, data_cfg.wrap) for split in ("train", "valid")}
+    streams = {split: TextStream(corpus, tok, split, length, data_cfg.wrap) for split in ("train", "valid")}
     if data_cfg.streaming:
-        store: Any = _StreamBlocks(streams, run_cfg.seed, data_cfg.shuffle_window, source)
+        store: Any = StreamBlocks(streams, run_cfg.seed, data_cfg.shuffle_window, source)
     else:
         cache = None
         if data_cfg.cache_dir:
             tok_id = _cache_key(tok.kind, tok.vocab_size, tok.decode(range(min(tok.vocab_size, 512))))
             layout = "wrap" if data_cfg.wrap else f"pad-{tok.pad_id}"
             cache = Path(data_cfg.cache_dir) / f"blocks-{_cache_key(corpus.identity(), tok_id, length, layout)}"
-        store = _MemoryBlocks(streams, run_cfg.seed, data_cfg.shuffle_window, cache, source)
+        store = MemoryBlocks(streams, run_cfg.seed, data_cfg.shuffle_window, cache, source)
     return Data(tok, store, length, batch_size, source)
 
 
@@ -391,7 +198,7 @@ def heldout_blocks(run_cfg: RunConfig, tokenizer: Any, path: str = "", limit: in
             raise ConfigError(f"data.source={data_cfg.source} is an endless synthetic stream: give how many "
                               "held-out sequences to score")
         tokenizer = tokenizer or SourceTokenizer.for_source(data_cfg.source, data_cfg, length)
-        store = _SyntheticBlocks(tokenizer.source, run_cfg.seed, length)
+        store = SyntheticBlocks(tokenizer.source, run_cfg.seed, length)
         pairs = [store.get("valid", g) for g in range(limit)]
     else:
         from dsl.data.corpora import FileCorpus
@@ -399,7 +206,7 @@ def heldout_blocks(run_cfg: RunConfig, tokenizer: Any, path: str = "", limit: in
         if tokenizer.bos_id is None:
             raise UserError(f"heldout={path}: the run's tokenizer ({tokenizer.kind}) has no BOS/EOS to lay out text")
         corpus = FileCorpus(path, data_cfg, length) if path else open_corpus(data_cfg.source, data_cfg, length)
-        stream = _TextStream(corpus, tokenizer, "valid", length, data_cfg.wrap)
+        stream = TextStream(corpus, tokenizer, "valid", length, data_cfg.wrap)
         pairs = []
         for ids, mask, _ in stream.blocks(WrapState()):
             pairs.append((torch.tensor(ids), torch.tensor(mask)))
