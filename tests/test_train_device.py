@@ -104,3 +104,32 @@ def test_the_compile_key_refuses_other_values(word: str) -> None:
     with pytest.raises(ConfigError, match=r"train\.compile") as info:
         _cfg("mdlm", f"train.compile={word}")
     assert "\n" not in str(info.value)
+
+
+class AttentionCalls(TorchFunctionMode):
+    """Records the arguments of every scaled_dot_product_attention call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[tuple, dict]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            self.calls.append((args, dict(kwargs or {})))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("objective", ["mdlm", "dsl", "ar"])
+def test_attention_under_bf16_autocast_qualifies_for_the_fused_kernels(objective: str, tmp_path: Path) -> None:
+    """What CUDA's flash kernel needs: bf16 q, k, v with unit stride in the head dimension, a head size
+    that is a multiple of 8, no mask tensor and no dropout (causality by flag)."""
+    trainer = Trainer(_cfg(objective, "train.steps=1", "train.precision=bf16"), storage=tmp_path)
+    with AttentionCalls() as seen:
+        trainer.train_step()
+    assert len(seen.calls) == trainer.cfg.model.blocks * trainer.accum  # one per block and micro-batch
+    for args, kwargs in seen.calls:
+        q, k, v = args[:3]
+        assert {q.dtype, k.dtype, v.dtype} == {torch.bfloat16}
+        assert all(t.stride(-1) == 1 for t in (q, k, v)) and q.shape[-1] % 8 == 0
+        assert kwargs.get("attn_mask") is None and len(args) <= 3 and not kwargs.get("dropout_p")
+        assert kwargs.get("is_causal", False) is (objective == "ar")
