@@ -6,7 +6,8 @@ the token count of the *global* batch, so splitting a batch over micro-batches o
 nothing. Randomness comes from one generator per row (``gens[b]``), keyed by the global sample index.
 
 * ``dsl_loss``: Alg 1 (token cross-entropy under mixed-SNR corruption).
-* ``mdlm_loss``: MDLM's SUBS continuous-time NELBO with the log-linear schedule (reference §2).
+* ``mdlm_loss``: MDLM's SUBS continuous-time NELBO with the log-linear schedule (kuleshov-group/mdlm
+  ``noise_schedule.py`` ``LogLinearNoise``, ``diffusion.py`` ``_subs_parameterization`` and its loss).
 * ``ar_loss``: next-token cross-entropy.
 * ``select_objective``: a run's loss, chosen once; ``validation_metrics``: what its validation loss is called.
 * ``path_integral_nll``: -log P(x) = ½ ∫₀^∞ Σ_i E‖x_i - x̂_i(z_t)‖² dt (eq. 3 on the contour γ_i = t).
@@ -75,7 +76,7 @@ def mdlm_times(gens: Sequence[torch.Generator], rows: Sequence[int] | torch.Tens
                cfg: MDLMLossConfig) -> torch.Tensor:
     """Diffusion times t (B,) float64: u_b from ``gens[b]``, stratified over the global batch.
 
-    Reference §2.5: t'_b = (u_b + row_b) / global_batch mod 1 (MDLM's "antithetic" sampling is this
+    MDLM's ``_sample_t``: t'_b = (u_b + row_b) / global_batch mod 1 (MDLM's "antithetic" sampling is this
     stratification); t = (1 - sampling_eps) t' + sampling_eps. ``rows`` are the global indices of the
     rows within the optimizer step's batch, so the strata cover [0, 1) once per global batch.
     """
@@ -89,7 +90,8 @@ def mdlm_times(gens: Sequence[torch.Generator], rows: Sequence[int] | torch.Tens
 def mdlm_loss(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, cfg: MDLMLossConfig,
               gens: Sequence[torch.Generator], rows: Sequence[int] | torch.Tensor, global_batch: int,
               *, mask_id: int | None = None, stats: bool = True) -> LossOutput:
-    """MDLM SUBS continuous-time NELBO with the log-linear schedule (reference §2.1-2.5).
+    """MDLM SUBS continuous-time NELBO with the log-linear schedule, as kuleshov-group/mdlm
+    computes it (``noise_schedule.py`` ``LogLinearNoise``; ``diffusion.py``: SUBS, the loss, ``_sample_t``).
 
     Row b draws t_b (``mdlm_times``) and then its L masking uniforms from ``gens[b]``. ``model(ids)``
     returns logits (B, L, V). ``mask_id`` defaults to ``model.mask_id`` (or the model config's).
@@ -101,20 +103,20 @@ def mdlm_loss(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, cfg
     mask_id = _resolve_mask_id(model) if mask_id is None else mask_id
     t = mdlm_times(gens, rows, global_batch, cfg)  # (B,)
     move = torch.stack([torch.rand(ids.shape[1], generator=g, dtype=torch.float64) for g in gens])
-    # §2.1: α_t = 1 - (1-ε)t, so each token is masked with probability 1 - α_t = (1-ε)t (§2.2)
+    # LogLinearNoise: α_t = 1 - (1-ε)t, so each token is masked with probability 1 - α_t = (1-ε)t
     is_masked = to_device(move < ((1.0 - cfg.eps) * t)[:, None], ids.device)  # (B, L)
     noisy = torch.where(is_masked, torch.full_like(ids, mask_id), ids)
     logits = model(noisy).float()  # (B, L, V)
-    # §2.3 SUBS: -1e6 on the mask logit, then log-normalise; carry-over makes every unmasked
+    # SUBS (_subs_parameterization): -1e6 on the mask logit, then log-normalise; carry-over makes every unmasked
     # position one-hot on its own token, i.e. log p = 0 and no loss there
     subs = torch.zeros(logits.shape[-1], dtype=logits.dtype, device=logits.device)
     subs[mask_id] = _SUBS_NEG_INF
     nll = _token_nll(logits + subs, ids)
-    # §2.4: weight σ'(t)/(e^σ(t) - 1) = 1/t exactly for the log-linear schedule
+    # MDLM's loss weight σ'(t)/(e^σ(t) - 1) = 1/t exactly for the log-linear schedule
     weight = to_device(1.0 / t, ids.device).to(nll.dtype)[:, None]
     per_token = torch.where(is_masked, weight * nll, torch.zeros_like(nll))
     loss_sum = _masked_sum(per_token, mask)
-    # §2.4: the denominator counts every token under the padding mask, masked or not
+    # as MDLM's loss: the denominator counts every token under the padding mask, masked or not
     n_tokens = mask.sum()
     if not stats:
         return loss_sum, n_tokens, {}

@@ -35,7 +35,7 @@ def count_on_meta(preset, vocab=50258):
 
 
 def test_parameter_counts_match_mdlm_sizes():
-    # reference §1.1: small 169.63 M, tiny 80.06 M, medium 424.5 M with GPT-2's V = 50258
+    # kuleshov-group/mdlm configs/model/{small,tiny,medium}.yaml with GPT-2's V = 50258: 169.63 M, 80.06 M, 424.5 M
     assert count_on_meta("small") == 169_627_218
     assert round(count_on_meta("small") / 1e6, 2) == 169.63
     assert round(count_on_meta("tiny") / 1e6, 2) == 80.06
@@ -46,7 +46,7 @@ def test_parameter_names_and_order_follow_mdlm():
     with torch.device("meta"):
         model = DiT(cfg_of("small", 50258))
     names = [n for n, _ in model.named_parameters()]
-    assert len(names) == 130  # the EMA shadow list length of the small checkpoint (reference §1.7)
+    assert len(names) == 130  # the EMA shadow list length of MDLM's small checkpoint
     assert names[:5] == ["vocab_embed.embedding", "sigma_map.mlp.0.weight", "sigma_map.mlp.0.bias",
                          "sigma_map.mlp.2.weight", "sigma_map.mlp.2.bias"]
     assert names[5:15] == [f"blocks.0.{n}" for n in (

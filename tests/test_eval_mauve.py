@@ -1,4 +1,4 @@
-"""MAUVE on real English text with the offline featurizer (issue 4 acceptance), cache and edge cases.
+"""MAUVE on real English text with the offline featurizer, cache and edge cases.
 
 Texts are short web-text excerpts (~60 tokens) so 2,000 texts featurize in well under a minute on 2
 cores; features are computed once per module and shared.
@@ -59,7 +59,7 @@ def test_same_corpus_halves_score_high(scores):
 
 @pytest.mark.slow
 def test_word_shuffled_text_scores_low(scores):
-    # the offline featurizer must see word order (measured.md: the last layer is blind to it)
+    # the offline featurizer must see word order (MiniLM's last layer is blind to it: dsl/eval/featurizers.py)
     assert scores["web_b_shuffled"]["mean"] < 0.3
 
 

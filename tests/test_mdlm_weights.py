@@ -22,7 +22,8 @@ V, D, HEADS, BLOCKS, COND, MLP = 23, 32, 2, 2, 16, 4
 DH = D // HEADS
 
 # ---------------------------------------------------------------------------------------------------
-# The MDLM layout (reference mdlm-remdm.md §1.6), in backbone.parameters() order (§1.7).
+# The MDLM layout (kuleshov-group/mdlm models/dit.py DIT), in backbone.parameters() order, the order of the
+# EMA shadow list its Lightning checkpoints store.
 
 
 def mdlm_layout(vocab=V, dim=D, blocks=BLOCKS, cond=COND, mlp=MLP):
@@ -67,7 +68,8 @@ def inv_freq(dh=DH):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Independent functional forward (reference §1.2-1.3), float64, no modules of ours.
+# Independent functional forward (kuleshov-group/mdlm models/dit.py: DIT.forward, rotary), float64, no
+# modules of ours.
 
 
 def reference_logits(p, ids, heads=HEADS):

@@ -29,7 +29,7 @@ torch.set_num_threads(1)
 
 L = 16
 N = 512
-N_REAL = 4096  # the data reference of (ii)/(iii): 8× the 512 the issue names, so its own error is small
+N_REAL = 4096  # the data reference of (ii)/(iii): 8× N, so its own error is small
 
 
 class DenseHMM(ExactSource):

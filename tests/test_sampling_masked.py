@@ -66,7 +66,8 @@ def _fixed_inputs(seed: int = 0):
 
 
 def _closed_form(p, draft, t, s, sigma):
-    """Reference §3.2, written out independently: α_t = 1 − t, α_s = 1 − s."""
+    """The ReMDM posterior (kuleshov-group/remdm diffusion.py _ddpm_caching_update), written out
+    independently: α_t = 1 − t, α_s = 1 − s."""
     a_t, a_s = 1 - t, 1 - s
     q = torch.zeros_like(p)
     for i in range(L):
@@ -82,7 +83,7 @@ def _closed_form(p, draft, t, s, sigma):
 
 T_MID, S_MID = 0.6, 0.55
 CASES = {
-    # name: (rule, reference σ per position at t=T_MID, s=S_MID) — §3.1, §3.3
+    # name: (rule, reference σ per position at t=T_MID, s=S_MID), from the official code's sampler branches
     "mdlm": (mdlm_rule(), 0.0),
     "remdm-cap": (remdm_cap_rule(0.05), min(0.05, (1 - (1 - S_MID)) / (1 - T_MID))),
     "remdm-rescale": (remdm_rescale_rule(0.3), 0.3 * min(1.0, S_MID / (1 - T_MID))),
@@ -110,7 +111,7 @@ def test_mdlm_transition_is_reference_3_1():
     p, draft = _fixed_inputs()
     q = transition_probs(p, draft, MASK, mdlm_rule()(T_MID, S_MID), _sigma_full(0.0))
     masked = draft[0] == MASK
-    # §3.1: P(v) = (t−s)/t·p(v), P(m) = s/t at masked positions; visible tokens are copied
+    # MDLM: P(v) = (t−s)/t·p(v), P(m) = s/t at masked positions; visible tokens are copied
     assert torch.allclose(q[0, masked, :MASK], (T_MID - S_MID) / T_MID * p[0, masked, :MASK])
     assert torch.allclose(q[0, masked, MASK], torch.full((3,), S_MID / T_MID, dtype=torch.float64))
     assert torch.equal(q[0, ~masked].argmax(-1), draft[0, ~masked])
@@ -122,7 +123,7 @@ def test_conf_transition_closed_form():
     step = remdm_conf_rule()(T_MID, S_MID)
     sigma_max = min(1.0, S_MID / (1 - T_MID))
     sigma = confidence_sigma(scores, draft == MASK, step.sigma)
-    # §3.3: softmax over all L positions (−∞ at masked ones), no renormalisation over visible ones
+    # remdm-conf: softmax over all L positions (−∞ at masked ones), no renormalisation over visible ones
     w = torch.exp(scores[0]) / torch.exp(scores[0]).sum()
     ref_sigma = torch.where(draft[0] == MASK, torch.zeros(L, dtype=torch.float64), w * sigma_max)
     assert torch.allclose(sigma[0], ref_sigma)
@@ -158,7 +159,7 @@ def test_loop_phase_split_matches_reference_at_T1024():
     for k in range(1024):
         step = rule(grid[k], grid[k + 1])
         phases.append(2 if step.alpha_t == step.alpha_s == 0.9 else (1 if grid[k] > 0.55 else 3))
-    assert [phases.count(i) for i in (1, 2, 3)] == [461, 512, 51]  # §3.4
+    assert [phases.count(i) for i in (1, 2, 3)] == [461, 512, 51]  # the official loop's split at T = 1024
 
 
 MC_DRAWS = 20_000
@@ -195,7 +196,7 @@ def test_transition_monte_carlo(name):
 
 
 def test_forward_backward_clips_coarse_grid_like_gumbel():
-    # pitfall 9: at T = 2 the masked-branch mask weight is negative; Gumbel-max never picks it
+    # forward-backward's σ is uncapped: at T = 2 the masked-branch mask weight is negative; Gumbel-max never picks it
     step = forward_backward_rule()(0.5, 1e-5)
     p, draft = _fixed_inputs()
     q = transition_probs(p, draft, MASK, step, _sigma_full(step.sigma))

@@ -1,4 +1,4 @@
-"""Acceptance tests of issue 6 on a real local Ray cluster: the η_cap(T) search end to end.
+"""The η_cap(T) search end to end on a real local Ray cluster.
 
 Tiny on purpose (L=16, a few trials of 8-16 samples per T on the exact HMM oracle, MiniLM features):
 the checks are about the service — outputs, resume, storage backends, determinism, feedback into the

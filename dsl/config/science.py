@@ -143,7 +143,7 @@ class SamplingConfig:
     length: int = num(0, 0, help="sequence length L of the samples; 0 = the model's/source's own")
     top_p: float = num(0.9, 0.0, 1.0, lo_open=True, help="nucleus mass (official rule)")
     eta: float = num(0.02, 0.0, 1.0, help="remasking η (cap/rescale/loop): a remasking probability σ or its "
-                                          "share of σ_max (ReMDM §3.3-3.4), so at most 1")
+                                          "share of σ_max (ReMDM's cap, rescale and loop), so at most 1")
     t_on: float = num(0.55, 0.0, 1.0, lo_open=True, hi_open=True,
                       help="loop window start (eq. 22); t_on=1 leaves no time to reach α_on")
     t_off: float = num(0.05, 0.0, 1.0, hi_open=True, help="loop window end (eq. 22)")

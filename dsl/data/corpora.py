@@ -7,7 +7,8 @@ A corpus is named by ``data.source``:
   line, text in ``data.text_field``), ``.parquet`` (column ``data.text_field``); a folder means all such
   files below it in sorted path order. Document i goes to valid when a stable hash of i falls below
   ``data.valid_fraction`` — independent of the corpus size, so a streamed and a loaded corpus agree.
-- ``hf:<name>[:<config>]``: the Hugging Face dataset with MDLM's splits (reference §4.5, §5.4):
+- ``hf:<name>[:<config>]``: the Hugging Face dataset with MDLM's splits (kuleshov-group/mdlm ``dataloader.py``
+  ``get_dataset``):
   openwebtext (train = ``train[:-100000]``, valid = ``train[-100000:]``), wikitext-103
   (``wikitext-103-raw-v1``, train/validation), lm1b (train/test), text8 (characters [0, 90M) train,
   [95M, end) valid = MDLM's test range; MDLM cuts the string into L-character documents before wrapping).
@@ -169,13 +170,13 @@ class HFCorpus:
                             f"{split!r} ({type(exc).__name__}; offline? use a local file or folder)") from None
 
     def _rows(self, valid: bool, streaming: bool | None = None) -> Any:
-        if self.name == "openwebtext":  # reference §4.5: the last 100k documents are validation
+        if self.name == "openwebtext":  # MDLM's openwebtext-split: the last 100k documents are validation
             return self._load("openwebtext", None, heldout_split("openwebtext") if valid
                               else f"train[:-{OWT_HELDOUT_DOCS}]", streaming)
         if self.name == "wikitext-103":
             return self._load("wikitext", self.config or "wikitext-103-raw-v1", "validation" if valid else "train",
                               streaming)
-        # lm1b validates on its test split (reference §4.5)
+        # lm1b validates on its test split, as in MDLM's dataloader.py
         return self._load("lm1b", None, "test" if valid else "train", streaming)
 
     def documents(self, split: str, start: int = 0) -> Iterator[str]:
@@ -192,7 +193,7 @@ class HFCorpus:
                 yield text
 
     def _text8(self, valid: bool) -> str:
-        # reference §5.4 / §4.5: train chars [0, 90M); MDLM validates text8 on its *test* range
+        # MDLM's dataloader.py (the D3PM convention): train chars [0, 90M); MDLM validates text8 on its *test* range
         # [95M, end). Documents are L-character chunks (the last partial one dropped) that then go
         # through the ordinary wrapping, as in MDLM (so a block holds 254 characters and a spurious EOS).
         # [unverified] the hub copy afmck/text8 is read as one "train" split holding the whole string.

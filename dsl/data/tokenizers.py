@@ -1,8 +1,9 @@
 """Tokenizers with one interface: ``encode, decode, vocab_size (incl. mask), mask_id, bos_id, eos_id,
 save(dir), load(dir)``; :func:`load_tokenizer` reopens any of them from the directory it saved.
 
-- :class:`CharTokenizer`: MDLM's text8 tokenizer (reference §5.4): 35 ids, [MASK]=4, [PAD]=5, a–z, space.
-- :class:`GPT2Tokenizer`: GPT-2 BPE as MDLM uses it (reference §1.5): V=50258, mask 50257, BOS=EOS=50256,
+- :class:`CharTokenizer`: MDLM's text8 tokenizer (kuleshov-group/mdlm ``dataloader.py``
+  ``Text8Tokenizer``): 35 ids, [MASK]=4, [PAD]=5, a–z, space.
+- :class:`GPT2Tokenizer`: GPT-2 BPE as MDLM uses it (``dataloader.py`` ``get_tokenizer``): V=50258, mask 50257, BOS=EOS=50256,
   and [PAD] = 50257 too (MDLM adds ``[PAD]`` after the 50257 GPT-2 ids, where the mask also sits).
 - :class:`BPETokenizer`: a byte-level BPE trained with ``tokenizers`` on the corpus, saved with the run;
   like GPT-2 it pads with the mask id.

@@ -1,4 +1,4 @@
-"""MDLM's sequence layouts (reference §5.2–5.3).
+"""MDLM's sequence layouts (kuleshov-group/mdlm ``dataloader.py``: wrapped and padded).
 
 Wrapped: every document's tokens get one EOS appended, the stream is cut into chunks of L−2 tokens and
 each chunk becomes ``[BOS] chunk [EOS]`` — L tokens, all attended, so position 0 and L−1 are always

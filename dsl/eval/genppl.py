@@ -1,14 +1,15 @@
 """Generative perplexity: how likely an oracle finds the samples (Sec 6.1 "Metrics", App C.2).
 
 GenPPL = exp(Σ nll / Σ scored tokens), pooled over the tokens of *all* samples (not a mean of
-per-sample perplexities; reference §4.2), computed in fp32 (float64 accumulation), batched. Oracles:
+per-sample perplexities, as ReMDM's ``compute_generative_perplexity`` in kuleshov-group/remdm
+``diffusion.py``), computed in fp32 (float64 accumulation), batched. Oracles:
 
 - :class:`ExactSourceOracle` — a synthetic source's exact log-likelihood; every token is scored
   (the source's joint P(x) includes the first token, which an AR oracle cannot score).
 - :class:`ARCheckpointOracle` — one of our AR checkpoints (``dsl.models.ar``) on the generator's own ids:
   logits[:, :-1] against ids[:, 1:], the first token unscored.
 - :class:`CausalLMOracle` — a Hugging Face causal LM (``gpt2-large`` as in the paper) with ReMDM's
-  re-tokenisation protocol (reference §4.2): decoded texts are re-encoded by the oracle's tokenizer
+  re-tokenisation protocol (``eval_retokenize``): decoded texts are re-encoded by the oracle's tokenizer
   (right truncation at 1024, no BOS added — a literal ``<|endoftext|>`` becomes GPT-2's BOS — padded
   with EOS), logits[:, :-1] score tokens[:, 1:], and a target counts when it is not EOS or is the
   row's first EOS (cumulative EOS count == 1, counted from position 0). Two departures: ReMDM drops the

@@ -2,14 +2,15 @@
 
 We compute features ourselves (``dsl.eval.featurizers``) and hand them to mauve-text's
 ``compute_mauve(p_features=..., q_features=...)``; everything else is the library's default unless
-overridden (reference §4.4: L2-normalise, PCA to 90 % variance, faiss k-means with 5 redos × 500
-iterations, c = 5, 25-point divergence curve). Two departures from ReMDM's script, both deliberate:
+overridden, as ReMDM's ``main.py`` calls it (L2-normalise, PCA to 90 % variance, faiss k-means with 5
+redos × 500 iterations, c = 5, 25-point divergence curve). Two departures from ReMDM's script, both
+deliberate:
 
-- k-means seed variance (≈0.005–0.01, mauve#11) is as large as reported method gaps, so a score is
-  the mean ± std over several seeds (default 25, 26, 27; 25 is the library's default);
-- references are drawn *without* replacement with a seed (ReMDM draws with replacement by accident,
-  related-work.md §4) and both sets are cut to one token budget (SimCTG#7: MAUVE collapses when
-  lengths differ); the budget is recorded with the score.
+- k-means seed variance (≈0.005–0.01, krishnap25/mauve#11) is as large as reported method gaps, so a
+  score is the mean ± std over several seeds (default 25, 26, 27; 25 is the library's default);
+- references are drawn *without* replacement with a seed (ReMDM's ``main.py`` draws with replacement by
+  accident: a fresh shuffled validation iterator per reference) and both sets are cut to one token
+  budget (yxuansu/SimCTG#7: MAUVE collapses when lengths differ); the budget is recorded with the score.
 
 Reference features are cached on disk or S3 (``dsl.checkpoint.open_storage``) under a key derived
 from (the truncated texts' hash, the featurizer, its max length), written once, complete, in a single
@@ -31,7 +32,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
-import torch  # noqa: F401  -- before mauve/faiss: the reverse order can crash in OpenMP (faiss#3401)
+import torch  # noqa: F401  -- before mauve/faiss: the reverse order can crash in OpenMP (facebookresearch/faiss#3401)
 
 from dsl.errors import UserError
 from dsl.utf8 import read_utf8, utf8_lines
@@ -363,7 +364,7 @@ def _decode_features(blob: bytes, expect: dict[str, str]) -> np.ndarray | None:
 
 def length_budget(featurizer: Featurizer, samples: Sequence[str], references: Sequence[str]) -> int:
     """Token budget both sets are cut to: the shorter of the two sets' longest text, within what the
-    featurizer reads. Our reading of "matching token lengths" (SimCTG#7): fixed-length samples keep
+    featurizer reads. Our reading of "matching token lengths" (yxuansu/SimCTG#7): fixed-length samples keep
     their length and long reference documents are cut to it."""
     longest_sample = max(featurizer.token_lengths(list(samples)))
     longest_ref = max(featurizer.token_lengths(list(references)))

@@ -1,4 +1,5 @@
-"""MDLM's DiT backbone with the time conditioning held at σ = 0 (Sec 4.3; reference mdlm-remdm.md §1).
+"""MDLM's DiT backbone with the time conditioning held at σ = 0 (Sec 4.3; kuleshov-group/mdlm
+``models/dit.py`` ``DIT``).
 
 The module tree and parameter names are MDLM's (``vocab_embed.embedding``, ``sigma_map.mlp.0.weight``,
 ``rotary_emb.inv_freq``, ``blocks.i.attn_qkv.weight``, ``output_layer.adaLN_modulation.bias`` ...), and
@@ -187,7 +188,8 @@ class DiT(nn.Module):
         return self.cfg.mask_id if self.cfg.mask_id >= 0 else self.cfg.vocab_size - 1
 
     def conditioning(self) -> torch.Tensor:
-        """c = SiLU(sigma_map(φ(σ=0))) (1, cond_dim): constant (reference §1.8), cached outside training."""
+        """c = SiLU(sigma_map(φ(σ=0))) (1, cond_dim): constant (MDLM's ``time_conditioning=False``
+        zeroes σ), cached outside training."""
         params = list(self.sigma_map.parameters())
         # A cached c must not hide a gradient path to sigma_map, and must follow in-place weight changes
         # (optimizer steps, EMA swaps, load_state_dict all bump the parameters' version counters).

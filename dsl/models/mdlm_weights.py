@@ -1,6 +1,6 @@
 """Official MDLM weights -> :class:`~dsl.models.dit.DiT` / :class:`~dsl.models.dsl_model.DSLModel`.
 
-Accepted sources (reference mdlm-remdm.md §1.6-1.7):
+Accepted sources (the layout of kuleshov-group/mdlm ``models/dit.py`` ``DIT`` and its checkpoints):
   * a Lightning ``.ckpt`` (the ``mdlm.ckpt`` ReMDM downloads): EMA weights from ``ckpt['ema']
     ['shadow_params']``, a list in ``backbone.parameters()`` order (the rotary buffer is not in it), mapped
     by order onto the DiT's named parameters; ``use_ema=False`` (or a checkpoint without EMA) takes the raw

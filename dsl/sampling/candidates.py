@@ -38,7 +38,7 @@ class NucleusCache:
     row also keeps every token above its threshold without listing it: its probability row sits in a store
     (M, V) that ``implicit`` (n, L) indexes (−1: none), and a draw from it reads that one row. Positions
     that were visible at a sample's last forward are never read: the cache is only used while that
-    sample's draft is unchanged (time-invariant denoiser, §3.0 caching).
+    sample's draft is unchanged (time-invariant denoiser: the official code's p(x0) caching).
     """
 
     def __init__(self, n: int, length: int, device: torch.device | str = "cpu"):

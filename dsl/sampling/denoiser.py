@@ -1,8 +1,9 @@
 """The denoiser interface the samplers call: a discrete draft (B, L) → a categorical over V per position.
 
 Every implementation returns, through :meth:`Denoiser.__call__`, probabilities (B, L, V) float64 with
-zero mass on the mask and **one-hot on visible tokens** (MDLM's SUBS carry-over, reference §2.3).
-ReMDM's transition multiplies p_x0 at visible positions (reference §3.2, pitfall 6): without carry-over a
+zero mass on the mask and **one-hot on visible tokens** (MDLM's SUBS carry-over, kuleshov-group/mdlm
+``diffusion.py`` ``_subs_parameterization``).
+ReMDM's transition multiplies p_x0 at visible positions (``_ddpm_caching_update``): without carry-over a
 self-correcting DSL model would silently *resample* visible tokens instead of keeping them. The wrapper
 enforces it for every implementation, so subclasses only say what they predict at masked positions.
 

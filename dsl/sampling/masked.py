@@ -2,8 +2,9 @@
 
 Each sampler is one small rule (:mod:`dsl.sampling.rules`); one loop, :func:`run_masked`, applies them
 through one transition (:mod:`dsl.sampling.transition`) that draws revealed tokens from the p(x0) cache
-(:mod:`dsl.sampling.candidates`). References are to ``shared/reference/mdlm-remdm.md`` (§3) unless they
-name the paper.
+(:mod:`dsl.sampling.candidates`). The loop follows ReMDM's ``_sample`` (kuleshov-group/remdm ``diffusion.py``):
+an all-masked prior, the time grid of :func:`dsl.sampling.schedules.time_grid`, p(x0) reused while a draft
+is unchanged, and a final greedy noise removal.
 
 Per-sample determinism: sample i draws (u₁, u₂) (2, L) float64 from its own generator at every step, and
 the p(x0) cache is decided per sample (a forward runs only for samples whose draft changed since their
@@ -41,7 +42,7 @@ def run_masked(denoiser: Denoiser, rule: Rule, cfg: SamplingConfig, gens: list[t
     device = denoiser.device  # every per-step tensor lives where the denoiser computes
     grid = time_grid(steps, cfg.eps).tolist()
     use_cache = cfg.cache and denoiser.time_invariant
-    draft = torch.full((n, length), mask_id, dtype=torch.long, device=device)  # the prior: all masked (§3.0)
+    draft = torch.full((n, length), mask_id, dtype=torch.long, device=device)  # the prior: all masked, position 0 too
     cache = NucleusCache(n, length, device)  # the nucleus-filtered p_x0 of each sample's last forward
     stats = torch.full((n, 3), float("nan"), dtype=torch.float64, device=device)  # per-sample u, H, k
     forward_draft = torch.full_like(draft, -1)
@@ -82,7 +83,7 @@ def run_masked(denoiser: Denoiser, rule: Rule, cfg: SamplingConfig, gens: list[t
         if k == steps - 1 and cfg.noise_removal:
             new = _remove_noise(denoiser, new, cache, forward_draft, nfe, use_cache)
         remasked = ~masked & (new == mask_id)
-        scores = torch.where(reveal, -chosen, scores)  # §3.3: ψ = −p_x0(token) where revealed
+        scores = torch.where(reveal, -chosen, scores)  # remdm-conf: ψ = −p_x0(token) where revealed
         scores = torch.where(remasked, torch.full_like(scores, -torch.inf), scores)
         changed = new != draft
         remask_count += remasked.long()
@@ -132,7 +133,7 @@ def _per_sample_means(masked: torch.Tensor, nuc: Nucleus) -> torch.Tensor:
 
 def _remove_noise(denoiser: Denoiser, draft: torch.Tensor, cache: NucleusCache, forward_draft: torch.Tensor,
                   nfe: torch.Tensor, use_cache: bool) -> torch.Tensor:
-    """§3.0 final noise removal: one greedy pass x ← argmax_v p(v | x) (no nucleus), +1 forward.
+    """The official final noise removal (``sampling.noise_removal``): one greedy pass x ← argmax_v p(v | x) (no nucleus), +1 forward.
 
     Skipped for samples with nothing masked (carry-over makes it the identity); a sample whose draft
     did not change since its last forward reuses that prediction (its top-1 survives the nucleus).

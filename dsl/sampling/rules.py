@@ -1,6 +1,7 @@
 """The masked samplers' step rules: one small rule ``(t, s) -> StepRule`` per sampler (α_t, α_s and the
 remask σ of one step, with its equations cited), and the choice of rule from the sampling config, made
-once. References are to ``shared/reference/mdlm-remdm.md`` (§3) unless they name the paper.
+once. Each rule is the σ of one branch of ReMDM's ``_ddpm_caching_update`` (kuleshov-group/remdm
+``diffusion.py``); equation numbers are the paper's.
 """
 
 from __future__ import annotations
@@ -19,22 +20,23 @@ class StepRule:
     alpha_t: float
     alpha_s: float
     sigma: float
-    confidence: bool = False  # remdm-conf: σ is distributed over positions by confidence (§3.3)
+    confidence: bool = False  # remdm-conf: σ is distributed over positions by confidence
 
 
 Rule = Callable[[float, float], StepRule]
 
 def _sigma_max(alpha_t: float, alpha_s: float) -> float:
-    return 1.0 if alpha_t == 0 else min(1.0, (1 - alpha_s) / alpha_t)  # §3.2: σ_max = min(1, (1−α_s)/α_t)
+    return 1.0 if alpha_t == 0 else min(1.0, (1 - alpha_s) / alpha_t)  # ReMDM posterior: σ_max = min(1, (1−α_s)/α_t)
 
 
 def mdlm_rule() -> Rule:
-    """§3.1: P(z_s = v) = (t−s)/t·p_x0(v), P(z_s = m) = s/t; visible tokens are copied (σ = 0)."""
+    """MDLM (its ``_ddpm_caching_update``): P(z_s = v) = (t−s)/t·p_x0(v), P(z_s = m) = s/t; visible tokens
+    are copied (σ = 0)."""
     return lambda t, s: StepRule(1 - t, 1 - s, 0.0)
 
 
 def remdm_cap_rule(eta: float) -> Rule:
-    """§3.3: σ = min(η, (1−α_s)/α_t) (η when α_t = 0, the first step, where nothing is visible)."""
+    """remdm-cap: σ = min(η, (1−α_s)/α_t) (η when α_t = 0, the first step, where nothing is visible)."""
     def rule(t: float, s: float) -> StepRule:
         a_t, a_s = 1 - t, 1 - s
         return StepRule(a_t, a_s, eta if a_t == 0 else min(eta, (1 - a_s) / a_t))
@@ -42,7 +44,7 @@ def remdm_cap_rule(eta: float) -> Rule:
 
 
 def remdm_rescale_rule(eta: float) -> Rule:
-    """§3.3: σ = η·min(1, (1−α_s)/α_t)."""
+    """remdm-rescale: σ = η·min(1, (1−α_s)/α_t)."""
     def rule(t: float, s: float) -> StepRule:
         a_t, a_s = 1 - t, 1 - s
         return StepRule(a_t, a_s, eta * _sigma_max(a_t, a_s))
@@ -50,7 +52,8 @@ def remdm_rescale_rule(eta: float) -> Rule:
 
 
 def forward_backward_rule() -> Rule:
-    """§3.3: σ = (α_s − α_t)/α_t, uncapped (1 when α_t = 0); valid only while α_s ≤ (1+α_t)/2 (pitfall 9)."""
+    """forward-backward: σ = (α_s − α_t)/α_t, uncapped (1 when α_t = 0), as the official code has it; the
+    masked branch is a distribution only while α_s ≤ (1+α_t)/2, which very coarse grids (T = 2) break."""
     def rule(t: float, s: float) -> StepRule:
         a_t, a_s = 1 - t, 1 - s
         return StepRule(a_t, a_s, 1.0 if a_t == 0 else (a_s - a_t) / a_t)
@@ -58,7 +61,7 @@ def forward_backward_rule() -> Rule:
 
 
 def remdm_conf_rule() -> Rule:
-    """§3.3: σ_ℓ = η_ℓ·σ_max with η_ℓ = softmax_ℓ(ψ) over the sequence, 0 at masked positions (no
+    """remdm-conf: σ_ℓ = η_ℓ·σ_max with η_ℓ = softmax_ℓ(ψ) over the sequence, 0 at masked positions (no
     renormalisation); ψ = −p_x0(token) when it was revealed. Masked positions follow MDLM."""
     def rule(t: float, s: float) -> StepRule:
         a_t, a_s = 1 - t, 1 - s
@@ -67,7 +70,7 @@ def remdm_conf_rule() -> Rule:
 
 
 def remdm_loop_rule(eta: float, t_on: float, t_off: float, alpha_on: float) -> Rule:
-    """§3.4 / eq. 22: three phases chosen from t with strict ``>`` and ``≤`` on the float grid.
+    """remdm-loop (its branch of the official code; the paper's eq. 22): three phases chosen from t with strict ``>`` and ``≤`` on the float grid.
 
     t > t_on:           MDLM on α(t) = α_on(1−t)/(1−t_on)
     t_off < t ≤ t_on:   ReMDM at frozen α = α_on with σ = η (unmask prob ηα_on/(1−α_on))
@@ -103,7 +106,8 @@ def resolve_rule(cfg: SamplingConfig, length: int, eta_cap: float | None) -> tup
     if name == "remdm-loop":
         return remdm_loop_rule(cfg.eta, **loop), {"rule": "remdm-loop", "eta": cfg.eta, **loop}
     if name == "remdm-official":
-        # Sec 6.1: "ReMDM-cap when T < L and ReMDM-loop when T ≥ L", with the official script values (§3.7)
+        # Sec 6.1: "ReMDM-cap when T < L and ReMDM-loop when T ≥ L", with the official script values
+        # (kuleshov-group/remdm scripts/remdm-cap.sh, remdm-loop.sh)
         if cfg.steps < length:
             return remdm_cap_rule(OFFICIAL_CAP_ETA), {"rule": "remdm-cap", "eta": OFFICIAL_CAP_ETA}
         return remdm_loop_rule(**OFFICIAL_LOOP), {"rule": "remdm-loop", **OFFICIAL_LOOP}

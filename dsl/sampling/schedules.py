@@ -2,7 +2,7 @@
 
 The paper prints three η_cap tables that disagree:
 
-* Sec 6.1:  128→0.010, 256→0.008, 512→0.007, 1024→0.002   (our default, as the issue asks);
+* Sec 6.1:  128→0.010, 256→0.008, 512→0.007, 1024→0.002   (our default);
 * eq. 24:   128→0.010, 256→0.008, 512→0.007, 1024→0.004;
 * Table 4:  128→0.010, 256→0.008, 512→0.008, 1024→0.002.
 
@@ -42,13 +42,13 @@ TABLE4_TABLE = {128: 0.010, 256: 0.008, 512: 0.008, 1024: 0.002}
 BUILTIN_TABLES = {"sec6.1": SEC61_TABLE, "eq24": EQ24_TABLE, "table4": TABLE4_TABLE}
 RULE_FORMS = ("linear_log_t", "power")
 
-# Official ReMDM hyper-parameters (reference §3.7, R:scripts/*.sh).
+# Official ReMDM hyper-parameters (kuleshov-group/remdm scripts/remdm-cap.sh, remdm-loop.sh).
 OFFICIAL_CAP_ETA = 0.008
 OFFICIAL_LOOP = {"eta": 0.02, "t_on": 0.55, "t_off": 0.05, "alpha_on": 0.9}
 
 
 def time_grid(steps: int, eps: float) -> torch.Tensor:
-    """t_i = linspace(1, ε, T+1) (reference §3.0); step i goes from t_i to s = t_{i+1}. (T+1,) float64."""
+    """t_i = linspace(1, ε, T+1) (ReMDM's ``_sample``, ε = 1e-5); step i goes from t_i to s = t_{i+1}. (T+1,) float64."""
     return torch.linspace(1.0, eps, steps + 1, dtype=torch.float64)
 
 

@@ -1,16 +1,17 @@
-"""The one transition every masked sampler applies. References are to ``shared/reference/mdlm-remdm.md``
-(§3) unless they name the paper.
+"""The one transition every masked sampler applies: ReMDM's posterior as its ``_ddpm_caching_update``
+(kuleshov-group/remdm ``diffusion.py``) computes it.
 
-Transition (§3.2, the ReMDM posterior; σ = 0 is MDLM §3.1), per position, with α_t = 1 − t:
+Transition (the ReMDM posterior; σ = 0 is MDLM's update), per position, with α_t = 1 − t:
 
     visible z_t = v:  keep v with prob. 1 − σ, remask with prob. σ            (SUBS: p_x0 one-hot at v)
     masked:           q(v) = p_x0(v)·(α_s − (1−σ)α_t)/(1−α_t),   q(m) = (1 − α_s − σα_t)/(1−α_t)
 
 Both coefficients are clipped to [0, 1]: the official code draws by Gumbel-max over unnormalised
-weights, where a negative weight never wins, which is the same clipping (forward-backward σ > 1 on
-coarse grids, pitfall 9). A masked position is revealed iff u₁ < P(unmask); its token is then drawn
-from the nucleus-filtered p_x0 by a float64 inverse CDF with u₂ (exact categorical sampling, pitfall 1):
-the *candidates* (:mod:`dsl.sampling.candidates`) do that draw.
+weights, where a negative weight never wins, which is the same clipping (forward-backward's uncapped σ
+makes the masked weight negative on coarse grids, e.g. T = 2). A masked position is revealed iff
+u₁ < P(unmask); its token is then drawn from the nucleus-filtered p_x0 by a float64 inverse CDF with u₂
+(exact categorical sampling: ReMDM casts its Gumbel-max weights to float64 because lower precision
+sharpens the distribution); the *candidates* (:mod:`dsl.sampling.candidates`) do that draw.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ def transition_coefficients(masked: torch.Tensor, rule: StepRule, sigma: torch.T
     """
     a_t, a_s = rule.alpha_t, rule.alpha_s
     sigma_masked = torch.zeros_like(sigma) if rule.confidence else sigma  # conf: masked positions are MDLM
-    unmask = (a_s - (1 - sigma_masked) * a_t) / (1 - a_t)  # §3.2 masked branch, mass on p_x0
+    unmask = (a_s - (1 - sigma_masked) * a_t) / (1 - a_t)  # masked branch, mass on p_x0
     unmask = torch.where(masked, unmask.clamp(0, 1), torch.zeros_like(unmask))
-    remask = torch.where(masked, torch.zeros_like(sigma), sigma.clamp(0, 1))  # §3.2 visible branch
+    remask = torch.where(masked, torch.zeros_like(sigma), sigma.clamp(0, 1))  # visible branch
     return unmask, remask
 
 
@@ -66,6 +67,6 @@ def apply_transition(draft: torch.Tensor, candidates, unmask: torch.Tensor, rema
 
 
 def confidence_sigma(scores: torch.Tensor, masked: torch.Tensor, sigma_max: float) -> torch.Tensor:
-    """remdm-conf (§3.3): σ_ℓ = softmax_ℓ(ψ)·σ_max, set to 0 at masked positions without renormalising."""
+    """remdm-conf: σ_ℓ = softmax_ℓ(ψ)·σ_max, set to 0 at masked positions without renormalising."""
     eta = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all −∞ (step 0) gives NaN: no visible token yet
     return torch.where(masked, torch.zeros_like(eta), eta) * sigma_max

@@ -1,6 +1,6 @@
 """Parallel MAUVE: long-lived Ray actors featurize shards of texts; the caller reduces to MAUVE.
 
-Featurization dominates MAUVE's cost (ecosystem.md §5), and mauve-text reloads its model per process,
+Featurization dominates MAUVE's cost (``bench/bench_mauve.py`` times both parts), and mauve-text reloads its model per process,
 so each actor loads the featurizer once and keeps it. :meth:`MauvePool.featurize` plans batches exactly
 as the single-process featurizer does (``HFFeaturizer.batch_plan``: a function of the texts alone),
 deals whole batches to actors round-robin and reassembles rows in input order. Every batch is computed
@@ -35,7 +35,7 @@ class FeaturizerWorker:
     """The body of one actor: a featurizer whose model loads once, in the actor's process."""
 
     def __init__(self, featurizer: str, max_length: int, batch_size: int, device: str, threads: int):
-        import torch  # first: faiss/torch OpenMP clash in the other order (faiss#3401)
+        import torch  # first: faiss/torch OpenMP clash in the other order (facebookresearch/faiss#3401)
 
         torch.set_num_threads(threads)
         from dsl.eval.featurizers import get_featurizer
