@@ -145,12 +145,10 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the training step")
     args = ap.parse_args()
 
-    import ray
-
     from dsl.service.local_cluster import free_port
+    from dsl.service.ray_session import ray_session
 
     work = Path(tempfile.mkdtemp(prefix="bench-data-"))
-    temp = tempfile.mkdtemp(prefix="bd-", dir="/tmp")
     moto = None
     try:
         corpus = work / "corpus"
@@ -158,14 +156,10 @@ def main() -> int:
         tok = work / "tokenizer"
         train_tokenizer(corpus, args.vocab, tok)
 
-        ray.init(num_cpus=3, _node_ip_address="127.0.0.1", include_dashboard=False, _temp_dir=temp,
-                 object_store_memory=300 * 1024 * 1024, logging_level="WARNING", log_to_driver=False)
         prep = {}
-        try:
+        with ray_session(cpus=3, object_store_mb=300, temp_prefix="bd-"):
             for workers in (1, 2):
                 prep[workers] = prepare_with(workers, corpus, tok, args.length, work / f"store-{workers}")
-        finally:
-            ray.shutdown()
         same = all((work / "store-1" / p.relative_to(work / "store-2")).read_bytes() == p.read_bytes()
                    for p in (work / "store-2").rglob("*") if p.is_file())
 
@@ -190,7 +184,6 @@ def main() -> int:
     finally:
         if moto is not None:
             moto.terminate()
-        shutil.rmtree(temp, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
 
     L = args.length

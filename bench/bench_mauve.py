@@ -11,9 +11,7 @@ Prints one table; the ratio column is time relative to the in-process run (lower
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -57,15 +55,10 @@ def main(argv: list[str]) -> None:
     _, t_mauve = _timed(lambda: mauve_score(p_ref, q_ref, seeds=seeds))
     rows.append(("in-process", t_feat, t_feat + t_refs, t_mauve, True))
 
-    import ray
-
     from dsl.service.mauve_pool import MauvePool
+    from dsl.service.ray_session import ray_session
 
-    temp = tempfile.mkdtemp(prefix="bm-", dir="/tmp")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, _temp_dir=temp,
-             logging_level="WARNING", log_to_driver=False)
-    try:
+    with ray_session(cpus=2, temp_prefix="bm-"):
         for workers in (1, 2):
             pool = MauvePool(args["featurizer"], workers, int(args["max_length"]), threads_per_worker=threads)
             try:
@@ -76,9 +69,6 @@ def main(argv: list[str]) -> None:
                 rows.append((f"{workers} Ray actor{'s' if workers > 1 else ''}", t_feat, t_feat + t_refs, t_mauve, same))
             finally:
                 pool.close()
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
 
     base_feat, base_total = rows[0][1], rows[0][2] + rows[0][3]
     print(f"\nMAUVE bench: {n} samples vs {n} references, {args['featurizer']} max_length={args['max_length']}, "

@@ -68,14 +68,13 @@ def _phase(cfg: JobConfig, words: list[str], keep: set[str]) -> JobConfig:
 
 
 def run_demo(cfg: JobConfig) -> dict:
-    from dsl.service.ray_train import _connect_ray
+    from dsl.service.ray_train import training_ray
 
     stem = cfg.name or "embedded"
     # phase settings give way to what the command line changed; name, objective and init are the phases'
     keep = changed_keys(JOB, "demo", cfg) - {"name", "objective", "init"}
     pre = _phase(cfg, [*DEMO_PRETRAIN, f"name={stem}-mdlm"], keep)
-    started = _connect_ray(pre.service.ray_address, pre.service.workers * pre.service.cpus_per_worker)
-    try:
+    with training_ray(pre.service.ray_address, pre.service.workers * pre.service.cpus_per_worker):
         print(f"== 1/2 pretraining a tiny MDLM on the synthetic HMM language ({pre.train.steps} steps)", flush=True)
         first = run_finetune(pre)
         if first.checkpoint is None:
@@ -86,11 +85,6 @@ def run_demo(cfg: JobConfig) -> dict:
         fine = _phase(cfg, [*DEMO_FINETUNE, f"name={stem}-dsl", f"init={init}"], keep)
         print(f"== 2/2 DSL fine-tuning it ({fine.train.steps} steps, init={init})", flush=True)
         second = run_finetune(fine)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     print_progress_note(second)
     return {"pretrain": _summary(first), "finetune": _summary(second)}
 

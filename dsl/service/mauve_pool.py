@@ -14,10 +14,10 @@ token_lengths, truncate``), so ``ReferenceSet.features(pool)`` caches reference 
 parallel, and it pickles (actor handles travel; the local tokenizer is re-made), so Ray Tune trials can
 share one pool.
 
-    ray.init(address=...)                      # the caller owns the Ray connection
-    pool = MauvePool("minilm", num_workers=2, max_length=128)
-    result = pool.mauve(sample_texts, ReferenceSet.from_spec(...), seeds=(25, 26, 27))
-    pool.close()
+    with ray_session(address):                 # the caller owns the Ray connection
+        pool = MauvePool("minilm", num_workers=2, max_length=128)
+        result = pool.mauve(sample_texts, ReferenceSet.from_spec(...), seeds=(25, 26, 27))
+        pool.close()
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class MauvePool:
         if num_workers < 1:
             raise UserError(f"MauvePool num_workers={num_workers}: must be >= 1")
         if not ray.is_initialized():
-            raise UserError("MauvePool needs a Ray connection: call ray.init(address=...) first "
+            raise UserError("MauvePool needs a Ray connection: open dsl.service.ray_session.ray_session first "
                             "(or run the evaluation in-process with workers=0)")
         self.featurizer_name = featurizer
         self.num_workers = int(num_workers)
@@ -197,36 +197,22 @@ def open_featurizer(featurizer: str, workers: int, max_length: int, *, gpus_per_
         from dsl.eval.featurizers import get_featurizer
 
         return get_featurizer(featurizer, max_length, device=device, batch_size=batch_size), lambda: None
-    import shutil
-    import tempfile
+    from contextlib import ExitStack
 
-    import ray
+    from dsl.service.ray_session import ray_session
 
-    owns_ray = not ray.is_initialized()
-    temp_dir = None
-    if owns_ray:
-        if ray_address:
-            ray.init(address=ray_address, logging_level="WARNING", log_to_driver=False)
-        else:  # private, loopback-only, own temp dir; ray.shutdown stops exactly what it started
-            temp_dir = tempfile.mkdtemp(prefix="ray-eval-", dir="/tmp")  # short: unix socket path limit
-            ray.init(num_cpus=max(1, workers), _node_ip_address="127.0.0.1", include_dashboard=False,
-                     _temp_dir=temp_dir, logging_level="WARNING", log_to_driver=False)
-
-    def stop_ray() -> None:
-        if owns_ray:
-            ray.shutdown()
-        if temp_dir:
-            shutil.rmtree(temp_dir, ignore_errors=True)
-
+    ray_ctx = ExitStack()
+    ray_ctx.enter_context(ray_session(ray_address, cpus=max(1, workers),
+                                      temp_prefix="ray-eval-"))
     try:
         pool = MauvePool(featurizer, workers, max_length, gpus_per_worker, batch_size=batch_size)
     except BaseException:
-        stop_ray()
+        ray_ctx.close()
         raise
 
     def close() -> None:
         pool.close()
-        stop_ray()
+        ray_ctx.close()
 
     return pool, close
 

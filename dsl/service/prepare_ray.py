@@ -191,7 +191,7 @@ def check_prepare(cfg: Any) -> None:
 def prepare(cfg: Any) -> PrepareResult:
     """Prepare ``cfg.data``'s corpus into ``cfg.out`` on Ray Data, resuming an unfinished preparation
     (``cfg`` is a :class:`dsl.config.JobConfig`: ``data``, ``out``, ``prepare`` and ``service`` keys)."""
-    from dsl.service.ray_train import _connect_ray
+    from dsl.service.ray_train import training_ray
 
     check_prepare(cfg)
     workers, cpus = cfg.prepare.workers, cfg.prepare.cpus_per_worker
@@ -203,14 +203,8 @@ def prepare(cfg: Any) -> PrepareResult:
     prep = Preparation(cfg.data, cfg.data.length, cfg.out, shard_blocks=cfg.prepare.shard_blocks,
                        log=lambda msg: print(msg, file=sys.stderr, flush=True),
                        progress=_progress if cfg.progress else None)
-    started = _connect_ray(cfg.service.ray_address, workers * cpus + 0.5)
-    try:
+    with training_ray(cfg.service.ray_address, workers * cpus + 0.5):
         manifest = prep.run(lambda ctx: RayDataExecutor(ctx, workers, cpus, endpoint))
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     s = prep.stats
     if s.seconds:
         print(f"prepared {s.documents:,} documents, {s.tokens:,} tokens in {s.seconds:.1f} s with {workers} Ray "

@@ -172,27 +172,14 @@ class FinetuneResult:
     experiment: str | None = None
 
 
-def _connect_ray(address: str, cpus_needed: float) -> bool:
-    """Connect to the given/ambient cluster or start a local one on loopback. True if we started it."""
-    from dsl.service.local_cluster import LOOPBACK_ENV
+def training_ray(address: str, cpus_needed: float):
+    """:func:`~dsl.service.ray_session.ray_session` for a training or preparation driver: workers' output
+    echoed here and :func:`~dsl.service.ray_failures.setup_worker` in every worker; a private Ray gets
+    ``cpus_needed`` plus one CPU (at least 2) and a 200 MB object store."""
+    from dsl.service.ray_session import ray_session
 
-    for k, v in LOOPBACK_ENV.items():
-        os.environ.setdefault(k, v)
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS", "")
-    if address:
-        ray.init(address=address, log_to_driver=True, runtime_env=worker_runtime_env())
-        return False
-    # plain `python jobs/finetune.py`: a private local instance; ports are picked free by Ray (6379 may be
-    # a Redis), everything on 127.0.0.1, no dashboard needed; workers at the driver's priority
-    os.environ.setdefault("RAY_worker_niceness", str(os.getpriority(os.PRIO_PROCESS, 0)))
-    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
-             num_cpus=max(2, int(cpus_needed + 0.999) + 1), object_store_memory=200 * 1024 * 1024,
-             log_to_driver=True, runtime_env=worker_runtime_env())
-    return True
+    return ray_session(address, cpus=max(2, int(cpus_needed + 0.999) + 1), object_store_mb=200,
+                       log_to_driver=True, runtime_env=worker_runtime_env(), temp_prefix="ray-train-")
 
 
 def run_finetune(cfg: JobConfig, *, name: str | None = None) -> FinetuneResult:
@@ -250,9 +237,9 @@ def run_finetune(cfg: JobConfig, *, name: str | None = None) -> FinetuneResult:
     # Ray Train's own run state (its controller snapshots): our checkpoints under ``root`` are the run's
     # record, so this lives in a temporary directory, never beside the user's outputs
     ray_state = tempfile.mkdtemp(prefix="dsl-ray-train-")
-    started = False
+    session = contextlib.ExitStack()
     try:
-        started = _connect_ray(svc.ray_address, svc.workers * svc.cpus_per_worker)
+        session.enter_context(training_ray(svc.ray_address, svc.workers * svc.cpus_per_worker))
         resources = {"CPU": svc.cpus_per_worker}
         if svc.gpus_per_worker > 0:
             resources["GPU"] = svc.gpus_per_worker
@@ -289,8 +276,7 @@ def run_finetune(cfg: JobConfig, *, name: str | None = None) -> FinetuneResult:
                 tracking.RunLogger(run_id, tracking_uri, system_metrics=False).close(tracking.end_status(exc))
         raise
     finally:
-        if started:
-            ray.shutdown()
+        session.close()
         shutil.rmtree(ray_state, ignore_errors=True)
 
     from dsl.checkpoint import load_checkpoint

@@ -27,9 +27,6 @@ Output (``out``): ``eta_cap_table.json`` ({"table": {...}}) and ``eta_cap_rule.j
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +38,7 @@ from dsl.config import ConfigError, JobConfig
 from dsl.errors import UserError
 from dsl.seeding import derive_seed
 from dsl.service import lineage
+from dsl.service.ray_session import ray_session
 from dsl.service.search_results import (
     best_per_steps,
     eta_cap_artifacts,
@@ -387,7 +385,7 @@ def prepare(cfg: JobConfig) -> Prepared:
 
 
 # ----------------------------------------------------------------------------------------------
-# Ray
+# The trial function Ray Tune runs
 
 
 def _trainable(config: dict[str, Any], setup: TrialSetup = None, pool: Any = None, reference: Any = None):
@@ -413,61 +411,6 @@ def _cached_denoiser(spec: str, sampling: dict[str, Any], length: int) -> Any:
     return _DENOISERS[spec, length]
 
 
-class _RayContext:
-    """Connect to ``ray_address``, or start a private single-node Ray on loopback for this run only.
-
-    The private one is ``ray.init`` with an explicit temp dir and 127.0.0.1 (it picks a free GCS
-    port, never 6379); ``ray.shutdown`` stops exactly the processes it started.
-    """
-
-    def __init__(self, cfg: JobConfig):
-        self.cfg = cfg
-        self.temp: str | None = None
-
-    def __enter__(self):
-        import ray
-
-        address = self.cfg.service.ray_address or os.environ.get("RAY_ADDRESS", "")
-        try:
-            if address:
-                ray.init(address=address, logging_level="WARNING", log_to_driver=False)
-            else:
-                # single-machine Ray otherwise advertises the host's network address, not loopback
-                os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-                os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
-                os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-                self._start_private()
-        except Exception as exc:  # noqa: BLE001 - an unreachable cluster is bad input
-            self.__exit__(None, None, None)
-            raise UserError(f"service.ray_address={address or '(local)'}: cannot start or connect to Ray "
-                            f"({' '.join(str(exc).split())[:200]})") from None
-        return self
-
-    def _start_private(self, attempts: int = 2) -> None:
-        import ray
-
-        for attempt in range(attempts):
-            self.temp = tempfile.mkdtemp(prefix="ray-search-")
-            try:
-                ray.init(num_cpus=self.cfg.service.ray_cpus or os.cpu_count() or 1, include_dashboard=False,
-                         _node_ip_address="127.0.0.1", _temp_dir=self.temp, logging_level="WARNING",
-                         log_to_driver=False)
-                return
-            except Exception:  # noqa: BLE001 - GCS start-up can time out on a loaded machine: retry once
-                self.__exit__(None, None, None)
-                if attempt == attempts - 1:
-                    raise
-
-    def __exit__(self, *exc: Any) -> None:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
-        if self.temp is not None:
-            shutil.rmtree(self.temp, ignore_errors=True)
-            self.temp = None
-
-
 # ----------------------------------------------------------------------------------------------
 # The search
 
@@ -483,7 +426,7 @@ def run_search(cfg: JobConfig, params: dict[str, Any] | None = None) -> dict[str
     rungs = rungs_for(n, sr.min_samples, sr.asha_reduction) if sr.asha else (n,)
     status = "FAILED"
     try:
-        with _RayContext(cfg):
+        with ray_session(cfg.service.ray_address, cpus=cfg.service.ray_cpus or None, temp_prefix="ray-search-"):
             import ray
 
             pool = MauvePool(cfg.eval.featurizer, cfg.eval.workers, cfg.eval.max_length)
