@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from dsl.errors import UserError
+from dsl.eval.feature_cache import cache_key
 from dsl.eval.featurizers import get_featurizer
 from dsl.eval.mauve import ReferenceSet, chunk_words, evaluate_mauve, mauve_score, read_records
 
@@ -157,7 +158,7 @@ def test_cache_entry_from_other_inputs_is_not_trusted(web_pool, tmp_path):
     fz = CountingFeaturizer(max_length=64)
     refs = ReferenceSet.draw(web_pool, 20, seed=0, cache=cache)
     good = refs.features(fz)
-    key = refs.cache_key(fz, refs.texts)
+    key = cache_key(fz, refs.texts)
     storage = open_storage(cache)
     storage.put_bytes(key, b"garbage, as if a partial write had happened")
     np.testing.assert_array_equal(refs.features(fz), good)

@@ -12,20 +12,16 @@ deliberate:
   accident: a fresh shuffled validation iterator per reference) and both sets are cut to one token
   budget (yxuansu/SimCTG#7: MAUVE collapses when lengths differ); the budget is recorded with the score.
 
-Reference features are cached on disk or S3 (``dsl.checkpoint.open_storage``) under a key derived
-from (the truncated texts' hash, the featurizer, its max length), written once, complete, in a single
-``put_bytes``.
+Reference features are cached by :mod:`dsl.eval.feature_cache`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import logging
 import os
-import struct
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -35,11 +31,11 @@ import numpy as np
 import torch  # noqa: F401  -- before mauve/faiss: the reverse order can crash in OpenMP (facebookresearch/faiss#3401)
 
 from dsl.errors import UserError
+from dsl.eval.feature_cache import cached_features
 from dsl.utf8 import read_utf8, utf8_lines
 
 log = logging.getLogger(__name__)
 DEFAULT_SEEDS = (25, 26, 27)
-CACHE_FORMAT = "dsl-mauve-features/1"
 
 
 class Featurizer(Protocol):
@@ -219,15 +215,6 @@ def chunk_words(texts: Sequence[str], words: int) -> list[str]:
 # Reference sets with cached features.
 
 
-def texts_sha256(texts: Sequence[str]) -> str:
-    h = hashlib.sha256()
-    for t in texts:
-        b = t.encode("utf-8")
-        h.update(struct.pack("<Q", len(b)))
-        h.update(b)
-    return h.hexdigest()
-
-
 class ReferenceSet:
     """A fixed set of reference texts and, per featurizer, their cached features.
 
@@ -304,58 +291,15 @@ class ReferenceSet:
             pool = chunk_words(pool, words_per_text)
         return cls.draw(pool, n, seed, origin=origin, cache=cache, eot=eot)
 
-    def cache_key(self, featurizer: Featurizer, texts: Sequence[str]) -> str:
-        ident = hashlib.sha256(f"{featurizer.identity}|{featurizer.max_length}".encode()).hexdigest()[:16]
-        return f"mauve-features/{_safe(featurizer.name)}-{featurizer.max_length}-{ident}/{texts_sha256(texts)}" \
-               f".safetensors"
-
     def features(self, featurizer: Featurizer, n_tokens: int | None = None, progress: bool = False) -> np.ndarray:
         """(n, d) features of the texts cut to ``n_tokens`` tokens (None = uncut), from cache if there."""
         texts = self.texts if n_tokens is None else featurizer.truncate(self.texts, n_tokens)
         if not self.cache:
             self.computed += 1
             return featurizer.featurize(texts, progress=progress)
-        from dsl.checkpoint import open_storage
-
-        storage = open_storage(self.cache)
-        key = self.cache_key(featurizer, texts)
-        meta = {"format": CACHE_FORMAT, "texts_sha256": texts_sha256(texts), "featurizer": featurizer.name,
-                "identity": featurizer.identity, "max_length": str(featurizer.max_length), "n": str(len(texts))}
-        if storage.exists(key):
-            feats = _decode_features(storage.get_bytes(key), meta)
-            if feats is not None:
-                return feats
-        feats = featurizer.featurize(texts, progress=progress)
-        self.computed += 1
-        # one put of the complete blob: a failed run leaves either nothing or the old entry
-        storage.put_bytes(key, _encode_features(feats, meta))
+        feats, computed = cached_features(self.cache, featurizer, texts, progress)
+        self.computed += computed
         return feats
-
-
-def _safe(name: str) -> str:
-    base = os.path.basename(name.rstrip("/")) or "model"
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in base)
-
-
-def _encode_features(feats: np.ndarray, meta: dict[str, str]) -> bytes:
-    from safetensors.numpy import save
-
-    return save({"features": np.ascontiguousarray(feats, dtype=np.float32)}, metadata=meta)
-
-
-def _decode_features(blob: bytes, expect: dict[str, str]) -> np.ndarray | None:
-    """Features from a cache blob, or None when it is unreadable or was made from other inputs."""
-    from safetensors.numpy import load
-
-    try:
-        (header_len,) = struct.unpack("<Q", blob[:8])
-        meta = json.loads(blob[8:8 + header_len]).get("__metadata__", {})
-        if any(meta.get(k) != v for k, v in expect.items()):
-            return None
-        feats = load(blob)["features"]
-    except Exception:
-        return None
-    return feats if feats.shape[0] == int(expect["n"]) else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -411,4 +355,4 @@ def evaluate_mauve(samples: Sequence[str], references: ReferenceSet, featurizer:
 
 
 __all__ = ["DEFAULT_SEEDS", "mauve_floor", "mauve_warnings", "native_stderr_to_log", "ReferenceSet", "chunk_words", "evaluate_mauve", "length_budget", "mauve_score",
-           "read_records", "resolve_num_buckets", "texts_sha256"]
+           "read_records", "resolve_num_buckets"]
