@@ -15,6 +15,7 @@ from dsl.config import ChannelConfig, ModelConfig
 from dsl.errors import UserError
 from dsl.models import DiT, DSLModel
 from dsl.models import mdlm_weights as W
+from dsl.models.restricted_unpickle import Unloaded, load_pickled_checkpoint
 
 torch.set_num_threads(1)
 
@@ -231,9 +232,9 @@ def test_lightning_ckpt_loads_ema_weights_without_running_pickled_code(tmp_path,
     assert shape == (D, BLOCKS, HEADS, V)
     assert torch.equal(model.vocab_embed.embedding, ema_params["vocab_embed.embedding"])
     assert_matches_reference(model, ema_params)
-    ckpt = W.load_pickled_checkpoint(path)
-    assert isinstance(ckpt["hyper_parameters"]["config"], W.Unloaded)
-    assert isinstance(ckpt["hyper_parameters"]["tokenizer"], W.Unloaded)
+    ckpt = load_pickled_checkpoint(path)
+    assert isinstance(ckpt["hyper_parameters"]["config"], Unloaded)
+    assert isinstance(ckpt["hyper_parameters"]["tokenizer"], Unloaded)
     assert TRIGGERED == []
 
 

@@ -5,8 +5,8 @@ Accepted sources (the layout of kuleshov-group/mdlm ``models/dit.py`` ``DIT`` an
     ['shadow_params']``, a list in ``backbone.parameters()`` order (the rotary buffer is not in it), mapped
     by order onto the DiT's named parameters; ``use_ema=False`` (or a checkpoint without EMA) takes the raw
     ``ckpt['state_dict']['backbone.*']``. The file also pickles the omegaconf config and the tokenizer, so
-    it is read with :data:`restricted_pickle`: only tensor-rebuild functions are resolved, every other
-    class or function becomes an inert :class:`Unloaded` placeholder, and no pickled code runs;
+    it is read with :mod:`dsl.models.restricted_unpickle`: only tensor-rebuild functions are resolved,
+    every other class or function becomes an inert placeholder, and no pickled code runs;
   * a Hugging Face ``kuleshov-group/mdlm-owt`` directory (``config.json`` + ``model.safetensors`` or
     ``pytorch_model.bin``, read with ``weights_only=True``), or the hub id ``hf:kuleshov-group/mdlm-owt``;
   * a bare ``.safetensors`` state dict.
@@ -16,11 +16,8 @@ missing, unexpected and mis-shaped keys (first few of each, with counts).
 
 from __future__ import annotations
 
-import io
 import json
-import pickle
 import re
-import types
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +28,7 @@ from torch import nn
 from dsl.config import ModelConfig
 from dsl.errors import UserError
 from dsl.models.dit import DiT
+from dsl.models.restricted_unpickle import load_pickled_checkpoint
 
 HUB_PREFIX = "hf:"
 ACCEPTED = ("a Lightning .ckpt, a directory with config.json + model.safetensors (or pytorch_model.bin), "
@@ -38,93 +36,6 @@ ACCEPTED = ("a Lightning .ckpt, a directory with config.json + model.safetensors
 ROTARY_KEY = "rotary_emb.inv_freq"
 EMBED_KEY = "vocab_embed.embedding"
 SHOW = 5  # keys listed per category in a mismatch error
-
-
-# ---------------------------------------------------------------------------------------------------
-# Restricted unpickling of Lightning checkpoints.
-
-
-class Unloaded:
-    """Stands in for any pickled class or function outside the allowlist; accepts and ignores everything."""
-
-    module = ""
-    name = ""
-
-    def __new__(cls, *args, **kwargs):
-        return object.__new__(cls)
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        pass
-
-    def __setitem__(self, key, value):
-        pass
-
-    def append(self, item):
-        pass
-
-    def extend(self, items):
-        pass
-
-    def __repr__(self) -> str:
-        return f"<unloaded {self.module}.{self.name}>"
-
-
-_ALLOWED: dict[str, set[str]] = {
-    "torch._utils": {"_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
-                     "_rebuild_parameter_with_state", "_rebuild_meta_tensor_no_storage"},
-    "torch._tensor": {"_rebuild_from_type_v2"},
-    "torch": {"Tensor", "Size", "device"},
-    "torch.nn.parameter": {"Parameter"},
-    "collections": {"OrderedDict"},
-    "builtins": {"set", "frozenset", "complex", "bytearray", "slice"},
-    "numpy": {"ndarray", "dtype"},
-    "numpy.core.multiarray": {"_reconstruct", "scalar"},
-    "numpy._core.multiarray": {"_reconstruct", "scalar"},
-}
-
-
-def _allowed_global(module: str, name: str) -> bool:
-    if name in _ALLOWED.get(module, ()):
-        return True
-    if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-        return True
-    # numpy dtype classes (numpy.dtypes.Float32DType ...) are plain data types
-    return module == "numpy.dtypes" and name.endswith("DType")
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only allowlisted tensor/container names; everything else becomes an :class:`Unloaded`."""
-
-    def find_class(self, module: str, name: str):
-        if _allowed_global(module, name):
-            return super().find_class(module, name)
-        return type(f"Unloaded[{module}.{name}]", (Unloaded,), {"module": module, "name": name})
-
-
-def _restricted_load(file, **kwargs):
-    return RestrictedUnpickler(file, **kwargs).load()
-
-
-# The ``pickle_module`` torch.load needs: an object with ``Unpickler`` and ``load``.
-restricted_pickle = types.ModuleType("dsl_restricted_pickle")
-restricted_pickle.Unpickler = RestrictedUnpickler
-restricted_pickle.load = _restricted_load
-restricted_pickle.loads = lambda data, **kw: _restricted_load(io.BytesIO(data), **kw)
-
-
-def load_pickled_checkpoint(path: str | Path) -> dict:
-    """``torch.load`` of a Lightning checkpoint via :data:`restricted_pickle` (never runs pickled code)."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=restricted_pickle)
-    except Exception as exc:  # zip/pickle/storage errors: a corrupt or truncated file
-        raise UserError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: "
-                        f"{' '.join(str(exc).split())[:160]})") from None
-    if not isinstance(obj, dict):
-        raise UserError(f"{path}: expected a Lightning checkpoint dict, found {type(obj).__name__}")
-    return obj
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -395,7 +306,6 @@ def init_from_mdlm(model: nn.Module, source: str | Path, *, use_ema: bool = True
     return model
 
 
-__all__ = ["MDLMWeights", "RestrictedUnpickler", "Unloaded", "check_state", "dit_config_from_state",
-           "download_hub", "init_dsl_from_mdlm", "init_from_mdlm", "load_into_dit", "load_mdlm_dit",
-           "load_pickled_checkpoint", "read_hf_dir", "read_lightning_ckpt", "read_mdlm_weights",
-           "restricted_pickle"]
+__all__ = ["MDLMWeights", "check_state", "dit_config_from_state", "download_hub", "init_dsl_from_mdlm",
+           "init_from_mdlm", "load_into_dit", "load_mdlm_dit", "read_hf_dir", "read_lightning_ckpt",
+           "read_mdlm_weights"]
