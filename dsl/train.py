@@ -52,7 +52,7 @@ from dsl.checkpoint import (
 from dsl.config import ConfigError, RunConfig, dumps, to_dict
 from dsl.data import SYNTHETIC, build_data
 from dsl.devices import to_device
-from dsl.ema import EMA, ema_decay
+from dsl.ema import EMA
 from dsl.errors import UserError
 from dsl.objectives import select_objective, validation_metrics
 from dsl.seeding import derive_seed, row_generators
@@ -386,4 +386,4 @@ class Trainer:
         self._emit(valid)
 
 
-__all__ = ["Trainer", "StepFigures", "lr_at", "ema_decay", "run_name"]
+__all__ = ["Trainer", "StepFigures", "lr_at", "run_name"]
