@@ -27,7 +27,6 @@ import os
 import re
 import shutil
 import tempfile
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from dsl.atomic import write_bytes_atomic
 from dsl.errors import UserError
 
 FORMAT = "dsl-checkpoint/1"
@@ -77,14 +77,7 @@ class LocalStorage:
         return self.root.joinpath(*parts)
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        write_bytes_atomic(self._path(key), data, fsync=True)
 
     def get_bytes(self, key: str) -> bytes:
         path = self._path(key)

@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 
+from dsl.atomic import atomic_paths
 from dsl.cli import Job, Mode, Renamed, main, renamed
 from dsl.config import ConfigError, JobConfig
 from dsl.errors import UserError
@@ -42,23 +43,6 @@ def _check_out(path: str, key: str = "out", example: str = "samples.jsonl") -> s
     if os.path.isdir(path):
         raise UserError(f"{key}={path} is a directory; give a file path, e.g. {key}={os.path.join(path, example)}")
     return path
-
-
-def _commit_all(writers: list) -> None:
-    """Write every file under a temporary name, then rename them all: a failure leaves no file touched."""
-    written = []
-    try:
-        for final, write in writers:
-            tmp = f"{final}.tmp-{os.getpid()}"
-            written.append((final, tmp))
-            write(tmp)
-    except BaseException:
-        for _, tmp in written:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        raise
-    for final, tmp in written:
-        os.replace(tmp, final)
 
 
 def check_sampling(job: JobConfig) -> None:
@@ -122,7 +106,10 @@ def run_sampling(job: JobConfig) -> dict:
         writers.append((cfg.trajectory, write_traj))
     if cfg.plot:
         writers.append((cfg.plot, lambda tmp: plot_diagnostics(batch.diagnostics, f"{cfg.sampler} T={cfg.steps}", tmp)))
-    _commit_all(writers)
+    # every file under a temporary name, then all renamed: a failure leaves no file touched
+    with atomic_paths(*(final for final, _ in writers)) as temps:
+        for tmp, (_, write) in zip(temps, writers):
+            write(str(tmp))
     return {"n": n, "sampler": cfg.sampler, "resolved": batch.settings["resolved"]["rule"],
             "steps": cfg.steps, "length": length, "mean_nfe": float(batch.nfe.double().mean()),
             "mean_rewrites_per_token": float(batch.mean_rewrites.mean()), "rewrite_count": cfg.rewrite_count,

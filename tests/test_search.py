@@ -269,8 +269,8 @@ def test_fit_rule_recovers_an_exact_line_in_log_t():
 
 
 def test_artifacts_load_with_the_samplers_loader(tmp_path):
+    from dsl.atomic import write_json_atomic
     from dsl.sampling.schedules import load_eta_cap
-    from dsl.service.search_results import write_json_atomic
 
     chosen = {16: _rec(2, 16, 0.07, 0.85, 1.8), 32: _rec(5, 32, 0.03, 0.70, 1.4)}
     table_doc, rule_doc, fit = eta_cap_artifacts(chosen, 32)

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dsl.atomic import atomic_path
 from dsl.config import ConfigError, RunConfig
 from dsl.data.blocks import MemoryBlocks, StreamBlocks, SyntheticBlocks, TextStream
 from dsl.data.corpora import HFCorpus, LocalCorpus, open_corpus
@@ -113,9 +113,8 @@ def text_tokenizer(name: str, corpus: Any, data_cfg: Any) -> Any:
 
         tok = BPETokenizer.train(texts(), data_cfg.bpe_vocab)
         if cache is not None:
-            tmp = cache.with_name(cache.name + f".{os.getpid()}.tmp")
-            tok.save(tmp)
-            os.replace(tmp, cache)
+            with atomic_path(cache) as tmp:
+                tok.save(tmp)
         return tok
     if Path(name).is_dir():
         return load_tokenizer(name)

@@ -14,7 +14,6 @@ Prepared stores have their own: :class:`dsl.data.prepared.reader.PreparedBlocks`
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dsl.atomic import atomic_path
 from dsl.data.order import READ_WINDOW_NO_SHUFFLE, BlockOrder, window_perm
 from dsl.data.wrapping import WrapState, pad_document, wrap_documents
 from dsl.errors import UserError
@@ -104,10 +104,8 @@ class MemoryBlocks:
         if cache is not None:
             cache.mkdir(parents=True, exist_ok=True)
             for name, arr in ((f"{stream.split}.ids.npy", ids), (f"{stream.split}.mask.npy", mask)):
-                tmp = cache / f".{name}.{os.getpid()}.tmp"
-                with open(tmp, "wb") as fh:
+                with atomic_path(cache / name) as tmp, open(tmp, "wb") as fh:
                     np.save(fh, arr)
-                os.replace(tmp, cache / name)
         return ids, mask
 
     def get(self, split: str, g: int) -> tuple[torch.Tensor, torch.Tensor]:

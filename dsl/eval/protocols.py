@@ -16,30 +16,16 @@ before any featurization.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import tempfile
 from typing import Any
 
 import torch
 
+from dsl.atomic import atomic_path, write_json_atomic
 from dsl.config import ConfigError, JobConfig
 from dsl.errors import UserError
 from dsl.outputs import RUNS_ROOT, cache_root, output_dir
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def labelled_checkpoints(spec: str) -> list[tuple[str, str]]:
@@ -267,9 +253,8 @@ def evaluate_calibration(job: JobConfig) -> dict[str, Any]:
                           "accuracy": {f"{s:g}": r.accuracy for s, r in by_snr.items()}}
     os.makedirs(out_dir, exist_ok=True)
     png, js = os.path.join(out_dir, "calibration.png"), os.path.join(out_dir, "calibration.json")
-    tmp_png = os.path.join(out_dir, f".tmp-{os.getpid()}-calibration.png")
-    plot_calibration(results, tmp_png, ev.reliability_snr)
-    os.replace(tmp_png, png)
+    with atomic_path(png) as tmp_png:
+        plot_calibration(results, str(tmp_png), ev.reliability_snr)
     write_json_atomic(js, {label: {s: r.to_dict() for s, r in by_snr.items()} for label, by_snr in results.items()})
     return {"mode": "calibration", "snr": list(ev.snr), "bins": ev.calibration_bins, "checkpoints": summary,
             "plot": png, "details": js}
@@ -303,4 +288,4 @@ def evaluate_likelihood(job: JobConfig) -> dict[str, Any]:
 
 
 __all__ = ["check_samples", "evaluate_samples", "evaluate_calibration", "evaluate_likelihood", "load_judge", "JUDGE_KINDS",
-           "labelled_checkpoints", "write_json_atomic"]
+           "labelled_checkpoints"]

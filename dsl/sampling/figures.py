@@ -6,11 +6,12 @@ torch-only. Every figure is written under a temporary name and renamed, so a fai
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
 import torch
+
+from dsl.atomic import atomic_path
 
 
 def _pyplot() -> Any:
@@ -24,14 +25,11 @@ def _pyplot() -> Any:
 
 def _save(fig: Any, path: str, dpi: int) -> None:
     plt = _pyplot()
-    tmp = f"{path}.tmp-{os.getpid()}.png"
     try:
-        fig.savefig(tmp, format="png", dpi=dpi)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=dpi)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def plot_diagnostics(diagnostics: dict, title: str, path: str) -> None:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from dsl import config as C
+from dsl.atomic import write_json_atomic
 from dsl.config import ConfigError, JobConfig
 from dsl.errors import UserError
 from dsl.seeding import derive_seed
@@ -43,7 +44,6 @@ from dsl.service.search_results import (
     best_per_steps,
     eta_cap_artifacts,
     plot_mauve_vs_rewrites,
-    write_json_atomic,
 )
 from dsl.service.search_trial import SEARCHABLE, TrialSetup, run_trial, rungs_for
 from dsl.service.tracking import end_status

@@ -6,7 +6,6 @@ functions are tested on hand-written records and reused by the driver on the stu
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -91,15 +90,6 @@ def eta_cap_artifacts(chosen: dict[int, dict[str, Any]], length: int) -> tuple[d
     rule_doc = {"rule": {"form": rule["form"], "a": rule["a"], "b": rule["b"]}, "length": int(length),
                 "budgets": [min(table), max(table)]}
     return table_doc, rule_doc, {"r2": rule["r2"], "points": rule["points"]}
-
-
-def write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
-    """Write then rename, so a reader never sees half a file and a crash leaves the old one intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
 
 
 def plot_mauve_vs_rewrites(records: Sequence[dict[str, Any]], chosen: dict[int, dict[str, Any]],
