@@ -16,6 +16,7 @@ from importlib import resources
 from typing import Any
 
 from dsl.config.fields import ConfigError
+from dsl.errors import one_line
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -32,7 +33,7 @@ def _read(path: Any) -> dict[str, Any]:
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"preset file {path}: {' '.join(str(exc).split())}") from None
+        raise ConfigError(f"preset file {path}: {one_line(exc)}") from None
 
 
 def _word(value: Any) -> str:

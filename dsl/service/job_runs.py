@@ -9,6 +9,7 @@ import contextvars
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from dsl.errors import one_line
 from dsl.redact import scrub
 from dsl.service import lineage
 from dsl.service.code_version import code_tags
@@ -139,7 +140,7 @@ def tracked_job(kind: str, params: Any, checkpoint_uri: str | None, body: Any, *
         logger = ctx.__enter__()
     except Exception as exc:  # noqa: BLE001 - see docstring
         print(f"warning: MLflow tracking off for this {kind} job ({type(exc).__name__}: "
-              f"{scrub(' '.join(str(exc).split()))[:200]})", file=sys.stderr)
+              f"{scrub(one_line(exc))[:200]})", file=sys.stderr)
         return body()
     try:
         summary = body()

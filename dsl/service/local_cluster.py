@@ -26,7 +26,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dsl.errors import UserError
+from dsl.errors import UserError, one_line
 
 STATE_FILE = "dsl_cluster.json"
 # Ray rewrites 127.0.0.1 (in --node-ip-address and in --address) to the machine's network address
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             stop_cluster(args.temp_dir)
             print(f"stopped the cluster under {os.path.abspath(args.temp_dir)}")
     except UserError as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     return 0
 

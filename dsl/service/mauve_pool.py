@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from dsl.errors import UserError
+from dsl.errors import UserError, one_line
 from dsl.eval.mauve import DEFAULT_SEEDS, ReferenceSet, evaluate_mauve, mauve_score
 
 
@@ -89,7 +89,7 @@ class MauvePool:
             self.close()
             cause = getattr(exc, "cause", None) or exc
             raise UserError(f"MauvePool: featurizer {featurizer!r} failed to start in a worker "
-                            f"({' '.join(str(cause).split())[:200]})") from None
+                            f"({one_line(cause)[:200]})") from None
 
     # --- the featurizer interface ----------------------------------------------------------------
 

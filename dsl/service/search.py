@@ -36,7 +36,7 @@ from typing import Any
 from dsl import config as C
 from dsl.atomic import write_json_atomic
 from dsl.config import ConfigError, JobConfig
-from dsl.errors import UserError
+from dsl.errors import UserError, one_line
 from dsl.seeding import derive_seed
 from dsl.service import lineage
 from dsl.service.ray_session import ray_session
@@ -127,7 +127,7 @@ def open_storage(url: str | None):
         return optuna.storages.RDBStorage(with_installed_driver(url, "search.study_db"), engine_kwargs=kwargs)
     except Exception as exc:  # noqa: BLE001 - every failure to open the URL is the user's to fix
         raise UserError(f"search.study_db={_redact(url)} cannot be opened ({type(exc).__name__}: "
-                        f"{' '.join(str(exc).split())[:200]}); expected sqlite:///<path> or "
+                        f"{one_line(exc)[:200]}); expected sqlite:///<path> or "
                         f"postgresql://user@host:port/db, or search.study_db=none") from None
 
 
@@ -372,7 +372,7 @@ def prepare(cfg: JobConfig) -> Prepared:
         raise
     except Exception as exc:  # noqa: BLE001 - an unreadable checkpoint is bad input
         raise UserError(f"checkpoint={cfg.checkpoint!r} cannot be loaded ({type(exc).__name__}: "
-                        f"{' '.join(str(exc).split())[:200]}); expected oracle:hmm, oracle:cyclic, a "
+                        f"{one_line(exc)[:200]}); expected oracle:hmm, oracle:cyclic, a "
                         f"checkpoint directory or an s3:// URI") from None
     length = cfg.sampling.length or denoiser.max_length
     check_sampling_memory(denoiser, cfg.sampling, cfg.sampling.num_samples, length)
