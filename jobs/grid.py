@@ -3,15 +3,16 @@
     python jobs/grid.py table.models=mdlm=<mdlm run>,dsl=<dsl run> [table.spec=table1] [table.steps=16,32] \\
         [sampling.num_samples=256] [eval.featurizer=minilm eval.reference=<file|hf:dataset>] [eval.judge=...] \\
         [experiment=<name>] [service.tracking_uri=...] [service.ray_address=...]
-    python jobs/grid.py table.spec=paper-table1 table.models=mdlm=hf:kuleshov-group/mdlm-owt,dsl=<dsl run>   # Table 1
+    python jobs/grid.py table.spec=paper-table1 table.models=mdlm=<mdlm run>,dsl=<dsl run>   # the paper's
     python jobs/grid.py table.spec=<spec.toml> eval.judge=oracle:topics eval.featurizer=source-stats eval.reference=source
 
 Rows and columns come from a spec (``table.spec``: a named one in dsl/config/presets/grid/ — ``table1``,
 Table 1's rows at T = L/8 … L scored offline; ``paper-table1``, the paper's layout, L = 1024, 5,000
-samples, ``eval.protocol=paper-table1`` — or a TOML file with ``[[rows]]`` of label, model, sampler and
-optionally eta_cap_table); the rows name their models by role, filled by ``table.models``. Each cell's
-samples are drawn by Ray tasks (split by sample index: the texts do not depend on the worker count; one
-GPU per task on a GPU cluster) and scored once per cell: MAUVE against reference features computed once
+samples, ``eval.protocol=paper-table1``; ``topics``, the sticky-topic study's rows with exact scoring —
+or a TOML file with ``[[rows]]`` of label, model, sampler and optionally eta_cap_table); the rows name
+their models by role, filled by ``table.models``. Each cell's samples are drawn by Ray tasks (split by
+sample index: the texts do not depend on the worker count; one GPU per task on a GPU cluster) and scored
+once per cell: MAUVE against reference features computed once
 per grid (``eval.workers`` > 0: a MauvePool), GenPPL under ``eval.judge`` (exact NLL and impossible share
 under an ``oracle:*`` judge), sentence entropy, NFE, rewrites per token, the Table 6 sharpness curves.
 

@@ -202,7 +202,7 @@ class TableConfig:
     over Ray workers. What a row samples with and how cells are scored are the ``sampling`` and ``eval`` keys."""
 
     spec: str = text("table1", "rows and columns: a named spec (dsl/config/presets/grid/<name>.toml: table1, "
-                               "paper-table1) | a spec TOML file")
+                               "paper-table1, topics) | a spec TOML file")
     models: str = text("", "the checkpoints the spec's rows name by role: role=<run dir|checkpoint dir|s3://...|"
                            "oracle:*>,... (e.g. mdlm=runs/mdlm-ft,dsl=runs/dsl-ft)")
     steps: tuple[int, ...] = values((), "step budgets T (the columns); '' = the spec's")

@@ -196,11 +196,13 @@ def settle_grid(cfg: JobConfig, named: frozenset[str]) -> None:
         from dsl.eval.paper_protocol import PaperTable1
 
         PaperTable1().apply(cfg.eval, {k.removeprefix("eval.") for k in named if k.startswith("eval.")})
-    sampler_names = SamplingConfig.__dataclass_fields__["sampler"].type
+    import typing
+
+    samplers = typing.get_args(typing.get_type_hints(SamplingConfig)["sampler"])
     for row in spec.rows:
-        if row.sampler and row.sampler not in str(sampler_names):
-            raise ConfigError(f"table.spec={cfg.table.spec}: row {row.label!r} has sampler {row.sampler!r}, not a "
-                              f"sampling.sampler")
+        if row.sampler and row.sampler not in samplers:
+            raise ConfigError(f"table.spec={cfg.table.spec}: row {row.label!r} has sampler {row.sampler!r}; "
+                              f"samplers: {', '.join(samplers)}")
 
 
 def check_grid(cfg: JobConfig) -> None:
@@ -478,10 +480,11 @@ class GridRecord:
                 return out
 
     def start_cell(self, cell: Cell, tags: dict[str, str], params: dict[str, Any]) -> str:
+        from dsl.redact import scrub
         from dsl.service.tracking import _log_params, flat_params, lineage_tags
 
         all_tags = {**lineage_tags(L.KIND_CELL, None if cell.checkpoint == DATA_ROW else cell.checkpoint,
-                                   tracking_uri=self.uri), **tags}
+                                   tracking_uri=self.uri), **{k: scrub(v) for k, v in tags.items()}}
         run_id = self.client.create_run(self.exp_id, run_name=f"{cell.row.label} T={cell.steps}",
                                         tags=all_tags).info.run_id
         _log_params(self.client, run_id, flat_params(params))
@@ -582,6 +585,14 @@ def plan_cells(spec: GridSpec, job: JobConfig, models: dict[str, str], length: i
     return cells
 
 
+def _same_cell(run: Any, cell: Cell) -> bool:
+    """Whether a complete cell run drew what ``cell`` would (same model and sampler)."""
+    from dsl.redact import scrub
+
+    tags = run.data.tags
+    return tags.get(L.CHECKPOINT) == scrub(cell.checkpoint) and tags.get(L.SAMPLER) == (cell.row.sampler or DATA_ROW)
+
+
 def _cell_tags(cell: Cell, grid_run: str, protocol: str, n: int) -> dict[str, str]:
     return {L.PARENT_RUN: grid_run, L.KIND: L.KIND_CELL, L.ROW: cell.row.label, L.CHECKPOINT: cell.checkpoint,
             L.SAMPLER: cell.row.sampler or DATA_ROW, L.STEPS: str(cell.steps), L.PROTOCOL: protocol,
@@ -634,24 +645,24 @@ def run_grid(job: JobConfig, spec: GridSpec | None = None, *, log: Callable[[str
                         {L.KIND: L.KIND_GRID, L.GRID_NAME: grid_name, L.GRID_SPEC: spec_ref, L.PROTOCOL: protocol}, params, spec_json)
     log(f"grid {grid_name}: {len(cells)} cells ({len(spec.rows)} rows; L={length}, n={n}); MLflow run "
         f"{record.run_id} ({scrub(tracking_uri)}, experiment {job.experiment})" + (" — resumed" if record.resumed else ""))
-    done: dict[tuple[str, int], str] = {}
+    done: dict[tuple[str, int], Any] = {}
     partial: dict[tuple[str, int], list[str]] = {}
     for run in record.cells():
         tags = run.data.tags
         if L.SUPERSEDED_BY in tags or L.ROW not in tags:
             continue
         key = (tags[L.ROW], int(tags.get(L.STEPS, "0")))
-        if tags.get(L.CELL_STATUS) == L.CELL_COMPLETE:
-            done.setdefault(key, run.info.run_id)
+        if tags.get(L.CELL_STATUS) == L.CELL_COMPLETE and key not in done:
+            done[key] = run
         else:
             partial.setdefault(key, []).append(run.info.run_id)
     pending = []
     for cell in cells:
         key = (cell.row.label, cell.steps)
-        if key in done:
-            cell.run_id = done[key]
-        else:
-            cell.old_partial = partial.get(key, [])
+        if key in done and _same_cell(done[key], cell):
+            cell.run_id = done[key].info.run_id
+        else:   # never run, partial, or complete with another model or sampler under this name: (re)run
+            cell.old_partial = partial.get(key, []) + ([done[key].info.run_id] if key in done else [])
             pending.append(cell)
     superseded = sum(len(c.old_partial) for c in pending)
     table: list[dict[str, Any]] = []
