@@ -446,7 +446,7 @@ class GridRecord:
                  params: dict[str, Any], spec_json: dict[str, Any]):
         import mlflow
 
-        from dsl.service.tracking import _log_params, experiment_id, flat_params
+        from dsl.service.tracking import experiment_id, flat_params, log_params
 
         self.uri = tracking_uri
         self.client = mlflow.MlflowClient(tracking_uri)
@@ -461,11 +461,11 @@ class GridRecord:
             self.run_id = found[0].info.run_id
             self.client.update_run(self.run_id, status="RUNNING")
         else:
-            from dsl.service.tracking import _code_tags
+            from dsl.service.code_version import code_tags
 
             self.run_id = self.client.create_run(self.exp_id, run_name=f"grid {grid_name}",
-                                                 tags={**tags, **_code_tags()}).info.run_id
-            _log_params(self.client, self.run_id, flat_params(params))
+                                                 tags={**tags, **code_tags()}).info.run_id
+            log_params(self.client, self.run_id, flat_params(params))
             self.client.log_dict(self.run_id, spec_json, L.GRID_SPEC_ARTIFACT)
 
     def cells(self) -> list[Any]:
@@ -481,13 +481,14 @@ class GridRecord:
 
     def start_cell(self, cell: Cell, tags: dict[str, str], params: dict[str, Any]) -> str:
         from dsl.redact import scrub
-        from dsl.service.tracking import _log_params, flat_params, lineage_tags
+        from dsl.service.job_runs import lineage_tags
+        from dsl.service.tracking import flat_params, log_params
 
         all_tags = {**lineage_tags(L.KIND_CELL, None if cell.checkpoint == DATA_ROW else cell.checkpoint,
                                    tracking_uri=self.uri), **{k: scrub(v) for k, v in tags.items()}}
         run_id = self.client.create_run(self.exp_id, run_name=f"{cell.row.label} T={cell.steps}",
                                         tags=all_tags).info.run_id
-        _log_params(self.client, run_id, flat_params(params))
+        log_params(self.client, run_id, flat_params(params))
         for old in cell.old_partial:   # what this run replaces: kept, marked, closed
             self.client.set_tag(old, L.SUPERSEDED_BY, run_id)
             self.client.set_terminated(old, "KILLED")
@@ -600,17 +601,11 @@ def _cell_tags(cell: Cell, grid_run: str, protocol: str, n: int) -> dict[str, st
 
 
 def _connect_ray(job: JobConfig) -> Any:
-    """The Ray connection of the grid: the caller's if it has one, else the search's policy (RAY_ADDRESS /
-    service.ray_address, or a private loopback Ray with its own temp dir); a context manager."""
-    import contextlib
+    """The Ray connection of the grid: the caller's if it has one, else ``service.ray_address`` /
+    ``RAY_ADDRESS``, else a private loopback Ray of ``service.ray_cpus`` (the one start/stop policy)."""
+    from dsl.service.ray_session import ray_session
 
-    import ray
-
-    if ray.is_initialized():
-        return contextlib.nullcontext()
-    from dsl.service.search import _RayContext
-
-    return _RayContext(job)
+    return ray_session(job.service.ray_address, cpus=job.service.ray_cpus or None, temp_prefix="ray-grid-")
 
 
 def run_grid(job: JobConfig, spec: GridSpec | None = None, *, log: Callable[[str], None] | None = None
