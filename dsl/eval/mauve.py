@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
-import torch  # noqa: F401  -- before mauve/faiss: the reverse order can crash in OpenMP (facebookresearch/faiss#3401)
+import torch  # noqa: F401  -- before mauve/faiss: the other order can crash OpenMP (facebookresearch/faiss#3401)
 
 from dsl.errors import UserError
 from dsl.eval.feature_cache import cached_features
@@ -308,8 +308,8 @@ class ReferenceSet:
 
 def length_budget(featurizer: Featurizer, samples: Sequence[str], references: Sequence[str]) -> int:
     """Token budget both sets are cut to: the shorter of the two sets' longest text, within what the
-    featurizer reads. Our reading of "matching token lengths" (yxuansu/SimCTG#7): fixed-length samples keep
-    their length and long reference documents are cut to it."""
+    featurizer reads. Our reading of "matching token lengths" (yxuansu/SimCTG#7): fixed-length samples
+    keep their length and long reference documents are cut to it."""
     longest_sample = max(featurizer.token_lengths(list(samples)))
     longest_ref = max(featurizer.token_lengths(list(references)))
     return max(1, min(featurizer.content_length, longest_sample, longest_ref))
