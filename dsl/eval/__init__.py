@@ -2,7 +2,8 @@
 
 - ``featurizers``: text → vector for MAUVE (``get_featurizer``: minilm offline, gpt2-large, local HF dir);
 - ``mauve``: ``mauve_score`` (mean ± std over k-means seeds), ``ReferenceSet`` (seeded draw without
-  replacement, cached features), ``evaluate_mauve`` (length-matched samples vs references);
+  replacement), ``evaluate_mauve`` (length-matched samples vs references);
+- ``feature_cache``: reference features cached on disk or S3;
 - ``genppl``: generative perplexity under an exact source, an AR checkpoint or an HF causal LM;
 - ``entropy``: sentence entropy of token-id histograms;
 - ``calibration``: token ECE and reliability diagrams under teacher forcing on corrupted inputs;
