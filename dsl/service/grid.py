@@ -467,35 +467,42 @@ class Cell:
 
 
 class GridRecord:
-    """The parent run of a grid (found again by ``dsl.grid.name``) and its cell runs."""
+    """The parent run of a grid (found again by ``dsl.grid.name``) and its cell runs. Finding writes
+    nothing; :meth:`open` creates the parent (and the experiment) the first time, once the grid's inputs
+    have loaded."""
 
-    def __init__(self, tracking_uri: str, experiment: str, grid_name: str, tags: dict[str, str],
-                 params: dict[str, Any], spec_json: dict[str, Any]):
+    def __init__(self, tracking_uri: str, experiment: str, grid_name: str):
         import mlflow
 
-        from dsl.service.tracking import experiment_id, flat_params, log_params
-
-        self.uri = tracking_uri
+        self.uri, self.experiment, self.name = tracking_uri, experiment, grid_name
         self.client = mlflow.MlflowClient(tracking_uri)
-        self.exp_id = experiment_id(self.client, experiment)
-        self.name = grid_name
+        exp = self.client.get_experiment_by_name(experiment)
+        self.exp_id = exp.experiment_id if exp is not None else None
         found = self.client.search_runs(
             [self.exp_id], filter_string=f"tags.`{L.KIND}` = '{L.KIND_GRID}' and tags.`{L.GRID_NAME}` = "
                                          f"'{grid_name.replace(chr(39), chr(92) + chr(39))}'",
-            order_by=["attributes.start_time ASC"], max_results=1)
+            order_by=["attributes.start_time ASC"], max_results=1) if self.exp_id else []
         self.resumed = bool(found)
-        if found:
-            self.run_id = found[0].info.run_id
-            self.client.update_run(self.run_id, status="RUNNING")
-        else:
-            from dsl.service.code_version import code_tags
+        self.run_id: str | None = found[0].info.run_id if found else None
 
-            self.run_id = self.client.create_run(self.exp_id, run_name=f"grid {grid_name}",
-                                                 tags={**tags, **code_tags()}).info.run_id
-            log_params(self.client, self.run_id, flat_params(params))
-            self.client.log_dict(self.run_id, spec_json, L.GRID_SPEC_ARTIFACT)
+    def open(self, tags: dict[str, str], params: dict[str, Any], spec_json: dict[str, Any]) -> str:
+        from dsl.service.tracking import experiment_id, flat_params, log_params
+
+        if self.run_id is not None:
+            self.client.update_run(self.run_id, status="RUNNING")
+            return self.run_id
+        from dsl.service.code_version import code_tags
+
+        self.exp_id = experiment_id(self.client, self.experiment)
+        self.run_id = self.client.create_run(self.exp_id, run_name=f"grid {self.name}",
+                                             tags={**tags, **code_tags()}).info.run_id
+        log_params(self.client, self.run_id, flat_params(params))
+        self.client.log_dict(self.run_id, spec_json, L.GRID_SPEC_ARTIFACT)
+        return self.run_id
 
     def cells(self) -> list[Any]:
+        if self.run_id is None:
+            return []
         out, token = [], None
         flt = f"tags.`{L.PARENT_RUN}` = '{self.run_id}' and tags.`{L.KIND}` = '{L.KIND_CELL}'"
         while True:
@@ -663,10 +670,14 @@ def run_grid(job: JobConfig, spec: GridSpec | None = None, *, log: Callable[[str
                           for r in spec.rows]}
     params = {"table": {**asdict(job.table), "spec_name": spec.name}, "sampling": to_dict(job.sampling),
               "eval": to_dict(job.eval), "seed": job.seed}
-    record = GridRecord(tracking_uri, job.experiment, grid_name,
-                        {L.KIND: L.KIND_GRID, L.GRID_NAME: grid_name, L.GRID_SPEC: spec_ref, L.PROTOCOL: protocol}, params, spec_json)
-    log(f"grid {grid_name}: {len(cells)} cells ({len(spec.rows)} rows; L={length}, n={n}); MLflow run "
-        f"{record.run_id} ({scrub(tracking_uri)}, experiment {job.experiment})" + (" — resumed" if record.resumed else ""))
+    record = GridRecord(tracking_uri, job.experiment, grid_name)
+
+    def open_record() -> None:   # once the grid's inputs have loaded: a refused grid records nothing
+        record.open({L.KIND: L.KIND_GRID, L.GRID_NAME: grid_name, L.GRID_SPEC: spec_ref, L.PROTOCOL: protocol},
+                    params, spec_json)
+        log(f"grid {grid_name}: {len(cells)} cells ({len(spec.rows)} rows; L={length}, n={n}); MLflow run "
+            f"{record.run_id} ({scrub(tracking_uri)}, experiment {job.experiment})"
+            + (f"; resumed: {len(cells) - len(pending)} cells complete" if record.resumed else ""))
     done: dict[tuple[str, int], Any] = {}
     partial: dict[tuple[str, int], list[str]] = {}
     for run in record.cells():
@@ -691,10 +702,13 @@ def run_grid(job: JobConfig, spec: GridSpec | None = None, *, log: Callable[[str
     status = "FINISHED"
     try:
         if pending:
-            _run_cells(job, pending, record, protocol, length, grid_name, table, log)
+            _run_cells(job, pending, record, open_record, protocol, length, grid_name, table, log)
+        else:
+            open_record()
     except BaseException as exc:
         status = end_status(exc)
-        record.close(status)
+        if record.run_id is not None:
+            record.close(status)
         raise
     record.close(status)
     return {"grid_name": grid_name, "grid_run_id": record.run_id, "experiment": job.experiment,
@@ -706,8 +720,9 @@ def run_grid(job: JobConfig, spec: GridSpec | None = None, *, log: Callable[[str
             "table": table, "wall_s": round(time.perf_counter() - t0, 3)}
 
 
-def _run_cells(job: JobConfig, pending: list[Cell], record: GridRecord, protocol: str, length: int,
-               grid_name: str, table: list[dict[str, Any]], log: Callable[[str], None]) -> None:
+def _run_cells(job: JobConfig, pending: list[Cell], record: GridRecord, open_record: Callable[[], None],
+               protocol: str, length: int, grid_name: str, table: list[dict[str, Any]],
+               log: Callable[[str], None]) -> None:
     """Sample (on Ray) and score the cells not complete yet, in order; the cell being worked on is ended
     KILLED/FAILED (and stays partial) when the driver is stopped or fails."""
     from dsl.service.tracking import end_status
@@ -735,6 +750,7 @@ def _run_cells(job: JobConfig, pending: list[Cell], record: GridRecord, protocol
 
             scorer = GridScorer(job, length, progress=job.progress)
             try:
+                open_record()
                 queued = {0: submit(pending[0])} if pending else {}
                 bar = None
                 if job.progress and pending:
