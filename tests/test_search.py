@@ -12,7 +12,10 @@ import pytest
 from dsl.cli import load_job, parse
 from dsl.config import ConfigError
 from dsl.errors import UserError
+from dsl.seeding import derive_seed
 from dsl.service import search as S
+from dsl.service.search_config import search_space, trial_resources
+from dsl.service.search_optuna import StudySearcher
 from dsl.service.search_results import (
     band_distance,
     best_per_steps,
@@ -21,6 +24,7 @@ from dsl.service.search_results import (
     penalised_score,
     plot_mauve_vs_rewrites,
 )
+from dsl.service.search_study import open_storage, prepare_study, storage_url, study_records
 from dsl.service.search_trial import rungs_for
 
 JOB = load_job("tune/eta_cap_search.py")
@@ -77,7 +81,7 @@ def test_defaults_and_overrides_parse():
     assert cfg.search.budgets == (128, 256, 512, 1024)
     assert cfg.search.eta_cap_range == (1e-4, 0.05) and cfg.search.rewrite_target == (0.5, 1.5)
     assert cfg.sampling.top_p == 0.8
-    space = S.search_space(cfg)
+    space = search_space(cfg)
     assert set(space) == {"eta_cap", "t_on"}
     assert space["eta_cap"].log and (space["eta_cap"].low, space["eta_cap"].high) == (1e-4, 0.05)
     assert not space["t_on"].log
@@ -93,18 +97,18 @@ def test_entry_point_prints_error_line_and_exits_2(capsys):
 
 def test_storage_that_cannot_be_opened_is_one_line(tmp_path):
     with pytest.raises(UserError) as err:
-        S.open_storage("postgresql://postgres:secret@127.0.0.1:1/nowhere")
+        open_storage("postgresql://postgres:secret@127.0.0.1:1/nowhere")
     msg = str(err.value)
     assert msg.startswith("search.study_db=postgresql://***@127.0.0.1:1/nowhere cannot be opened")
     assert "secret" not in msg and "\n" not in msg
     with pytest.raises(UserError, match="search.study_db=nonsense://x cannot be opened"):
-        S.open_storage("nonsense://x")
+        open_storage("nonsense://x")
 
 
 def test_storage_url_defaults_to_sqlite_in_out_dir(tmp_path):
     cfg = load([f"out={tmp_path}"])
-    assert S.storage_url(cfg) == f"sqlite:///{tmp_path.resolve() / 'study.db'}"
-    assert S.storage_url(load(["search.study_db=none"])) is None
+    assert storage_url(cfg) == f"sqlite:///{tmp_path.resolve() / 'study.db'}"
+    assert storage_url(load(["search.study_db=none"])) is None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,7 +119,7 @@ def test_prepare_study_fails_trials_left_running_and_counts_finished(tmp_path):
     import optuna
     from optuna.trial import TrialState
 
-    storage = S.open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
     name = "s:T=16"
     study = optuna.create_study(storage=storage, study_name=name, direction="maximize")
     dist = {"eta_cap": optuna.distributions.FloatDistribution(1e-3, 1.0, log=True)}
@@ -125,7 +129,7 @@ def test_prepare_study_fails_trials_left_running_and_counts_finished(tmp_path):
     t = study.ask(dist)
     study.tell(t, state=TrialState.PRUNED)
     study.ask(dist)                       # a trial a killed driver left RUNNING
-    done, stored = S.prepare_study(storage, name)
+    done, stored = prepare_study(storage, name)
     assert (done, stored) == (3, 4)
     states = [t.state for t in optuna.load_study(storage=storage, study_name=name).trials]
     assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL]
@@ -133,7 +137,7 @@ def test_prepare_study_fails_trials_left_running_and_counts_finished(tmp_path):
 
 
 def _searcher(storage, name, records, full=8):
-    return S._make_searcher({"eta_cap": __import__("optuna").distributions.FloatDistribution(1e-3, 1.0, log=True)},
+    return StudySearcher({"eta_cap": __import__("optuna").distributions.FloatDistribution(1e-3, 1.0, log=True)},
                             storage, name, sampler_seed=1, startup=2, full_samples=full, steps=16,
                             on_record=records.append)
 
@@ -142,9 +146,9 @@ def test_asha_stopped_trial_is_pruned_with_its_fidelity_and_full_one_complete(tm
     import optuna
     from optuna.trial import TrialState
 
-    storage = S.open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
     name = "s:T=16"
-    S.prepare_study(storage, name)
+    prepare_study(storage, name)
     records: list = []
     searcher = _searcher(storage, name, records)
     low = {"score": 0.2, "mauve": 0.2, "mean_rewrites": 1.5, "samples": 4, "training_iteration": 1}
@@ -166,25 +170,25 @@ def test_asha_stopped_trial_is_pruned_with_its_fidelity_and_full_one_complete(tm
     assert trials[1].user_attrs["diag_remask_rate"] == 0.1 and "not_recorded" not in trials[1].user_attrs
     assert [r["state"] for r in records] == ["PRUNED", "COMPLETE"]
     assert records[0]["eta_cap"] == p0["eta_cap"] and records[1]["number"] == 1
-    rows = S.study_records(storage, name, 16)
+    rows = study_records(storage, name, 16)
     assert [r["number"] for r in rows] == [0, 1] and rows[0]["full_fidelity"] is False
 
 
 def test_resumed_searcher_continues_numbers_without_replaying_params(tmp_path):
     import optuna
 
-    storage = S.open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
     name = "s:T=16"
     first: list = []
-    S.prepare_study(storage, name)
+    prepare_study(storage, name)
     s1 = _searcher(storage, name, first)
     params_before = [s1.suggest(str(i))["eta_cap"] for i in range(2)]
     for i in range(2):
         s1.on_trial_complete(str(i), {"score": 0.1 * i, "mauve": 0.1, "mean_rewrites": 1.0, "samples": 8})
     # a fresh driver: same sampler seed would replay params; the driver derives it from the study size
-    done, stored = S.prepare_study(storage, name)
-    s2 = S._make_searcher({"eta_cap": optuna.distributions.FloatDistribution(1e-3, 1.0, log=True)}, storage,
-                          name, sampler_seed=S.derive_seed(0, "tpe", 16, stored) % 2**32, startup=2,
+    done, stored = prepare_study(storage, name)
+    s2 = StudySearcher({"eta_cap": optuna.distributions.FloatDistribution(1e-3, 1.0, log=True)}, storage,
+                          name, sampler_seed=derive_seed(0, "tpe", 16, stored) % 2**32, startup=2,
                           full_samples=8, steps=16, on_record=first.append)
     replay = _searcher(storage, "other", [])
     assert replay.suggest("x")["eta_cap"] == params_before[0]      # the trap: same seed, same start
@@ -200,15 +204,15 @@ def test_resumed_searcher_continues_numbers_without_replaying_params(tmp_path):
 
 def test_trial_resources_from_cluster():
     cfg = load([])
-    assert S.trial_resources({"CPU": 2.0}, 1.0, cfg) == ({"cpu": 1.0}, 1)
-    assert S.trial_resources({"CPU": 8.0}, 2.0, cfg) == ({"cpu": 1.0}, 6)
+    assert trial_resources({"CPU": 2.0}, 1.0, cfg) == ({"cpu": 1.0}, 1)
+    assert trial_resources({"CPU": 8.0}, 2.0, cfg) == ({"cpu": 1.0}, 6)
     # fewer free CPUs than trial_cpus: a trial takes what is left instead of waiting forever
-    assert S.trial_resources({"CPU": 2.0}, 1.5, cfg) == ({"cpu": 0.5}, 1)
-    assert S.trial_resources({"CPU": 4.0, "GPU": 2.0}, 1.0, cfg) == ({"cpu": 1.0, "gpu": 1}, 2)
+    assert trial_resources({"CPU": 2.0}, 1.5, cfg) == ({"cpu": 0.5}, 1)
+    assert trial_resources({"CPU": 4.0, "GPU": 2.0}, 1.0, cfg) == ({"cpu": 1.0, "gpu": 1}, 2)
     capped = load(["search.max_concurrent=2"])
-    assert S.trial_resources({"CPU": 16.0}, 1.0, capped)[1] == 2
+    assert trial_resources({"CPU": 16.0}, 1.0, capped)[1] == 2
     with pytest.raises(UserError, match="no CPU is left for trials"):
-        S.trial_resources({"CPU": 2.0}, 2.0, cfg)
+        trial_resources({"CPU": 2.0}, 2.0, cfg)
 
 
 def test_rungs_are_asha_milestones():
@@ -318,16 +322,22 @@ def test_bad_input_fails_before_any_trial(tmp_path, monkeypatch, args, needle):
     assert not (tmp_path / "out" / "eta_cap_table.json").exists()
 
 
-def test_reference_file_is_read_and_too_few_texts_rejected(tmp_path):
+def test_reference_file_is_read_as_evaluation_reads_it_and_too_few_texts_rejected(tmp_path):
+    from dsl.eval.mauve import ReferenceSet
+
     cfg = load(["sampling.length=16", "sampling.num_samples=4", "search.min_samples=4", "eval.references=4",
                 f"reference={tmp_path / 'refs.jsonl'}"])
-    (tmp_path / "refs.jsonl").write_text('{"text": "one"}\n\n{"text": "two"}\n{"text": "three"}\n')
+    (tmp_path / "refs.jsonl").write_text('{"text": "one"}\n\n{"text": "two"}\n{"text": "three"}\n'
+                                         '{"text": "four"}\n{"text": " "}\n{"text": "five"}\n')
     from dsl.sampling import load_denoiser
 
     den = load_denoiser("oracle:hmm", cfg.sampling, length=16)
-    assert S._load_reference_texts(cfg, den) == ["one", "two", "three"]
-    (tmp_path / "refs.jsonl").write_text('{"text": "only"}\n')
-    with pytest.raises(UserError, match="holds 1 non-empty texts; need at least 2"):
+    texts = S._load_reference_texts(cfg, den)
+    # the seeded draw evaluation makes (eval.reference_seed), of the non-empty texts
+    assert texts == ReferenceSet.from_spec(str(tmp_path / "refs.jsonl"), 4, cfg.eval.reference_seed).texts
+    assert len(texts) == 4 and set(texts) <= {"one", "two", "three", "four", "five"}
+    (tmp_path / "refs.jsonl").write_text('{"text": "only"}\n{"text": "two"}\n')
+    with pytest.raises(UserError, match="has 2 texts, fewer than the 4 needed"):
         S._load_reference_texts(cfg, den)
     src = load(["sampling.length=16", "sampling.num_samples=4", "search.min_samples=4", "eval.references=6"])
     texts = S._load_reference_texts(src, den)

@@ -15,7 +15,7 @@ import sys
 
 from dsl.cli import Job, Mode, Renamed, main, renamed, used_params
 from dsl.config import ConfigError, JobConfig
-from dsl.service.search import check_search
+from dsl.service.search_config import check_search
 
 
 def run(cfg: JobConfig) -> dict:

@@ -140,6 +140,25 @@ def _run_tokenizer(job: JobConfig) -> tuple[Any, str]:
     return tokenizer, f"run tokenizer of {job.checkpoint}" if tokenizer is not None else ""
 
 
+def load_references(job: JobConfig, n: int) -> Any:
+    """The :class:`~dsl.eval.mauve.ReferenceSet` of ``eval.reference`` (a file or ``hf:`` dataset):
+    ``n`` texts drawn with ``eval.reference_seed`` in the layout the ``eval`` keys give. Evaluation and
+    the η_cap search read references through this one function."""
+    from dsl.eval.mauve import ReferenceSet
+
+    ev = job.eval
+    tokenizer = None
+    if ev.reference_blocks > 0:
+        from dsl.eval.references import load_reference_tokenizer
+
+        tokenizer = load_reference_tokenizer(ev.reference_tokenizer)
+    return ReferenceSet.from_spec(ev.reference, n, ev.reference_seed, cache=feature_cache(ev.feature_cache),
+                                  text_field=job.data.text_field, split=ev.reference_split,
+                                  words_per_text=ev.words_per_reference, blocks=ev.reference_blocks,
+                                  tokenizer=tokenizer, heldout_docs=ev.heldout_docs, eot=ev.eot,
+                                  progress=job.progress)
+
+
 def check_samples(job: JobConfig) -> None:
     """Before anything is read or recorded: the keys name a sample file and references, and the outputs
     (``out``, the feature cache) can be directories."""
@@ -160,7 +179,7 @@ def evaluate_samples(job: JobConfig) -> dict[str, Any]:
     """Table 1's metrics of ``eval.samples`` (after :func:`check_samples`, the mode's check)."""
     from dsl.eval.entropy import sentence_entropy, text_token_ids
     from dsl.eval.genppl import genppl, impossible_note
-    from dsl.eval.mauve import ReferenceSet, evaluate_mauve, read_records
+    from dsl.eval.mauve import evaluate_mauve, read_records
     from dsl.service.mauve_pool import open_featurizer
 
     ev = job.eval
@@ -173,17 +192,8 @@ def evaluate_samples(job: JobConfig) -> dict[str, Any]:
     # cheap checks first, so a bad judge or reference fails before any featurization
     judge, judge_items = load_judge(job, ids)
     buckets = _num_buckets(ev.num_buckets)
-    tokenizer = None
-    if ev.reference_blocks > 0:
-        from dsl.eval.references import load_reference_tokenizer
-
-        tokenizer = load_reference_tokenizer(ev.reference_tokenizer)
     run_tokenizer = _run_tokenizer(job) if ids is None else (None, "")
-    references = ReferenceSet.from_spec(ev.reference, ev.references or len(texts), ev.reference_seed,
-                                        cache=feature_cache(ev.feature_cache), text_field=text_field, split=ev.reference_split,
-                                        words_per_text=ev.words_per_reference, blocks=ev.reference_blocks,
-                                        tokenizer=tokenizer, heldout_docs=ev.heldout_docs, eot=ev.eot,
-                                        progress=job.progress)
+    references = load_references(job, ev.references or len(texts))
     featurizer, close = open_featurizer(ev.featurizer, ev.workers, ev.max_length, gpus_per_worker=ev.gpus_per_worker,
                                         batch_size=ev.featurize_batch, device=job.service.device,
                                         ray_address=job.service.ray_address)
@@ -288,4 +298,4 @@ def evaluate_likelihood(job: JobConfig) -> dict[str, Any]:
 
 
 __all__ = ["check_samples", "evaluate_samples", "evaluate_calibration", "evaluate_likelihood", "load_judge", "JUDGE_KINDS",
-           "labelled_checkpoints"]
+           "labelled_checkpoints", "load_references"]
