@@ -92,6 +92,7 @@ def _evaluate(*args, cwd, env_extra=None):
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # a whole jobs/evaluate.py run in a subprocess, on 1024-token blocks
 def test_paper_table1_recipe_runs_offline_on_a_small_standin(standin, tmp_path):
     """The README's paper evaluation with stand-ins for the hub: a local OWT-layout dataset, its tokenizer,
     a tiny GPT-2 in place of GPT-2 Large, no judge, 8 samples. Everything else is the protocol's."""

@@ -6,7 +6,6 @@ bad stores stop a fine-tune with one line before any step."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -145,8 +144,11 @@ def test_finetune_from_a_prepared_store_has_the_raw_corpus_losses(ray_env, corpu
 
 
 @pytest.mark.parametrize("damage", ["missing", "corrupt", "length"])
-def test_finetune_stops_on_a_bad_store_with_one_line_before_any_step(corpus: Path, tmp_path: Path,
-                                                                     damage: str) -> None:
+def test_finetune_stops_on_a_bad_store_with_one_line_before_any_step(corpus: Path, tmp_path: Path, damage: str,
+                                                                     capsys, monkeypatch) -> None:
+    """jobs/finetune.py's own entry (dsl.cli.main, in this process: the store is checked before Ray starts)."""
+    from dsl.cli import load_job, main
+
     cfg = raw_cfg(corpus)
     store = tmp_path / "store"
     manifest = Preparation(cfg.data, L, str(store), shard_blocks=7).run(InProcess)
@@ -159,11 +161,13 @@ def test_finetune_stops_on_a_bad_store_with_one_line_before_any_step(corpus: Pat
         shard.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     else:
         args[1] = "model.length=32"
-    out = run_job("jobs/finetune.py", args, {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, timeout=180)
-    assert out.returncode == 2, out.stderr[-2000:]
-    last = out.stderr.strip().splitlines()[-1]
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    rc = main(load_job("jobs/finetune.py"), args)
+    out = capsys.readouterr()
+    assert rc == 2, out.err[-2000:]
+    last = out.err.strip().splitlines()[-1]
     assert last.startswith("error: ")
     expected = {"missing": f"{shard}: listed in the manifest but missing", "corrupt": f"{shard}: sha256 mismatch",
                 "length": "blocks of L=16 tokens, the run uses model.length=32"}[damage]
     assert expected in last
-    assert "step 1/" not in out.stdout and not (tmp_path / "runs" / "bad").exists()
+    assert "step 1/" not in out.out and not (tmp_path / "runs" / "bad").exists()

@@ -328,8 +328,9 @@ def test_cache_draws_broad_rows_from_their_whole_kept_set():
     reveal = torch.zeros(n, length, dtype=torch.bool)
     reveal[1, 2] = True
     grid = (torch.arange(draws, dtype=torch.float64) + 0.5) / draws
-    tokens = torch.stack([cache.draw(reveal, g.reshape(1))[0] for g in grid]).squeeze(-1)
-    probs = torch.stack([cache.draw(reveal, g.reshape(1))[1] for g in grid]).squeeze(-1)
+    drawn = [cache.draw(reveal, g.reshape(1)) for g in grid]
+    tokens = torch.stack([token for token, _ in drawn]).squeeze(-1)
+    probs = torch.stack([prob for _, prob in drawn]).squeeze(-1)
     row = dense[1 * length + 2]
     assert (row[tokens] > 0).all()  # only kept tokens are drawn
     assert torch.equal(probs, row[tokens])  # with their renormalised probability
