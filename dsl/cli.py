@@ -101,6 +101,7 @@ class Job:
     bare: str | None = None                        # the mode an empty command line runs
     tracks_by_default: bool = False                # service.mlflow=auto: on even without a store
     kind: str = ""                                 # its runs' dsl.kind (default: the script's name)
+    presets: str = "run"                           # the folder of dsl/config/presets its preset= names
 
     @property
     def name(self) -> str:
@@ -121,7 +122,8 @@ class Job:
         for key, raw in (split_override(d) for d in self.defaults):
             set_key(cfg, key, raw)
         if mode is not None and self.modes[mode].defaults:
-            apply_overrides(cfg, list(self.modes[mode].defaults), ALIASES, keep=self.reads)
+            apply_overrides(cfg, list(self.modes[mode].defaults), ALIASES, run_presets(self.presets),
+                            keep=self.reads)
         return cfg
 
 
@@ -177,12 +179,12 @@ def parse(job: Job, argv: list[str]) -> tuple[str, JobConfig]:
     for word in overrides:
         key, raw = split_override(word)
         _check_key(job, ALIASES.get(key, key), own_keys)
-        if key == "preset" and not any(job.reads(k) for k, _ in preset_overrides(raw)):
+        if key == "preset" and not any(job.reads(k) for k, _ in preset_overrides(raw, run_presets(job.presets))):
             raise ConfigError(f"preset={raw} sets nothing {job.script} reads (presets: "
-                              f"{', '.join(run_presets())}; python {job.script} --help)")
+                              f"{', '.join(run_presets(job.presets))}; python {job.script} --help)")
     mode = mode or next(iter(job.modes))
     cfg = job.default_config(mode)
-    apply_overrides(cfg, overrides, ALIASES, keep=job.reads)
+    apply_overrides(cfg, overrides, ALIASES, run_presets(job.presets), keep=job.reads)
     if job.settle is not None:
         named = frozenset(ALIASES.get(k, k) for k, _ in map(split_override, overrides) if k != "preset")
         job.settle(cfg, mode, named)
@@ -260,8 +262,9 @@ def help_text(job: Job) -> str:
              "modes (the first word; default " + default + (f", {job.bare} when run without arguments"
                                                              if job.bare else "") + "):"]
     parts += [f"  {name:<12} {m.help}" for name, m in job.modes.items()]
-    if any(job.reads(k) for name in run_presets() for k, _ in preset_overrides(name)):
-        parts += ["", describe_presets()]
+    presets = run_presets(job.presets)
+    if any(job.reads(k) for name in presets for k, _ in preset_overrides(name, presets)):
+        parts += ["", describe_presets(job.presets)]
     parts += ["", f"keys (type, range, this job's default{' in mode ' + default if len(job.modes) > 1 else ''}):",
               describe(job.default_config(default), keys, aliases)]
     shown = {s: k for s, k in ALIASES.items() if job.reads(k)}

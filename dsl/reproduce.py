@@ -51,11 +51,11 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from dsl.config import RunConfig, SamplingConfig, load
+from dsl.config import JobConfig, RunConfig, SamplingConfig, load
 from dsl.errors import UserError
 from dsl.eval.cells import SourceStatsFeaturizer, mauve_with_errors, nll_stats  # the grid's cell computation
 
@@ -68,40 +68,67 @@ PAPER_LENGTH = 1024  # Table 1's L (Sec 6.1)
 
 @dataclass(frozen=True)
 class StudySize:
-    """Everything that sets the cost of the study. ``model`` holds ``model.*`` overrides."""
+    """Everything that sets the cost of the study: a parsed ``jobs/reproduce.py`` config (its model,
+    channel, data and train sections, ``reproduce.*``, and the grid's ``sampling.num_samples``,
+    ``sampling.batch_size``, ``eval.mauve_seeds``, ``table.mauve_resamples``)."""
 
     name: str
-    length: int
-    model: dict[str, int] = field(default_factory=dict)
-    pretrain_steps: int = 1200
-    finetune_steps: int = 400
-    batch_size: int = 32
-    pretrain_lr: float = 1e-3
-    finetune_lr: float = 3e-4
-    ema: float = 0.99
-    n_samples: int = 256
-    sample_batch: int = 128
-    mauve_seeds: tuple[int, ...] = (25, 26, 27)
-    mauve_resamples: int = 5
-    ckpt_every: int = 200
+    config: JobConfig
+
+    @property
+    def length(self) -> int:
+        return self.config.model.length
+
+    @property
+    def pretrain_steps(self) -> int:
+        return self.config.reproduce.pretrain_steps
+
+    @property
+    def finetune_steps(self) -> int:
+        return self.config.reproduce.finetune_steps
+
+    @property
+    def batch_size(self) -> int:
+        return self.config.train.batch_size
+
+    @property
+    def n_samples(self) -> int:
+        return self.config.sampling.num_samples
+
+    @property
+    def sample_batch(self) -> int:
+        return self.config.sampling.batch_size
+
+    @property
+    def mauve_seeds(self) -> tuple[int, ...]:
+        return tuple(self.config.eval.mauve_seeds)
+
+    @property
+    def mauve_resamples(self) -> int:
+        return self.config.table.mauve_resamples
 
 
-SIZES: dict[str, StudySize] = {
-    # a test of the wiring: seconds
-    "micro": StudySize("micro", length=8, model=dict(hidden=32, blocks=1, heads=2, cond_dim=32),
-                       pretrain_steps=4, finetune_steps=2, batch_size=8, n_samples=16, sample_batch=16,
-                       mauve_seeds=(25,), mauve_resamples=2, ckpt_every=2),
-    # the whole chain in a few minutes on idle cores (about 6 CPU-minutes, estimated), L = 32
-    "smoke": StudySize("smoke", length=32, model=dict(hidden=96, blocks=2, heads=4, cond_dim=64),
-                       pretrain_steps=600, finetune_steps=200, batch_size=32, n_samples=256, sample_batch=128,
-                       ckpt_every=100),
-    # about 30 minutes on 2 idle cores, training dominating (estimated from 0.3 CPU-s per pretrain step
-    # with one thread; under a shared machine's load, set torch.set_num_threads(1): two threads on
-    # oversubscribed cores were measured 15x slower)
-    "default": StudySize("default", length=64, model=dict(hidden=128, blocks=3, heads=4, cond_dim=64),
-                         pretrain_steps=1500, finetune_steps=500, batch_size=32, n_samples=384,
-                         sample_batch=128, ckpt_every=250),
-}
+PRESETS_FOLDER = "reproduce"  # dsl/config/presets/reproduce/<name>.toml: jobs/reproduce.py preset=<name>
+
+
+def study_size(preset: str, overrides: Sequence[str] = ()) -> StudySize:
+    """The study of ``preset`` (micro | smoke | default | paper), with ``key=value`` overrides."""
+    from dsl.config import run_presets
+    from dsl.config.parse import load as load_config
+
+    cfg = load_config(JobConfig, [f"preset={preset}", *overrides], presets=run_presets(PRESETS_FOLDER))
+    return StudySize(preset, cfg)
+
+
+class _Sizes(dict):
+    """``SIZES[name]``: the study of a preset, read from its TOML file on first use."""
+
+    def __missing__(self, name: str) -> StudySize:
+        self[name] = study_size(name)
+        return self[name]
+
+
+SIZES: dict[str, StudySize] = _Sizes()
 
 
 @dataclass(frozen=True)
@@ -155,14 +182,22 @@ def eta_cap_table(length: int, spec: str = "paper-rewrites") -> str:
 
 def run_config(size: StudySize, objective: str, name: str, out: str | Path, *, steps: int, lr: float,
                init: str = "scratch", data: Sequence[str] = (), seed: int = 0) -> RunConfig:
-    """The RunConfig of one training phase (``data``: ``data.*=...`` overrides, e.g. the source)."""
-    args = [f"objective={objective}", f"name={name}", f"out_dir={out}", f"init={init}", f"seed={seed}",
-            "model=toy", f"model.length={size.length}", "model.dropout=0.0", "data.source=topics",
-            f"train.steps={steps}", f"train.batch_size={size.batch_size}", f"train.lr={lr}",
-            "train.warmup_steps=0", f"train.ema={size.ema}", f"train.eval_every={size.ckpt_every}",
-            f"train.ckpt_every={size.ckpt_every}", "train.eval_batches=2", "train.log_every=50",
-            *[f"model.{k}={v}" for k, v in size.model.items()], *data]
-    return load(RunConfig, args)
+    """The RunConfig of one training phase: the study's model, channel, data and train sections with this
+    phase's objective, init, steps and learning rate (``data``: further ``key=value`` overrides, e.g.
+    ``data.source=...``). No warm-up (App C.1); validation and checkpoints every ``train.ckpt_every``."""
+    from dsl.config import run_config_of, set_key, validate
+
+    job = copy.deepcopy(size.config)
+    job.objective, job.name, job.out, job.init, job.seed = objective, name, str(out), init, seed
+    job.train.steps, job.train.lr, job.train.warmup_steps = steps, lr, 0
+    job.train.eval_every = job.train.ckpt_every
+    job.train.eval_batches, job.train.log_every = 2, 50
+    for word in data:
+        key, _, raw = word.partition("=")
+        set_key(job, key, raw)
+    run = run_config_of(job)
+    validate(run)
+    return run
 
 
 def train_phase(cfg: RunConfig, on_metrics: Callable[[dict, int], None] | None = None) -> str:
@@ -178,23 +213,29 @@ def train_phase(cfg: RunConfig, on_metrics: Callable[[dict, int], None] | None =
 
 def train_models(size: StudySize, out: str | Path, *, data: Sequence[str] = (), seed: int = 0,
                  log: Callable[[str], None] = print) -> dict[str, str]:
-    """Pretrain, then continue MDLM and DSL-fine-tune from that one checkpoint: ``{phase: run dir}``."""
-    out = Path(out)
-    runs = out / "runs"
-    pre = run_config(size, "mdlm", "pretrain", runs, steps=size.pretrain_steps, lr=size.pretrain_lr,
-                     data=data, seed=seed)
-    t0 = time.perf_counter()
-    log(f"[1/3] pretrain MDLM: {size.pretrain_steps} steps x {size.batch_size} x L={size.length}")
-    pre_dir = train_phase(pre)
+    """Pretrain (unless ``reproduce.pretrain_steps=0``: then ``init`` is the pretrained MDLM), then continue
+    MDLM and DSL-fine-tune from that one checkpoint with equal budgets: ``{phase: run dir or init}``."""
     from dsl.checkpoint import latest_complete
 
-    init = latest_complete(pre_dir)
-    if init is None:
-        raise UserError(f"{pre_dir}: pretraining left no complete checkpoint")
-    dirs = {"pretrain": pre_dir}
+    runs = Path(out) / "runs"
+    rc = size.config.reproduce
+    t0 = time.perf_counter()
+    if size.pretrain_steps > 0:
+        pre = run_config(size, "mdlm", "pretrain", runs, steps=size.pretrain_steps, lr=rc.pretrain_lr,
+                         data=data, seed=seed)
+        log(f"[1/3] pretrain MDLM: {size.pretrain_steps} steps x {size.batch_size} x L={size.length}")
+        pre_dir = train_phase(pre)
+        init = latest_complete(pre_dir)
+        if init is None:
+            raise UserError(f"{pre_dir}: pretraining left no complete checkpoint")
+        dirs = {"pretrain": pre_dir}
+    else:
+        init = size.config.init
+        log(f"[1/3] pretrained MDLM: init={init} (reproduce.pretrain_steps=0)")
+        dirs = {"pretrain": init}
     for k, objective in enumerate(("mdlm", "dsl"), start=2):
         name = f"{objective}-ft"
-        cfg = run_config(size, objective, name, runs, steps=size.finetune_steps, lr=size.finetune_lr,
+        cfg = run_config(size, objective, name, runs, steps=size.finetune_steps, lr=rc.finetune_lr,
                          init=init, data=data, seed=seed)
         log(f"[{k}/3] {objective} fine-tune from {init}: {size.finetune_steps} steps")
         dirs[name] = train_phase(cfg)
@@ -376,7 +417,7 @@ def run_study(size: str | StudySize, out: str | Path, *, data: Sequence[str] = (
     return summary
 
 
-__all__ = ["StudySize", "SIZES", "Row", "TABLE1_ROWS", "REFERENCE_ROWS", "step_budgets", "eta_cap_table",
-           "run_config", "train_phase", "train_models", "nll_stats", "SourceStatsFeaturizer", "scorer_job",
-           "mauve_with_errors", "run_cells", "load_cells", "table_rows", "to_csv",
+__all__ = ["StudySize", "SIZES", "PRESETS_FOLDER", "study_size", "Row", "TABLE1_ROWS", "REFERENCE_ROWS",
+           "step_budgets", "eta_cap_table", "run_config", "train_phase", "train_models", "nll_stats",
+           "SourceStatsFeaturizer", "scorer_job", "mauve_with_errors", "run_cells", "load_cells", "table_rows", "to_csv",
            "to_markdown", "load_denoisers", "run_study"]

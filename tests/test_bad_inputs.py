@@ -18,7 +18,7 @@ import pytest
 from dsl.cli import load_job, main
 
 SCRIPTS = ("jobs/finetune.py", "jobs/sample.py", "jobs/evaluate.py", "tune/eta_cap_search.py",
-           "dashboards/report.py", "jobs/prepare_data.py", "jobs/grid.py")
+           "dashboards/report.py", "jobs/prepare_data.py")
 NOT_UTF8 = b"fine words \xff\xfe broken bytes\n"
 
 
@@ -203,25 +203,6 @@ CASES = [
     ("report-mode-unknown", "dashboards/report.py", ["export", "grid=g"], "export"),
     ("import-paper-server-down", "dashboards/report.py", ["import-paper", "service.tracking_uri=http://127.0.0.1:9"],
      "127.0.0.1:9"),
-    # ---------------------------------------------------------------- jobs/grid.py (refused before MLflow and Ray)
-    ("grid-spec-unknown", "jobs/grid.py", ["table.spec=table2"], "table.spec"),
-    ("grid-spec-not-toml", "jobs/grid.py", ["table.spec={in}/a_file.txt"], "table.spec"),
-    ("grid-models-not-named", "jobs/grid.py", ["table.spec=table1"], "table.models=mdlm="),
-    ("grid-models-no-role", "jobs/grid.py", ["table.models={in}/run"], "table.models"),
-    ("grid-model-missing", "jobs/grid.py", ["table.models=mdlm={in}/nothing,dsl={in}/run", "eval.reference=source",
-                                            "eval.judge=oracle:hmm"], "nothing"),
-    ("grid-model-oracle-unknown", "jobs/grid.py", ["table.models=mdlm=oracle:zzz,dsl=oracle:hmm"], "oracle:zzz"),
-    ("grid-steps-0", "jobs/grid.py", ["table.models=mdlm=oracle:hmm,dsl=oracle:hmm", "table.steps=0"], "table.steps"),
-    ("grid-source-stats-no-oracle", "jobs/grid.py", ["table.models=mdlm=oracle:hmm,dsl=oracle:hmm",
-                                                     "eval.featurizer=source-stats"], "eval.featurizer"),
-    ("grid-reference-missing", "jobs/grid.py", ["table.models=mdlm=oracle:hmm,dsl=oracle:hmm",
-                                                "eval.reference={in}/none.jsonl"], "eval.reference"),
-    ("grid-judge-missing", "jobs/grid.py", ["table.models=mdlm=oracle:hmm,dsl=oracle:hmm", "eval.reference=source",
-                                            "eval.judge={in}/nothing"], "eval.judge"),
-    ("grid-mlflow-off", "jobs/grid.py", ["table.models=mdlm=oracle:hmm,dsl=oracle:hmm", "eval.judge=oracle:hmm",
-                                         "eval.reference=source", "service.mlflow=off"], "service.mlflow"),
-    ("grid-paper-fixed-setting", "jobs/grid.py", ["table.spec=paper-table1", "eval.num_buckets=7"],
-     "eval.num_buckets"),
     # ---------------------------------------------------------------- jobs/prepare_data.py (refused before Ray)
     ("prepare-no-out", "jobs/prepare_data.py", ["data.source={in}/good.jsonl", "data.length=16"], "out="),
     ("prepare-length-0", "jobs/prepare_data.py", ["data.source={in}/good.jsonl", "out={cwd}/store"], "data.length"),

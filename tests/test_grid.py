@@ -92,9 +92,7 @@ def test_bad_grid_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch, ca
         (["table.spec=table1"], "table.models=mdlm="),                           # the rows' models are not named
         (["table.spec=table1", "table.models=mdlm"], "table.models"),
         ([f"table.spec={spec}", "table.steps=0"], "table.steps"),
-        ([f"table.spec={spec}", "table.models=oracle=oracle:topics", "eval.reference=source"], "eval.judge=oracle"),
-        ([f"table.spec={spec}", "table.models=oracle=oracle:topics", "eval.judge=oracle:topics",
-          "eval.reference=source", "service.mlflow=off"], "service.mlflow"),
+        ([f"table.spec={spec}", "table.models=oracle=oracle:topics", "service.mlflow=off"], "service.mlflow"),
         (["table.spec=paper-table1", "eval.max_length=128", "table.models=mdlm=oracle:topics,dsl=oracle:topics"],
          "eval.max_length"),                                               # a fixed setting of the paper's protocol
     ]

@@ -19,6 +19,7 @@ from dsl.config.job_sections import (
     EvalConfig,
     PrepareConfig,
     ReportConfig,
+    ReproduceConfig,
     SearchConfig,
     ServiceConfig,
     TableConfig,
@@ -52,7 +53,8 @@ RUN_PRESETS = run_presets()
 
 __all__ = [
     "ConfigError", "ModelConfig", "ChannelConfig", "MDLMLossConfig", "DataConfig", "TrainConfig",
-    "SamplingConfig", "EvalConfig", "SearchConfig", "PrepareConfig", "ServiceConfig", "ReportConfig", "TableConfig", "RunConfig",
+    "SamplingConfig", "EvalConfig", "SearchConfig", "PrepareConfig", "ServiceConfig", "ReportConfig", "TableConfig",
+    "ReproduceConfig", "RunConfig",
     "JobConfig",
     "run_config_of", "MODEL_PRESETS", "RUN_PRESETS", "model_presets", "run_presets", "describe_presets",
     "apply_overrides", "load", "set_key", "validate", "to_dict", "from_dict", "flatten", "dumps", "describe",

@@ -220,3 +220,22 @@ class TableConfig:
             raise ConfigError(f"table.steps={','.join(map(str, self.steps))}: every T must be in [1, {MAX_BUDGET}]")
         if len(set(self.steps)) != len(self.steps):
             raise ConfigError(f"table.steps={','.join(map(str, self.steps))} repeats a budget")
+
+
+@dataclass
+class ReproduceConfig:
+    """The small-scale Table 1 (``jobs/reproduce.py``): pretrain an MDLM, fine-tune it two ways with equal
+    budgets, decode both with Table 1's rows at T = L/8, L/4, L/2, L (the paper's 128…1024 at L = 1024).
+    Model, channel, data and batch keys are the training sections' own; samples per cell, seeds and
+    scoring are the grid's (``sampling.num_samples``, ``eval.*``, ``table.mauve_resamples``)."""
+
+    pretrain_steps: int = num(1500, 0, help="MDLM pretraining steps from scratch; 0 = no pretraining: init= is "
+                                            "the pretrained MDLM (Sec 6.1: hf:kuleshov-group/mdlm-owt)")
+    pretrain_lr: float = num(1e-3, 0.0, lo_open=True, help="pretraining learning rate")
+    finetune_steps: int = num(500, 1, help="steps of EACH fine-tune from the pretrained checkpoint (continued "
+                                           "MDLM and DSL: equal budgets)")
+    finetune_lr: float = num(3e-4, 0.0, lo_open=True, help="fine-tuning learning rate of both fine-tunes "
+                                                           "(App C.1: MDLM's 3e-4, no warm-up)")
+    eta_cap: str = text("paper-rewrites", "η_cap(T) of the ReMDM-loop row: paper-rewrites = the paper's "
+                                          "rewrites per token at the same T/L (eq. 24's table rescaled to L) | "
+                                          "sec6.1 | eq24 | a table file/URI")

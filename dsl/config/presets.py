@@ -4,6 +4,8 @@
   (``model=<name>`` on the command line).
 - ``presets/run/<name>.toml``: a run, keys of the config tree as TOML tables (``preset=<name>``);
   ``[model] preset = "<name>"`` applies a model preset before the table's other model keys.
+- ``presets/<job>/<name>.toml``: the same, for an entry point that keeps its own presets
+  (``dsl.cli.Job.presets``, e.g. ``presets/reproduce/smoke.toml`` is ``jobs/reproduce.py preset=smoke``).
 
 Each file has a one-line ``description``. Adding a file adds a preset; nothing else needs to change.
 """
@@ -67,9 +69,9 @@ def model_presets() -> dict[str, dict[str, Any]]:
 
 
 @cache
-def run_presets() -> dict[str, list[str]]:
-    """``{name: ["key=value", ...]}`` from ``presets/run/*.toml``, in file order."""
-    return {name: _overrides(_read(p)) for name, p in sorted(_files("run").items())}
+def run_presets(folder: str = "run") -> dict[str, list[str]]:
+    """``{name: ["key=value", ...]}`` from ``presets/<folder>/*.toml``, in file order."""
+    return {name: _overrides(_read(p)) for name, p in sorted(_files(folder).items())}
 
 
 @cache
@@ -77,13 +79,13 @@ def descriptions(kind: str) -> dict[str, str]:
     return {name: str(_read(p).get("description", "")) for name, p in sorted(_files(kind).items())}
 
 
-def describe_presets() -> str:
-    """The ``--help`` block: every run and model preset with its sizes."""
+def describe_presets(folder: str = "run") -> str:
+    """The ``--help`` block: every run preset (of ``folder``) and model preset with its sizes."""
     lines = ["run presets (preset=NAME, applied before the other keys):"]
-    for name, words in run_presets().items():
+    for name, words in run_presets(folder).items():
         shown = [w for w in words if w.split("=")[0] in ("model", "model.length", "data.source",
                                                            "train.steps", "train.batch_size", "init")]
-        lines.append(f"  {name:<12} {descriptions('run')[name]}")
+        lines.append(f"  {name:<12} {descriptions(folder)[name]}")
         lines.append(f"  {'':<12} {' '.join(shown)}")
     lines.append("model presets (model=NAME):")
     by_size = sorted(model_presets().items(), key=lambda kv: (kv[1].get("hidden", 0), kv[1].get("blocks", 0)))

@@ -20,6 +20,7 @@ from dsl.config.job_sections import (
     EvalConfig,
     PrepareConfig,
     ReportConfig,
+    ReproduceConfig,
     SearchConfig,
     ServiceConfig,
     TableConfig,
@@ -92,6 +93,7 @@ class JobConfig:
     service: ServiceConfig = section(ServiceConfig)
     report: ReportConfig = section(ReportConfig)
     table: TableConfig = section(TableConfig)
+    reproduce: ReproduceConfig = section(ReproduceConfig)
 
 
 SCIENCE_SECTIONS = ("model", "channel", "mdlm", "data", "train")

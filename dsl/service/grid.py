@@ -206,37 +206,10 @@ def settle_grid(cfg: JobConfig, named: frozenset[str]) -> None:
 
 
 def check_grid(cfg: JobConfig) -> None:
-    """Before anything is loaded or recorded: every row's model is named and there, the judge, the
-    featurizer and the references fit together, MLflow is on."""
-    from dsl.eval.cells import SOURCE_STATS
-    from dsl.eval.protocols import JUDGE_KINDS
-    from dsl.model_spec import parse_model_spec
-    from dsl.sampling.denoiser import CHECKPOINT_KINDS
-
+    """Before anything is loaded or recorded: every row's model is named, MLflow is on."""
     models = parse_models(cfg.table.models)
-    spec = load_spec(cfg.table.spec)
-    for row in spec.rows:
-        ckpt = row_checkpoint(row, models)
-        if ckpt != DATA_ROW:
-            key = f"table.models: {row.model}" if row.model in models else f"table.spec row {row.label!r}"
-            parse_model_spec(ckpt, key, CHECKPOINT_KINDS)
-    ev = cfg.eval
-    judge = parse_model_spec(ev.judge, "eval.judge", [k for k in JUDGE_KINDS if k != "source"])
-    exact = judge.kind == "oracle"
-    needs = [(ev.featurizer == SOURCE_STATS, f"eval.featurizer={SOURCE_STATS}"),
-             (ev.reference == "source", "eval.reference=source"),
-             (any(r.model == DATA_ROW for r in spec.rows), f"a {DATA_ROW} row")]
-    for needed, what in needs:
-        if needed and not exact:
-            raise ConfigError(f"{what} reads the exact source of an oracle judge: give eval.judge=oracle:<hmm|topics>"
-                              f" (eval.judge={ev.judge})")
-    if ev.featurizer != SOURCE_STATS:
-        if not ev.reference:
-            raise ConfigError("eval.reference='' : give eval.reference=<file.jsonl|file.txt|hf:dataset> or source "
-                              "(exact samples of eval.judge=oracle:*)")
-        if ev.reference != "source" and not ev.reference.startswith("hf:") and not os.path.isfile(ev.reference):
-            raise UserError(f"eval.reference={ev.reference}: no such file; give a .jsonl/.txt file, hf:<dataset> "
-                            f"or source")
+    for row in load_spec(cfg.table.spec).rows:
+        row_checkpoint(row, models)
     if cfg.service.mlflow == "off":
         raise ConfigError("service.mlflow=off: a grid records its cells in MLflow (that is how it resumes); "
                           "use service.mlflow=on or auto")
