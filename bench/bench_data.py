@@ -171,7 +171,7 @@ def main() -> int:
 
         bucket = f"bench-{uuid.uuid4().hex[:8]}"
         boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).create_bucket(Bucket=bucket)
-        from dsl.checkpoint import open_storage
+        from dsl.storage import open_storage
 
         s3 = open_storage(f"s3://{bucket}/store")
         for p in sorted((work / "store-1").rglob("*")):

@@ -14,8 +14,7 @@ listed size and sha256; loading uses safetensors and JSON only, never pickle. Lo
 directory is written under a temporary name and renamed into place, so a failed save leaves nothing
 half-written under ``step-<N>`` and never touches an existing checkpoint.
 
-Storage is pluggable: :class:`LocalStorage` here; ``s3://`` is registered by
-``dsl.service.storage_s3`` (imported lazily by :func:`open_storage`, so ``dsl`` never imports boto3).
+Where the bytes go is :mod:`dsl.storage` (a local directory, or ``s3://`` through its adapter).
 """
 
 from __future__ import annotations
@@ -27,133 +26,18 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 
-from dsl.atomic import write_bytes_atomic
 from dsl.errors import UserError
+from dsl.storage import Storage, join_uri, open_storage
 
 FORMAT = "dsl-checkpoint/1"
 MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-# ----------------------------------------------------------------------------------------------
-# Storage.
-
-
-@runtime_checkable
-class Storage(Protocol):
-    """Flat key/value store of bytes; keys are ``/``-separated paths relative to the storage root."""
-
-    uri: str
-
-    def put_bytes(self, key: str, data: bytes) -> None: ...
-
-    def get_bytes(self, key: str) -> bytes: ...
-
-    def exists(self, key: str) -> bool: ...
-
-    def list(self, prefix: str = "") -> list[str]: ...
-
-    def delete(self, key: str) -> None: ...
-
-
-class LocalStorage:
-    """A directory; every ``put_bytes`` is a write to a temporary name and an atomic rename."""
-
-    def __init__(self, root: str | os.PathLike) -> None:
-        self.root = Path(root).expanduser()
-        self.uri = str(self.root)
-
-    def _path(self, key: str) -> Path:
-        parts = [p for p in key.split("/") if p]
-        if any(p == ".." for p in parts):
-            raise UserError(f"storage key {key!r} leaves {self.root}")
-        return self.root.joinpath(*parts)
-
-    def put_bytes(self, key: str, data: bytes) -> None:
-        write_bytes_atomic(self._path(key), data, fsync=True)
-
-    def get_bytes(self, key: str) -> bytes:
-        path = self._path(key)
-        try:
-            return path.read_bytes()
-        except FileNotFoundError:
-            raise UserError(f"{path}: no such file") from None
-
-    def exists(self, key: str) -> bool:
-        return self._path(key).exists()
-
-    def list(self, prefix: str = "") -> list[str]:
-        base = self._path(prefix) if prefix else self.root
-        if not base.exists():
-            return []
-        if base.is_file():
-            return [prefix]
-        return sorted(str(p.relative_to(self.root)).replace(os.sep, "/") for p in base.rglob("*") if p.is_file())
-
-    def delete(self, key: str) -> None:
-        path = self._path(key)
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-
-    def put_dir_atomic(self, prefix: str, files: dict[str, bytes]) -> None:
-        """Write ``files`` under ``prefix`` as one directory rename (fails if ``prefix`` exists)."""
-        final = self._path(prefix)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-        try:
-            for name, data in files.items():
-                path = tmp.joinpath(*name.split("/"))
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with open(path, "wb") as fh:
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-            os.rename(tmp, final)  # atomic; raises if a non-empty ``final`` appeared meanwhile
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-
-
-_FACTORIES: dict[str, Callable[[str], Storage]] = {}
-_LAZY_MODULES = {"s3": "dsl.service.storage_s3"}
-
-
-def register_storage(scheme: str, factory: Callable[[str], Storage]) -> None:
-    """Make ``open_storage("<scheme>://...")`` call ``factory(uri)``."""
-    _FACTORIES[scheme] = factory
-
-
-def open_storage(uri: str | os.PathLike | Storage) -> Storage:
-    """The storage rooted at ``uri``: a local path (or ``file://``), or a registered scheme such as s3."""
-    if isinstance(uri, Storage):
-        return uri
-    uri = str(uri)
-    scheme, sep, rest = uri.partition("://")
-    if not sep:
-        return LocalStorage(uri)
-    if scheme == "file":
-        return LocalStorage(rest)
-    if scheme not in _FACTORIES and scheme in _LAZY_MODULES:
-        import importlib
-
-        importlib.import_module(_LAZY_MODULES[scheme])  # registers itself
-    if scheme not in _FACTORIES:
-        raise UserError(f"{uri}: unsupported storage scheme {scheme!r} (accepted: a local path, file://, "
-                        f"{', '.join(s + '://' for s in sorted(set(_FACTORIES) | set(_LAZY_MODULES)))})")
-    return _FACTORIES[scheme](uri)
-
-
-def join_uri(root: str, key: str) -> str:
-    return root.rstrip("/") + "/" + key.strip("/") if root else key
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,16 +159,9 @@ def save_checkpoint(storage: Storage | str, step: int, *, config: dict, model_st
                 "files": {name: {"sha256": _sha256(data), "bytes": len(data)} for name, data in files.items()}}
     files[MANIFEST] = json.dumps(manifest, indent=2, sort_keys=True).encode()
 
-    stale = storage.list(prefix + "/")
-    if stale:  # an earlier save died before its manifest: garbage, never trusted by readers
-        storage.delete(prefix)
-        for key in storage.list(prefix + "/"):
-            storage.delete(key)
-    if isinstance(storage, LocalStorage):
-        storage.put_dir_atomic(prefix, files)
-    else:
-        for name, data in files.items():  # dict order: the manifest is the last object written
-            storage.put_bytes(f"{prefix}/{name}", data)
+    if storage.list(prefix + "/"):  # an earlier save died before its manifest: garbage, never trusted by readers
+        storage.delete_prefix(prefix)
+    storage.put_files(prefix, files)  # dict order: the manifest is the last object written
     return join_uri(storage.uri, prefix)
 
 
@@ -402,8 +279,8 @@ def remove_interrupted_saves(root: str | os.PathLike | Storage) -> list[str]:
     """Delete the temporary directories that saves killed mid-write left in a local run's root; returns
     their names. Call it when the run (re)starts, before it saves again: no save is in flight then."""
     storage = open_storage(root)
-    base = getattr(storage, "root", None)
-    if base is None or not Path(base).is_dir():
+    base = storage.local_path("")
+    if base is None or not base.is_dir():
         return []  # object stores write the manifest last instead: nothing is left under a temporary name
     removed = []
     for entry in sorted(Path(base).iterdir()):
@@ -463,59 +340,12 @@ def apply_retention(root: str | os.PathLike | Storage, keep_last: int, metric: s
     newest = complete[-1][0]
     done = {s for s, _ in complete}
     deleted = [s for s in steps if s not in keep and (s in done or s < newest)]
-    for step in deleted:
-        prefix = step_dir(step)
-        if isinstance(storage, LocalStorage):
-            storage.delete(prefix)
-        else:  # the manifest goes first, so a half-deleted checkpoint is never trusted
-            keys = storage.list(prefix + "/")
-            for key in sorted(keys, key=lambda k: not k.endswith(MANIFEST)):
-                storage.delete(key)
+    for step in deleted:  # the manifest goes first, so a half-deleted checkpoint is never trusted
+        storage.delete_prefix(step_dir(step), first=(MANIFEST,))
     return deleted
 
 
-def load_run(uri: str, *, use_ema: bool = True, device: str | torch.device = "cpu") -> tuple[Any, Any, Any, Any]:
-    """``(RunConfig, model in eval mode, tokenizer, LoadedCheckpoint)`` from a checkpoint or a run root.
-
-    ``uri`` may be one ``step-<N>`` checkpoint or a run directory/prefix (its latest complete one is used).
-    The model gets the EMA weights unless ``use_ema=False`` (or the run kept no EMA).
-    """
-    from dsl.config import RunConfig, from_dict
-    from dsl.models import build_model
-
-    storage = open_storage(uri)
-    if storage.exists(MANIFEST):
-        ckpt = load_checkpoint(storage)
-    else:
-        latest = latest_complete(storage)
-        if latest is None:
-            raise UserError(f"{uri}: no complete checkpoint here (expected {MANIFEST} or step-<N>/{MANIFEST})")
-        ckpt = load_checkpoint(latest)
-    cfg = from_dict(RunConfig, ckpt.config, where=f"{ckpt.uri}/{MANIFEST}")
-    model = build_model(cfg, cfg.model.vocab_size or None)
-    weights = ckpt.ema_state if (use_ema and ckpt.ema_state is not None) else ckpt.model_state
-    load_weights(model, weights, f"{ckpt.uri}/{'ema' if weights is ckpt.ema_state else 'model'}.safetensors")
-    model.to(device).eval()
-    return cfg, model, ckpt.tokenizer(), ckpt
-
-
-def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:
-    """Strict ``load_state_dict`` with one UserError listing missing, unexpected and mis-shaped keys."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    shapes = sorted(f"{k} {tuple(weights[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-                    if k in weights and weights[k].shape != v.shape)
-    if missing or unexpected or shapes:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
-            if keys:
-                parts.append(f"{label}: {', '.join(keys[:5])}{' …' if len(keys) > 5 else ''}")
-        raise UserError(f"{where}: does not fit the model ({'; '.join(parts)})")
-    model.load_state_dict(weights, strict=True)
-
-
-__all__ = ["FORMAT", "Storage", "LocalStorage", "register_storage", "open_storage", "LoadedCheckpoint",
+__all__ = ["FORMAT", "MANIFEST", "LoadedCheckpoint",
            "save_checkpoint", "load_checkpoint", "verify_checkpoint", "read_manifest", "list_checkpoints",
-           "latest_complete", "apply_retention", "check_manifest", "remove_interrupted_saves", "load_run", "read_tokenizer", "load_weights", "step_dir", "join_uri",
+           "latest_complete", "apply_retention", "check_manifest", "remove_interrupted_saves", "read_tokenizer", "step_dir",
            "tensors_to_bytes", "tensors_from_bytes", "encode_rng", "decode_rng"]

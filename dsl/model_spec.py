@@ -40,7 +40,7 @@ DESCRIBE = {
     "hf": "hf:<owner>/<name>", "hf_dir": "a local Hugging Face model directory",
     "weights": "an MDLM .ckpt/.safetensors file", "hub": "a hub model id (e.g. gpt2-large)",
 }
-OURS = ("checkpoint", "run", "uri")        # loaded with dsl.checkpoint.load_run / load_checkpoint
+OURS = ("checkpoint", "run", "uri")        # loaded with dsl.models.loading.load_run / load_checkpoint
 INIT_KINDS = ("scratch", *OURS, "hf", "hf_dir", "weights")   # what training can start from (init=)
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 

@@ -383,7 +383,7 @@ def to_markdown(cells: Sequence[dict[str, Any]]) -> str:
 
 def load_denoisers(dirs: dict[str, str], source: Any, gamma_vis: float = 50.0) -> dict[str, Any]:
     """``{"mdlm": continued MDLM, "dsl": DSL fine-tune, "oracle": the exact source}`` as denoisers."""
-    from dsl.checkpoint import load_run
+    from dsl.models.loading import load_run
     from dsl.sampling import DSLDenoiser, MDLMDenoiser, OracleDenoiser
 
     _, mdlm, tok, _ = load_run(dirs["mdlm-ft"])

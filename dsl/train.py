@@ -36,15 +36,12 @@ import torch
 
 from dsl.checkpoint import (
     MANIFEST,
-    Storage,
     apply_retention,
     decode_rng,
     encode_rng,
     latest_complete,
     list_checkpoints,
     load_checkpoint,
-    load_weights,
-    open_storage,
     read_tokenizer,
     remove_interrupted_saves,
     save_checkpoint,
@@ -54,8 +51,10 @@ from dsl.data import SYNTHETIC, build_data
 from dsl.devices import to_device
 from dsl.ema import EMA
 from dsl.errors import UserError
+from dsl.models.loading import load_weights
 from dsl.objectives import select_objective, validation_metrics
 from dsl.seeding import derive_seed, row_generators
+from dsl.storage import Storage, open_storage
 
 
 def lr_at(step: int, cfg: Any) -> float:

@@ -13,18 +13,16 @@ import torch
 
 import dsl.checkpoint as ck
 from dsl.checkpoint import (
-    LocalStorage,
     apply_retention,
     latest_complete,
     list_checkpoints,
     load_checkpoint,
-    load_weights,
-    open_storage,
-    register_storage,
     save_checkpoint,
 )
 from dsl.data import CharTokenizer
 from dsl.errors import UserError
+from dsl.models.loading import load_weights
+from dsl.storage import LocalStorage, open_storage, register_storage
 
 
 def _tiny(seed: int = 0, width: int = 3) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -169,7 +167,7 @@ class MemoryStorage:
     """An object store stand-in that records the order of writes."""
 
     def __init__(self, uri: str) -> None:
-        self.uri, self.objects, self.writes = uri, {}, []
+        self.uri, self.objects, self.writes, self.deletes = uri, {}, [], []
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self.objects[key] = data
@@ -185,7 +183,24 @@ class MemoryStorage:
         return sorted(k for k in self.objects if k.startswith(prefix))
 
     def delete(self, key: str) -> None:
-        self.objects.pop(key, None)
+        for k in sorted(k for k in self.objects if k == key or k.startswith(key.rstrip("/") + "/")):
+            del self.objects[k]
+            self.deletes.append(k)
+
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        return {k: len(self.objects[k]) for k in self.list(prefix)}
+
+    def put_files(self, prefix: str, files: dict[str, bytes]) -> None:
+        for name, data in files.items():
+            self.put_bytes(f"{prefix}/{name}", data)
+
+    def delete_prefix(self, prefix: str, first: tuple[str, ...] = ()) -> None:
+        for name in first:
+            self.delete(f"{prefix}/{name}")
+        self.delete(prefix)
+
+    def local_path(self, key: str) -> None:
+        return None
 
 
 def test_registered_scheme_and_object_store_write_order() -> None:
@@ -196,6 +211,11 @@ def test_registered_scheme_and_object_store_write_order() -> None:
     assert store.writes[-1] == "step-2/manifest.json"  # manifest last: readers never see a partial one
     assert latest_complete("mem://bucket/run") == "mem://bucket/run/step-2"
     assert load_checkpoint(store, "step-2").step == 2
+    _save("mem://bucket/run", 3, {"valid_nll": 2.0})
+    assert apply_retention("mem://bucket/run", keep_last=1, metric="valid_nll") == [] and not store.deletes
+    _save("mem://bucket/run", 4, {"valid_nll": 3.0})
+    assert apply_retention("mem://bucket/run", keep_last=1, metric="valid_nll") == [3]
+    assert store.deletes[0] == "step-3/manifest.json" and not store.list("step-3/")   # never half-trusted
     store.objects["step-2/state.json"] = b"{}"
     with pytest.raises(UserError, match="step-2/state.json: 2 bytes"):
         load_checkpoint(store, "step-2")

@@ -173,8 +173,8 @@ def test_bits_per_character_count_text_characters_of_the_wrapped_blocks(capsys, 
     total = row["nll_per_token"] * 16
     assert row["bits_per_char"] == pytest.approx(total / (11 * math.log(2)))
     # the run's own validation split, whole by default: characters = its non-special ids
-    from dsl.checkpoint import load_run
     from dsl.data import heldout_blocks
+    from dsl.models.loading import load_run
 
     run_cfg, _, tok, _ = load_run(ckpt)
     ids, _ = heldout_blocks(run_cfg, tok)

@@ -152,7 +152,7 @@ def test_cached_features_are_reused_and_invalidated(web_pool, tmp_path):
 
 
 def test_cache_entry_from_other_inputs_is_not_trusted(web_pool, tmp_path):
-    from dsl.checkpoint import open_storage
+    from dsl.storage import open_storage
 
     cache = str(tmp_path / "cache")
     fz = CountingFeaturizer(max_length=64)
@@ -166,7 +166,7 @@ def test_cache_entry_from_other_inputs_is_not_trusted(web_pool, tmp_path):
 
 
 def test_failed_featurization_leaves_no_cache_entry(web_pool, tmp_path):
-    from dsl.checkpoint import open_storage
+    from dsl.storage import open_storage
 
     class Failing(CountingFeaturizer):
         def featurize(self, texts, progress=False):

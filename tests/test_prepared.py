@@ -365,7 +365,7 @@ def test_a_split_without_blocks_is_one_clear_line(tmp_path: Path) -> None:
 
 
 def upload(local: Path, uri: str) -> None:
-    from dsl.checkpoint import open_storage
+    from dsl.storage import open_storage
 
     st = open_storage(uri)
     for p in sorted(local.rglob("*")):

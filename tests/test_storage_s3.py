@@ -6,17 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsl.checkpoint import (
-    MANIFEST,
-    latest_complete,
-    list_checkpoints,
-    load_checkpoint,
-    open_storage,
-    save_checkpoint,
-)
+from dsl.checkpoint import MANIFEST, latest_complete, list_checkpoints, load_checkpoint, save_checkpoint
 from dsl.errors import UserError
 from dsl.service.local_cluster import free_port
 from dsl.service.storage_s3 import S3Storage, parse_s3_uri
+from dsl.storage import Storage, open_storage
 
 
 def _save(storage, step: int, value: float) -> str:
@@ -81,6 +75,11 @@ def test_round_trip_list_delete(s3_bucket):
     assert st.list() == ["y.bin"]
     with pytest.raises(UserError, match="no such object"):
         st.get_bytes("x/1.bin")
+    assert isinstance(st, Storage) and st.local_path("y.bin") is None
+    st.put_files("set", {"a.bin": b"a", "manifest.json": b"{}"})
+    assert st.sizes("set/") == {"set/a.bin": 1, "set/manifest.json": 2}
+    st.delete_prefix("set", first=("manifest.json",))
+    assert st.list() == ["y.bin"]
 
 
 @pytest.mark.integration

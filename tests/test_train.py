@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from dsl.channel import corrupt_rows, sample_snr_rows
-from dsl.checkpoint import latest_complete, load_checkpoint, load_run
+from dsl.checkpoint import latest_complete, load_checkpoint
 from dsl.config import RunConfig, load
 from dsl.ema import ema_decay
 from dsl.errors import UserError
+from dsl.models.loading import load_run
 from dsl.seeding import sample_generator
 from dsl.train import Trainer, lr_at
 

@@ -1,4 +1,4 @@
-"""MAUVE reference features cached on disk or S3 (``dsl.checkpoint.open_storage``).
+"""MAUVE reference features cached on disk or S3 (``dsl.storage.open_storage``).
 
 An entry's key is derived from the featurizer (name, max length, identity) and the sha256 of the texts it
 featurized (after truncation); its safetensors metadata repeats those inputs, so an entry made from other
@@ -43,7 +43,7 @@ def cached_features(cache: str, featurizer: Featurizer, texts: Sequence[str], pr
                     ) -> tuple[np.ndarray, bool]:
     """``(features (n, d), computed)``: the entry for ``texts`` under the cache URI ``cache`` when it holds
     a sound one, else the featurizer's output, then stored."""
-    from dsl.checkpoint import open_storage
+    from dsl.storage import open_storage
 
     storage = open_storage(cache)
     key = cache_key(featurizer, texts)

@@ -42,8 +42,8 @@ def labelled_checkpoints(spec: str) -> list[tuple[str, str]]:
 
 
 def _load_dsl_run(uri: str):
-    from dsl.checkpoint import load_run
     from dsl.model_spec import OURS, parse_model_spec
+    from dsl.models.loading import load_run
 
     run_cfg, model, tokenizer, _ = load_run(parse_model_spec(uri, "checkpoint", OURS).target)
     if run_cfg.objective != "dsl":
@@ -89,7 +89,7 @@ def load_judge(job: JobConfig, ids: list[list[int]] | None):
             raise UserError(f"eval.judge={job.eval.judge} scores token ids: the samples file needs an 'ids' field")
         return ExactSourceOracle(build_source(spec.target, job.data, len(ids[0]))), ids
     if spec.ours:
-        from dsl.checkpoint import load_run
+        from dsl.models.loading import load_run
 
         if ids is None:
             raise UserError(f"eval.judge={spec.target} (an AR checkpoint) scores token ids: the samples need an "
@@ -128,7 +128,8 @@ def _run_tokenizer(job: JobConfig) -> tuple[Any, str]:
     spec = classify(job.checkpoint) if job.checkpoint else None
     if spec is None or not spec.ours:
         return None, ""
-    from dsl.checkpoint import MANIFEST, latest_complete, open_storage, read_tokenizer
+    from dsl.checkpoint import MANIFEST, latest_complete, read_tokenizer
+    from dsl.storage import open_storage
 
     storage = open_storage(spec.target)
     if not storage.exists(MANIFEST):

@@ -13,8 +13,10 @@ def initialise_weights(model: nn.Module, init: str, objective: str) -> None:
     A checkpoint contributes its EMA weights when it has them. An MDLM checkpoint initialises a DSL model
     (Sec 6.1: backbone, and W_trans from MDLM's vocab_embed); otherwise the objectives must match.
     """
-    from dsl.checkpoint import MANIFEST, latest_complete, load_checkpoint, load_weights, open_storage
+    from dsl.checkpoint import MANIFEST, latest_complete, load_checkpoint
     from dsl.model_spec import INIT_KINDS, parse_model_spec
+    from dsl.models.loading import load_weights
+    from dsl.storage import open_storage
 
     spec = parse_model_spec(init, "init", INIT_KINDS)
     if spec.kind == "scratch":

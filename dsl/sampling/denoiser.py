@@ -237,7 +237,7 @@ def load_denoiser(spec: str, cfg: SamplingConfig, *, length: int | None = None,
         if model.target == "cyclic" and not length:
             length = data_cfg.cyclic_k
         return OracleDenoiser(build_source(model.target, data_cfg, length or ORACLE_DEFAULT_LENGTH))
-    from dsl.checkpoint import load_run
+    from dsl.models.loading import load_run
 
     run_cfg, net, tokenizer, _ = load_run(model.target, device=device)
     if run_cfg.objective == "mdlm":

@@ -114,7 +114,7 @@ class EtaCapSchedule:
 
 def _read_spec_text(spec: str) -> str:
     if "://" in spec:
-        from dsl.checkpoint import open_storage  # the storage layer owns URI schemes (s3:// etc.)
+        from dsl.storage import open_storage  # the storage layer owns URI schemes (s3:// etc.)
 
         scheme_end = spec.index("://") + 3
         head, _, name = spec[scheme_end:].rpartition("/")

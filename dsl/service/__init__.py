@@ -1,6 +1,6 @@
 """Service adapters: the only place that imports Ray, MLflow, boto3 and Optuna.
 
-- ``storage_s3``: ``s3://`` checkpoint storage (registered with ``dsl.checkpoint.open_storage``).
+- ``storage_s3``: ``s3://`` checkpoint storage (registered with ``dsl.storage.open_storage``).
 - ``tracking``: the MLflow store and training runs (one per run name); ``job_runs``: one run per job
   invocation (sample, evaluate, ...); ``code_version``: the code a run ran.
 - ``ray_train``: Ray Train fine-tuning (``jobs/finetune.py``).

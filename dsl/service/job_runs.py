@@ -35,8 +35,9 @@ def training_run_of(checkpoint_uri: str, *, tracking_uri: str | None = None) -> 
     """``(training run name, its MLflow run id)`` for a checkpoint URI, when both can be found: the name
     from the checkpoint's manifest, the run by that name in any experiment of the store (a job may log to
     another experiment than the fine-tune did)."""
-    from dsl.checkpoint import MANIFEST, latest_complete, open_storage, read_manifest
+    from dsl.checkpoint import MANIFEST, latest_complete, read_manifest
     from dsl.errors import UserError
+    from dsl.storage import open_storage
 
     if checkpoint_uri.startswith(("oracle:", "hf:")):
         return None, None

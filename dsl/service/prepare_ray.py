@@ -221,8 +221,8 @@ def log_manifest(logger: Any, summary: dict) -> None:
     import tempfile
     from pathlib import Path
 
-    from dsl.checkpoint import open_storage
     from dsl.data.prepared.layout import MANIFEST
+    from dsl.storage import open_storage
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / MANIFEST
@@ -232,10 +232,11 @@ def log_manifest(logger: Any, summary: dict) -> None:
 
 def _check_init_tokenizer(init: str, store: Any) -> None:
     """A checkpoint training starts from must have been trained on the store's ids (same tokenizer)."""
-    from dsl.checkpoint import MANIFEST, latest_complete, open_storage, read_tokenizer
+    from dsl.checkpoint import MANIFEST, latest_complete, read_tokenizer
     from dsl.data.tokenizers import tokenizer_fingerprint
     from dsl.errors import UserError
     from dsl.model_spec import INIT_KINDS, parse_model_spec
+    from dsl.storage import open_storage
 
     spec = parse_model_spec(init, "init", INIT_KINDS)
     if not spec.ours:

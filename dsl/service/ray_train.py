@@ -71,7 +71,7 @@ def resolve_name(cfg: JobConfig) -> str:
 
 def storage_root(cfg: JobConfig, name: str) -> str:
     """Absolute checkpoint root of run ``name`` (workers run in other directories than the driver)."""
-    from dsl.checkpoint import join_uri
+    from dsl.storage import join_uri
 
     base = cfg.service.storage
     if base.startswith("s3://"):
@@ -85,7 +85,7 @@ def storage_root(cfg: JobConfig, name: str) -> str:
 
 def check_storage(root: str, endpoint: str) -> None:
     """Fail early with one line if the checkpoint storage cannot be listed."""
-    from dsl.checkpoint import open_storage
+    from dsl.storage import open_storage
 
     if root.startswith("s3://"):
         from dsl.service.storage_s3 import set_default_endpoint
@@ -104,7 +104,8 @@ def check_init(init: str) -> None:
 
         download_hub(spec.target)  # cached for the workers on this node; raises one line when offline
     elif spec.ours:
-        from dsl.checkpoint import MANIFEST, latest_complete, open_storage, read_manifest
+        from dsl.checkpoint import MANIFEST, latest_complete, read_manifest
+        from dsl.storage import open_storage
 
         st = open_storage(spec.target)
         if st.exists(MANIFEST):
@@ -123,8 +124,9 @@ RESOLVED_LATER = {"model.vocab_size": 0, "model.mask_id": -1}
 def check_resume(root: str, run_cfg: RunConfig) -> None:
     """A re-used name continues the run under ``root``: refuse, before any worker starts, a config that
     differs from the run's checkpoints in what it trains (model, objective, channel, loss, data)."""
-    from dsl.checkpoint import latest_complete, open_storage, read_manifest
+    from dsl.checkpoint import latest_complete, read_manifest
     from dsl.config import flatten
+    from dsl.storage import open_storage
 
     latest = latest_complete(root)
     if latest is None:

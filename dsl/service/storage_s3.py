@@ -22,8 +22,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
-from dsl.checkpoint import register_storage
 from dsl.errors import UserError
+from dsl.storage import register_storage
 
 T = TypeVar("T")
 
@@ -168,6 +168,21 @@ class S3Storage:
         targets = [key.strip("/")] + [k for k in self.list(key.strip("/") + "/")]
         for k in targets:
             self._call("delete", k, lambda k=k: self._client.delete_object(Bucket=self.bucket, Key=self._key(k)))
+
+
+    def put_files(self, prefix: str, files: dict[str, bytes]) -> None:
+        """One object per file in the dict's order: the last one (a manifest) is written last."""
+        for name, data in files.items():
+            self.put_bytes(f"{prefix.strip('/')}/{name}", data)
+
+    def delete_prefix(self, prefix: str, first: tuple[str, ...] = ()) -> None:
+        prefix = prefix.strip("/")
+        for name in first:
+            self.delete(f"{prefix}/{name}")
+        self.delete(prefix)
+
+    def local_path(self, key: str) -> None:
+        return None
 
 
 register_storage("s3", lambda uri: S3Storage(uri))

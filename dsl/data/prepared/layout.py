@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from dsl.checkpoint import Storage, join_uri
 from dsl.data.tokenizers import load_tokenizer
 from dsl.errors import UserError
+from dsl.storage import Storage, join_uri
 
 FORMAT = "dsl-prepared/1"
 PREFIX = "prepared:"

@@ -14,7 +14,6 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from dsl.checkpoint import open_storage
 from dsl.data.prepared.layout import (
     CHUNK_CHARS,
     CHUNK_DOCS,
@@ -40,6 +39,7 @@ from dsl.data.prepared.reader import PreparedStore
 from dsl.data.prepared.worker import PrepWorker
 from dsl.data.tokenizers import tokenizer_fingerprint
 from dsl.errors import UserError
+from dsl.storage import open_storage
 
 
 def plan_shards(chunks: Iterable[dict], length: int, wrap: bool, blocks_per_shard: int, itemsize: int

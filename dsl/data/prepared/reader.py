@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from dsl.checkpoint import LocalStorage, Storage, open_storage
 from dsl.data.order import BlockOrder
 from dsl.data.prepared.layout import (
     LENGTH_DTYPE,
@@ -30,18 +29,7 @@ from dsl.data.prepared.layout import (
 )
 from dsl.data.tokenizers import load_tokenizer, tokenizer_fingerprint
 from dsl.errors import UserError
-
-
-def _object_sizes(storage: Storage, prefix: str) -> dict[str, int | None]:
-    if isinstance(storage, LocalStorage):
-        base = storage.root / prefix
-        if not base.is_dir():
-            return {}
-        return {f"{prefix}{p.name}": p.stat().st_size for p in base.iterdir() if p.is_file()}
-    sizes = getattr(storage, "sizes", None)
-    if callable(sizes):
-        return sizes(prefix)
-    return dict.fromkeys(storage.list(prefix))
+from dsl.storage import open_storage
 
 
 class PreparedStore:
@@ -71,7 +59,7 @@ class PreparedStore:
         listed = self.files()
         sizes: dict[str, int | None] = {}
         for prefix in sorted({k.rsplit("/", 1)[0] + "/" for k in listed}):
-            sizes.update(_object_sizes(self.storage, prefix))
+            sizes.update(self.storage.sizes(prefix))
         for key, meta in listed.items():
             if key not in sizes:
                 raise UserError(f"{uri_of(self.storage, key)}: listed in the manifest but missing (the store is "
@@ -111,7 +99,7 @@ class PreparedStore:
                 bar.update(1)
 
     def local_path(self, key: str) -> Path | None:
-        return self.storage.root / key if isinstance(self.storage, LocalStorage) else None
+        return self.storage.local_path(key)
 
 
 class _SplitReader:
@@ -126,7 +114,7 @@ class _SplitReader:
         self.starts = np.cumsum([0] + [s["blocks"] for s in self.shards]).tolist()
         self.blocks = self.starts[-1]
         self.L, self.dtype, self.wrap = store.length, store.dtype, store.wrap
-        self.local = isinstance(store.storage, LocalStorage)
+        self.local = store.storage.local_path("") is not None
         self._arrays: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
         self._pending: dict[int, Future] = {}
         self._lock = threading.Lock()

@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 
-from dsl.checkpoint import Storage, open_storage
 from dsl.data.prepared.layout import (
     CHUNK_FILE,
     LENGTH_DTYPE,
@@ -24,6 +23,7 @@ from dsl.data.prepared.layout import (
 )
 from dsl.data.wrapping import pad_document
 from dsl.errors import UserError
+from dsl.storage import Storage, open_storage
 
 
 class PrepWorker:
