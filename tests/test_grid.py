@@ -80,6 +80,17 @@ def test_a_cells_samples_do_not_depend_on_the_number_of_shards():
         np.testing.assert_allclose(values, three["diagnostics"][key], rtol=1e-12, equal_nan=True, err_msg=key)
 
 
+def test_source_stats_of_impossible_sequences_are_finite():
+    from dsl.eval.cells import SourceStatsFeaturizer, nll_stats
+    from dsl.sources import build_source
+
+    source = build_source("hmm", DataConfig(), LENGTH)        # sparse: most sequences are impossible
+    ids = torch.cat([source.sample(3, torch.Generator().manual_seed(0)), torch.zeros(2, LENGTH, dtype=torch.long)])
+    feats = SourceStatsFeaturizer(source).features(ids)
+    assert np.isfinite(feats).all() and not feats[3:, source.n_words:].any() and feats[:3, source.n_words:].any()
+    assert nll_stats(source, ids)["impossible"] == 2
+
+
 def test_bad_grid_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     spec, bad = tmp_path / "spec.toml", tmp_path / "bad.toml"

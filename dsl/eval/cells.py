@@ -55,7 +55,8 @@ class SourceStatsFeaturizer:
     EM step would read from the sequence: word frequencies (W) and transition statistics
     Σ_i p(s_i | x) p(s_{i+1} | x)ᵀ / (L-1) (S², the product of the exact posterior marginals standing in
     for the pair marginals). They see word order, topic changes and grammar, cost one forward-backward,
-    and need no text model.
+    and need no text model. A sequence the source cannot emit (a sparse HMM) has no state posterior: its
+    transition statistics are zero, which sets it apart from every sequence the source can emit.
     """
 
     name = SOURCE_STATS
@@ -72,6 +73,7 @@ class SourceStatsFeaturizer:
         words = torch.nn.functional.one_hot(ids, self.source.n_words).double().mean(1)  # (B, W)
         post = self.source.state_posterior(ids)  # (B, L, S)
         pairs = torch.einsum("bls,blt->bst", post[:, :-1], post[:, 1:]).reshape(b, -1) / max(1, length - 1)
+        pairs = torch.nan_to_num(pairs, nan=0.0, posinf=0.0, neginf=0.0)   # impossible rows: no posterior
         return torch.cat([words, pairs], dim=1).float().numpy()
 
 

@@ -560,10 +560,24 @@ def grid_length(job: JobConfig, cells_models: Sequence[str]) -> int:
     from dsl.sampling import load_denoiser
 
     for ckpt in cells_models:
-        if ckpt != DATA_ROW:
-            den = load_denoiser(ckpt, job.sampling, data_cfg=job.data)
-            if den.max_length:
-                return int(den.max_length)
+        if ckpt == DATA_ROW:
+            continue
+        if not ckpt.startswith("oracle:"):   # a checkpoint's L from its manifest, no weights loaded here
+            from dsl.checkpoint import MANIFEST, latest_complete, open_storage, read_manifest
+
+            storage = open_storage(ckpt)
+            if not storage.exists(MANIFEST):
+                latest = latest_complete(storage)
+                if latest is None:
+                    raise UserError(f"table.models: {ckpt} holds no complete checkpoint")
+                storage = open_storage(latest)
+            length = ((read_manifest(storage, "").get("config") or {}).get("model") or {}).get("length")
+            if length:
+                return int(length)
+            continue
+        den = load_denoiser(ckpt, job.sampling, data_cfg=job.data)
+        if den.max_length:
+            return int(den.max_length)
     raise ConfigError("sampling.length=0 and no row's model has a length of its own: give sampling.length=<L>")
 
 
@@ -749,9 +763,11 @@ def _run_cells(job: JobConfig, pending: list[Cell], record: GridRecord, open_rec
                     record.finish_cell(cell, result, draw)
                     current = None
                     table.append(_table_record(cell, result))
+                    impossible = (f" ({result['impossible']} of {n} samples impossible under {job.eval.judge})"
+                                  if result.get("impossible") else "")
                     log(f"{cell.row.label:34s} T={cell.steps:5d}  MAUVE {result['mauve']:.3f} ± {result['mauve_std']:.3f}"
-                        f"  GenPPL {result.get('genppl', float('nan')):.3g}  entropy {result['sentence_entropy']:.2f}"
-                        f"  NFE {result['nfe']:.0f}  ({result['wall_s']:.1f} s)")
+                        f"  GenPPL {result.get('genppl', float('nan')):.3g}{impossible}"
+                        f"  entropy {result['sentence_entropy']:.2f}  NFE {result['nfe']:.0f}  ({result['wall_s']:.1f} s)")
                     if bar is not None:
                         bar.update(1)
                 if bar is not None:
