@@ -271,7 +271,8 @@ def read_tokenizer(uri: str | os.PathLike | Storage, prefix: str = "") -> Any:
 
 
 # A checkpoint directory being written under a temporary name, beside the run's ``step-<N>`` ones
-# (``.step-<N>.<random>.tmp`` here, ``.tmp-step-<N>.<random>`` from dsl.atomic's directory writer).
+# (``.step-<N>.<random>.tmp`` from LocalStorage.put_files and dsl.atomic alike; ``.tmp-step-<N>.<random>``
+# from the saves of earlier versions).
 INTERRUPTED_SAVE = re.compile(r"^\.(?:tmp-)?step-\d+\.[^/]+$")
 
 
