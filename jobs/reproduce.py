@@ -1,8 +1,8 @@
 """The small-scale Table 1 in one command: pretrain an MDLM, fine-tune it two ways, decode both with
 Table 1's rows at every step budget, write the comparison report.
 
-    python jobs/reproduce.py preset=smoke out=runs/repro-smoke        # the whole chain in minutes on 2 cores
-    python jobs/reproduce.py out=runs/repro                           # preset=default: about 30 minutes
+    python jobs/reproduce.py preset=smoke out=runs/repro-smoke        # L=32: 25 min measured on 2 busy cores
+    python jobs/reproduce.py out=runs/repro                           # preset=default, L=64: 30+ min estimated
     python jobs/reproduce.py preset=smoke data.source=<corpus.txt> out=runs/repro-text  # real text, MiniLM MAUVE
     python jobs/reproduce.py plan preset=paper out=/shared/repro      # what the paper-scale run would do
     ray job submit --working-dir . -- python jobs/reproduce.py preset=paper out=/shared/repro

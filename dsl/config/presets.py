@@ -83,8 +83,9 @@ def describe_presets(folder: str = "run") -> str:
     """The ``--help`` block: every run preset (of ``folder``) and model preset with its sizes."""
     lines = ["run presets (preset=NAME, applied before the other keys):"]
     for name, words in run_presets(folder).items():
-        shown = [w for w in words if w.split("=")[0] in ("model", "model.length", "data.source",
-                                                           "train.steps", "train.batch_size", "init")]
+        shown = [w for w in words if w.split("=")[0] in ("model", "model.length", "data.source", "train.steps",
+                                                           "train.batch_size", "init", "reproduce.pretrain_steps",
+                                                           "reproduce.finetune_steps", "sampling.num_samples")]
         lines.append(f"  {name:<12} {descriptions(folder)[name]}")
         lines.append(f"  {'':<12} {' '.join(shown)}")
     lines.append("model presets (model=NAME):")
