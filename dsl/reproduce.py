@@ -286,10 +286,10 @@ def run_cells(source: Any, denoisers: dict[str, Any], size: StudySize, out: str 
               eta_cap: str = "paper-rewrites", seed: int = 0, data: Any = None, log: Callable[[str], None] = print
               ) -> list[dict[str, Any]]:
     """Sample and score every row × T (skipping cells already on disk) with the grid's cell computation
-    (:func:`dsl.service.grid.cell_result`); return one dict per cell. ``data``: the source's ``data.*``."""
+    (:func:`dsl.service.grid_scoring.cell_result`); return one dict per cell. ``data``: the source's ``data.*``."""
     from dsl.config import DataConfig
     from dsl.sampling import generate
-    from dsl.service.grid import GridScorer, batch_draw, cell_result, data_draw
+    from dsl.service.grid_scoring import GridScorer, batch_draw, cell_result, data_draw
 
     out = Path(out)
     data = data if data is not None else DataConfig(source="topics")

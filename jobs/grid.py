@@ -31,7 +31,8 @@ import torch  # noqa: F401  -- before mauve/faiss (OpenMP clash in the other ord
 
 from dsl.cli import Job, Mode, main
 from dsl.config import JobConfig
-from dsl.service.grid import check_grid, run_grid, settle_grid
+from dsl.service.grid import run_grid
+from dsl.service.grid_spec import check_grid, settle_grid
 
 
 def _settle(cfg: JobConfig, mode: str, named: frozenset[str]) -> None:

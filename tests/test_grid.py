@@ -22,7 +22,8 @@ import torch
 from dsl.cli import load_job, main
 from dsl.config import DataConfig, SamplingConfig, to_dict
 from dsl.service import lineage as L
-from dsl.service.grid import draw_shard, load_spec, merge_shards, named_specs, shard_ranges
+from dsl.service.grid_shards import draw_shard, merge_shards, shard_ranges
+from dsl.service.grid_spec import load_spec, named_specs
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = load_job("jobs/grid.py")
