@@ -29,7 +29,7 @@ import tempfile
 
 from dsl.cli import Job, Mode, main
 from dsl.config import ConfigError, JobConfig
-from dsl.errors import UserError
+from dsl.errors import UserError, one_line
 from dsl.outputs import RUNS_ROOT, output_dir
 
 
@@ -76,7 +76,7 @@ def run_report(cfg: JobConfig) -> dict:
             logged = f"runs:/{grid.run_id}/{results.REPORT_ARTIFACT_DIR}"
         except Exception as exc:  # noqa: BLE001 - the report on disk stands; say why it is not in MLflow
             print(f"warning: the report was not logged to grid run {grid.run_id} ({type(exc).__name__}: "
-                  f"{scrub(' '.join(str(exc).split()))[:200]})", file=sys.stderr)
+                  f"{scrub(one_line(exc))[:200]})", file=sys.stderr)
     return {"grid_run_id": grid.run_id, "grid": grid.name, "experiment": grid.experiment, "out": out,
             "report": os.path.join(out, "report.html"), "files": files, "cells": counts,
             "rows": sorted({c.row for c in cells}), "steps": sorted({c.steps for c in cells}),

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from dsl.config import ModelConfig
-from dsl.errors import UserError
+from dsl.errors import UserError, one_line
 from dsl.models.dit import DiT
 from dsl.models.restricted_unpickle import load_pickled_checkpoint
 
@@ -104,7 +104,7 @@ def _read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise UserError(f"{path}: unreadable weights file ({type(exc).__name__}: "
-                        f"{' '.join(str(exc).split())[:160]})") from None
+                        f"{one_line(exc)[:160]})") from None
     if not isinstance(state, dict):
         raise UserError(f"{path}: expected a state dict, found {type(state).__name__}")
     return state

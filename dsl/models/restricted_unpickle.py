@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from dsl.errors import UserError
+from dsl.errors import UserError, one_line
 
 
 class Unloaded:
@@ -92,7 +92,7 @@ def load_pickled_checkpoint(path: str | Path) -> dict:
         obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=restricted_pickle)
     except Exception as exc:  # zip/pickle/storage errors: a corrupt or truncated file
         raise UserError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: "
-                        f"{' '.join(str(exc).split())[:160]})") from None
+                        f"{one_line(exc)[:160]})") from None
     if not isinstance(obj, dict):
         raise UserError(f"{path}: expected a Lightning checkpoint dict, found {type(obj).__name__}")
     return obj

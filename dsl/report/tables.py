@@ -273,7 +273,7 @@ def eta_cap_tables(sources: Iterable[str]) -> list[dict]:
     (``inline:{...}``) and files or URIs (``file:<path or s3://…>``) are read back; ``none`` and the
     official rules have no table.
     """
-    from dsl.errors import UserError
+    from dsl.errors import UserError, one_line
     from dsl.sampling.schedules import BUILTIN_TABLES, load_eta_cap
 
     out = []
@@ -285,7 +285,7 @@ def eta_cap_tables(sources: Iterable[str]) -> list[dict]:
             try:
                 entry.update(load_eta_cap(spec).to_dict())
             except (UserError, OSError, ValueError) as exc:
-                entry["error"] = f"not readable from here ({' '.join(str(exc).split())[:160]})"
+                entry["error"] = f"not readable from here ({one_line(exc)[:160]})"
         out.append(entry)
     return out
 

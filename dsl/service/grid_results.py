@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from dsl.errors import UserError
+from dsl.errors import UserError, one_line
 from dsl.redact import scrub
 from dsl.report import Fig2Source, paper
 from dsl.report.tables import Cell, GridInfo, LikelihoodRun
@@ -78,13 +78,13 @@ def open_store(uri: str, *, create: bool = False) -> Any:
                 pass
         except (urllib.error.URLError, OSError) as exc:
             raise UserError(f"service.tracking_uri={shown}: no MLflow server answers there "
-                            f"({' '.join(str(exc).split())[:120]})") from None
+                            f"({one_line(exc)[:120]})") from None
     client = mlflow.MlflowClient(tracking_uri=uri)
     try:
         client.search_experiments(max_results=1)
     except Exception as exc:  # noqa: BLE001 - any store failure is one line naming the URI
         raise UserError(f"service.tracking_uri={shown}: cannot read the MLflow store "
-                        f"({type(exc).__name__}: {' '.join(str(exc).split())[:160]})") from None
+                        f"({type(exc).__name__}: {one_line(exc)[:160]})") from None
     return client
 
 

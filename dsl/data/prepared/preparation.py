@@ -38,7 +38,7 @@ from dsl.data.prepared.layout import (
 from dsl.data.prepared.reader import PreparedStore
 from dsl.data.prepared.worker import PrepWorker
 from dsl.data.tokenizers import tokenizer_fingerprint
-from dsl.errors import UserError
+from dsl.errors import UserError, one_line
 from dsl.storage import open_storage
 
 
@@ -164,7 +164,7 @@ class Preparation:
             self.storage.put_bytes(key, b"probe")
             self.storage.delete(key)
         except UserError as exc:
-            raise UserError(f"out={self.out}: not writable ({' '.join(str(exc).split())})") from None
+            raise UserError(f"out={self.out}: not writable ({one_line(exc)})") from None
         except OSError as exc:
             raise UserError(f"out={self.out}: not writable ({type(exc).__name__}: {exc.strerror or exc}); "
                             "accepted: a writable directory or s3://bucket/prefix") from None
