@@ -48,13 +48,13 @@ import csv
 import io
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from dsl.atomic import write_json_atomic
 from dsl.config import JobConfig, RunConfig, SamplingConfig, load
 from dsl.errors import UserError
 from dsl.eval.cells import SourceStatsFeaturizer, mauve_with_errors, nll_stats  # the grid's cell computation
@@ -274,13 +274,6 @@ def sampling_config(row: Row, steps: int, size: StudySize, eta_cap: str) -> Samp
                                  f"eta_cap_table={eta_cap}"])
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 def run_cells(source: Any, denoisers: dict[str, Any], size: StudySize, out: str | Path, *,
               rows: Sequence[Row] = REFERENCE_ROWS + TABLE1_ROWS, featurizer: str = "source-stats",
               eta_cap: str = "paper-rewrites", seed: int = 0, data: Any = None, log: Callable[[str], None] = print
@@ -315,7 +308,7 @@ def run_cells(source: Any, denoisers: dict[str, Any], size: StudySize, out: str 
                         **({"rule": draw["rule"]} if "rule" in draw else {}), "featurizer": featurizer,
                         "wall_s": time.perf_counter() - t0, "examples": draw["texts"][:3],
                         "ids": draw["ids"].tolist()}
-                _write_json_atomic(path, cell)
+                write_json_atomic(path, cell)
                 log(f"{row.name:34s} T={steps:4d}  NLL/tok {cell['nll_per_token']:.3f} ± {cell['nll_se']:.3f}  "
                     f"MAUVE {cell['mauve']:.3f} ± {cell['mauve_std']:.3f}  ({cell['wall_s']:.0f} s)")
                 cells.append(cell)
@@ -411,7 +404,7 @@ def run_study(size: str | StudySize, out: str | Path, *, data: Sequence[str] = (
                "eta_cap_table": eta_cap_table(size.length, eta_cap), "runs": dirs,
                "train_wall_s": t_train, "total_wall_s": time.perf_counter() - t0,
                "table": table_rows(cells)}
-    _write_json_atomic(out / "table1.json", summary)
+    write_json_atomic(out / "table1.json", summary)
     (out / "table1.csv").write_text(to_csv(cells))
     (out / "table1.md").write_text(to_markdown(cells))
     return summary
