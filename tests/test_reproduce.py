@@ -1,29 +1,19 @@
-"""dsl.reproduce: the small-scale Table 1 study (step budgets, η_cap scaling, exact scoring, resumable phases)."""
+"""The small-scale Table 1's science: Table 1's step budgets, the η_cap(T) scaling of its loop row, exact
+scoring under the source and the source-stats featurizer (the cells themselves run through the grid:
+tests/test_reproduce_job.py)."""
 
-import csv
-import io
-import json
 import math
 
 import pytest
 import torch
 
-from dsl.config import SamplingConfig
-from dsl.reproduce import (
-    REFERENCE_ROWS,
-    SIZES,
-    TABLE1_ROWS,
-    SourceStatsFeaturizer,
-    eta_cap_table,
-    load_cells,
-    mauve_with_errors,
-    nll_stats,
-    run_study,
-    step_budgets,
-    table_rows,
-)
+from dsl.config import JobConfig, SamplingConfig
+from dsl.eval.cells import SourceStatsFeaturizer, mauve_with_errors, nll_stats
+from dsl.reproduce import eta_cap_table
 from dsl.sampling import OracleDenoiser, generate, load_eta_cap
 from dsl.seeding import sample_generator
+from dsl.service.grid import load_spec
+from dsl.service.reproduce import study_spec
 from dsl.sources import CyclicSource, TopicSource
 
 torch.set_num_threads(1)
@@ -34,24 +24,37 @@ def gen(*keys):
 
 
 def test_step_budgets_are_table1s_fractions_of_l():
-    assert step_budgets(64) == [8, 16, 32, 64]
-    assert step_budgets(1024) == [128, 256, 512, 1024]  # the paper's columns
-    assert step_budgets(4) == [1, 2, 4]
+    table1 = load_spec("table1")
+    assert table1.budgets(64) == [8, 16, 32, 64]
+    assert table1.budgets(1024) == [128, 256, 512, 1024]  # the paper's columns
+    assert table1.budgets(4) == [1, 2, 4]
+
+
+def test_the_study_grids_loop_row_has_an_eta_cap_at_each_of_its_budgets():
+    cfg = JobConfig()
+    cfg.model.length, cfg.data.source = 64, "topics"
+    spec = study_spec(cfg)
+    assert [r.label for r in spec.rows[:2]] == ["Data (exact samples)", "Exact oracle + MDLM sampler"]
+    (loop,) = [r for r in spec.rows if r.sampler == "dsl-budget"]
+    assert loop.eta_cap_table == eta_cap_table(64, spec.budgets(64))
+    eta = load_eta_cap(loop.eta_cap_table)
+    assert [eta(t) for t in spec.budgets(64)] == pytest.approx([0.16, 0.128, 0.112, 0.064])
 
 
 def test_eta_cap_table_keeps_the_papers_rewrites_per_token():
     # η_mini(T) = η_eq24(T·1024/L)·1024/L: at L = 1024 it is eq. 24 itself
-    paper = load_eta_cap(eta_cap_table(1024))
+    paper = load_eta_cap(eta_cap_table(1024, [128, 256, 512, 1024]))
     assert [paper(t) for t in (128, 256, 512, 1024)] == pytest.approx([0.010, 0.008, 0.007, 0.004])
-    mini = load_eta_cap(eta_cap_table(64))
+    mini = load_eta_cap(eta_cap_table(64, [8, 16, 32, 64]))
     assert [mini(t) for t in (8, 16, 32, 64)] == pytest.approx([0.16, 0.128, 0.112, 0.064])
-    assert eta_cap_table(64, "sec6.1") == "sec6.1"  # the paper's printed values, unscaled
+    assert eta_cap_table(64, [8, 16, 32, 64], "sec6.1") == "sec6.1"  # the paper's printed values, unscaled
     # and the sampler then rewrites as often as Table 5 says at T = L (1.849 per token); at T = L/8 the
     # scaled η = 0.16 saturates the loop's unmasking, so it rewrites less than Table 5's 0.580
     source = TopicSource(2, 0, 64, class_words=(1, 2, 1))
     rewrites = {}
     for steps in (8, 64):
-        cfg = SamplingConfig(sampler="dsl-budget", steps=steps, eta_cap_table=eta_cap_table(64), batch_size=48)
+        cfg = SamplingConfig(sampler="dsl-budget", steps=steps, eta_cap_table=eta_cap_table(64, [8, 64]),
+                             batch_size=48)
         rewrites[steps] = float(generate(OracleDenoiser(source), cfg, 48, 64, seed=0).mean_rewrites.mean())
     assert rewrites[64] == pytest.approx(1.849, rel=0.15)
     assert 0.3 < rewrites[8] < 0.580
@@ -86,37 +89,3 @@ def test_source_stats_features_see_word_order():
     alike = mauve_with_errors(rf, feat.features(same), seeds=(25,), resamples=0)
     broken = mauve_with_errors(rf, feat.features(shuffled), seeds=(25,), resamples=0)
     assert alike["mauve"] > 0.8 and broken["mauve"] < alike["mauve"] - 0.4
-
-
-def test_micro_study_writes_the_table_and_resumes_without_recomputing(tmp_path):
-    rows = (REFERENCE_ROWS[0], TABLE1_ROWS[0], TABLE1_ROWS[3])  # Data, MDLM, DSL-FT + loop
-    out = tmp_path / "study"
-    summary = run_study("micro", out, featurizer="source-stats", rows=rows, log=lambda _: None)
-    length = SIZES["micro"].length
-    budgets = step_budgets(length)
-    table = list(csv.DictReader(io.StringIO((out / "table1.csv").read_text())))
-    assert len(table) == 1 + 2 * len(budgets)  # the Data row once, every other row at every T
-    assert {(r["row"], int(r["steps"])) for r in table if r["row"] == "MDLM"} == {("MDLM", t) for t in budgets}
-    for r in table:
-        assert int(r["n_samples"]) == SIZES["micro"].n_samples and int(r["impossible"]) == 0  # full support
-        assert float(r["nll_se"]) >= 0 and 0 <= float(r["mauve"]) <= 1  # an untrained model may repeat itself
-    assert float(table[0]["nll_se"]) > 0 and float(table[0]["nll_gap"]) == 0.0  # the Data row
-    loop = [r for r in table if r["row"].startswith("DSL-FT + ReMDM-loop") and int(r["steps"]) == length]
-    assert float(loop[0]["rewrites_per_token"]) > 0 and float(loop[0]["eta_cap"]) > 0
-    assert "| MDLM |" in (out / "table1.md").read_text()
-    # the three trainings came from one pretrained checkpoint with equal fine-tune budgets
-    runs = summary["runs"]
-    for name in ("mdlm-ft", "dsl-ft"):
-        manifest = json.loads(sorted((out / "runs" / name).glob("step-*/manifest.json"))[-1].read_text())
-        assert manifest["step"] == SIZES["micro"].finetune_steps
-        assert manifest["config"]["init"].startswith(str(out / "runs" / "pretrain"))
-    assert set(runs) == {"pretrain", "mdlm-ft", "dsl-ft"}
-    # re-running reads every phase back: no training step, no cell recomputed
-    cells = sorted((out / "cells").rglob("T*.json"))
-    stamps = {p: p.stat().st_mtime_ns for p in cells}
-    ckpts = sorted((out / "runs").rglob("manifest.json"))
-    again = run_study("micro", out, featurizer="source-stats", rows=rows, log=lambda _: None)
-    assert {p: p.stat().st_mtime_ns for p in cells} == stamps
-    assert sorted((out / "runs").rglob("manifest.json")) == ckpts
-    assert again["table"] == summary["table"]
-    assert table_rows(load_cells(out)) == summary["table"]

@@ -1,5 +1,6 @@
-"""jobs/reproduce.py: the whole chain at micro size as a user runs it (report.html and table1.csv equal to
-the MLflow runs, a re-run recomputes nothing), the paper-scale preset parsed and planned (not run), and
+"""jobs/reproduce.py: the whole chain at micro size as a user runs it (both fine-tunes from the one pretrained
+checkpoint with equal budgets, report.html and table1.csv equal to the MLflow runs, study.csv's exact NLL
+against the Data row, a re-run recomputes nothing), the paper-scale preset parsed and planned (not run), and
 impossible samples reported by count and share."""
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import pytest
 import torch
 
 from dsl.cli import load_job, parse
-from dsl.reproduce import nll_stats
+from dsl.eval.cells import nll_stats
 from dsl.seeding import sample_generator
-from dsl.service.reproduce import impossible_lines, write_study
+from dsl.service.reproduce import impossible_lines, study_markdown, study_rows, write_study
 from dsl.sources import CyclicSource
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,6 +63,22 @@ def test_micro_reproduction_writes_the_report_of_its_mlflow_runs_and_resumes(tmp
     assert "Table 1" in (out / "report.html").read_text()
     study = (out / "study.md").read_text()
     assert "over 16 samples" in study and "| MDLM |" in study
+    lines = list(csv.DictReader((out / "study.csv").open()))
+    assert [(r["row"], r["steps"]) for r in lines] == [(r["row"], r["steps"]) for r in table]
+    for r in lines:
+        assert r["n_samples"] == "16" and r["impossible"] == "0"   # full support
+        assert float(r["nll_se"]) >= 0 and 0 <= float(r["mauve"]) <= 1   # an untrained model may repeat itself
+    (data,) = [r for r in lines if r["row"] == "Data (exact samples)"]
+    assert float(data["nll_se"]) > 0 and float(data["nll_gap"]) == 0.0
+    (loop,) = [r for r in lines if r["row"] == "DSL-FT + ReMDM-loop (eta_cap(T))" and r["steps"] == "8"]
+    assert float(loop["rewrites_per_token"]) > 0 and float(loop["eta_cap"]) > 0
+    # the two fine-tunes start from the one pretrained checkpoint, with equal budgets
+    _, micro = parse(JOB, ["preset=micro", f"out={out}"])
+    assert set(summary["runs"]) == {"pretrain", "mdlm-ft", "dsl-ft"}
+    for name in ("mdlm-ft", "dsl-ft"):
+        manifest = json.loads(sorted((out / "runs" / name).glob("step-*/manifest.json"))[-1].read_text())
+        assert manifest["step"] == micro.reproduce.finetune_steps
+        assert manifest["config"]["init"].startswith(str(out / "runs" / "pretrain"))
     # the same command again: every phase read back, no cell recomputed, the same grid run and table
     ckpts = sorted((out / "runs").rglob("manifest.json"))
     again = _run("preset=micro", f"out={out}", cwd=tmp_path)
@@ -71,6 +88,7 @@ def test_micro_reproduction_writes_the_report_of_its_mlflow_runs_and_resumes(tmp
     assert resumed["cells"] == {"total": 25, "skipped": 25, "computed": 0, "superseded": 0}
     assert sorted((out / "runs").rglob("manifest.json")) == ckpts
     assert list(csv.DictReader((out / "table1.csv").open())) == table
+    assert list(csv.DictReader((out / "study.csv").open())) == lines
 
 
 def test_paper_preset_parses_and_plans_without_running(tmp_path):
@@ -117,3 +135,17 @@ def test_samples_impossible_under_the_source_are_counted_not_hidden(tmp_path):
     (line,) = list(csv.DictReader((tmp_path / "study.csv").open()))
     assert (line["impossible"], float(line["impossible_share"])) == ("1", 0.25)
     assert impossible_lines([{**cell, **nll_stats(source, ok)}]) == []
+
+
+def test_study_table_measures_nll_against_the_data_row_and_fills_its_columns():
+    def cell(row, steps, nll, model="mdlm"):
+        return {"row": row, "steps": steps, "model": model, "n_samples": 4, "nll_per_token": nll, "nll_se": 0.01,
+                "mauve": 0.5, "mauve_std": 0.02, "mauve_std_resamples": 0.05, "sentence_entropy": 2.0}
+
+    cells = [cell("Data (exact samples)", 8, 1.25, "data"), cell("MDLM", 4, 1.5), cell("MDLM", 8, 1.375)]
+    assert [r["nll_gap"] for r in study_rows(cells)] == [0.0, 0.25, 0.125]
+    assert all(math.isnan(r["nll_gap"]) for r in study_rows(cells[1:]))   # no Data row: no gap to claim
+    md = study_markdown(cells).splitlines()
+    assert md[0] == "| row | T=4 | T=8 |"
+    assert md[2] == "| Data (exact samples) | 1.250 ± 0.010 / 0.50 ± 0.05 / 2.00 | 1.250 ± 0.010 / 0.50 ± 0.05 / 2.00 |"
+    assert md[3].startswith("| MDLM | 1.500 ± 0.010")

@@ -24,6 +24,9 @@ from dsl.service import lineage as L
 DATA_LABEL = "Data (exact samples)"
 ORACLE_LABEL = "Exact oracle + MDLM sampler"
 STUDY_CSV, STUDY_MD = "study.csv", "study.md"
+STUDY_FIELDS = ("row", "steps", "n_samples", "nll_per_token", "nll_se", "nll_gap", "genppl", "impossible",
+                "impossible_share", "mauve", "mauve_std", "mauve_std_resamples", "sentence_entropy",
+                "nfe", "rewrites_per_token", "eta_cap")
 
 
 def _log(msg: str) -> None:
@@ -49,7 +52,7 @@ def study_spec(cfg: JobConfig) -> Any:
     from dsl.service.grid import DATA_ROW, GridRow, GridSpec, load_spec
 
     table1 = load_spec("table1")
-    eta = eta_cap_table(cfg.model.length, cfg.reproduce.eta_cap)
+    eta = eta_cap_table(cfg.model.length, table1.budgets(cfg.model.length), cfg.reproduce.eta_cap)
     rows = [replace(r, eta_cap_table=eta) if r.sampler == "dsl-budget" else r for r in table1.rows]
     if exact(cfg):
         rows = [GridRow(DATA_LABEL, DATA_ROW), GridRow(ORACLE_LABEL, f"oracle:{cfg.data.source}", "mdlm"), *rows]
@@ -96,18 +99,46 @@ def impossible_lines(cells: Sequence[dict]) -> list[str]:
             for c in cells if c.get("impossible")]
 
 
+def study_rows(cells: Sequence[dict]) -> list[dict[str, Any]]:
+    """One record of ``STUDY_FIELDS`` per cell, with ``nll_gap`` = its NLL per token − the Data row's (the
+    source's entropy rate as measured on exact samples; NaN without a Data row)."""
+    data = [c for c in cells if c["model"] == "data"]
+    floor = data[0]["nll_per_token"] if data else math.nan
+    return [{k: (c["nll_per_token"] - floor if k == "nll_gap" else c.get(k)) for k in STUDY_FIELDS} for c in cells]
+
+
+def study_markdown(cells: Sequence[dict]) -> str:
+    """Table 1's shape: a line per row, a column per T; each entry NLL/token ± SE / MAUVE ± std / sentence
+    entropy. The Data row (drawn once, at T = L) fills every column."""
+    from dsl.report.formatting import markdown_table
+
+    recs = study_rows(cells)
+    budgets = sorted({r["steps"] for r in recs if not r["row"].startswith("Data")})
+    lines = []
+    for name in dict.fromkeys(r["row"] for r in recs):
+        mine = {r["steps"]: r for r in recs if r["row"] == name}
+        entries = []
+        for t in budgets:
+            r = mine.get(t) or (next(iter(mine.values())) if name.startswith("Data") else None)
+            entries.append("–" if r is None else
+                           f"{r['nll_per_token']:.3f} ± {r['nll_se']:.3f} / {r['mauve']:.2f} ± "
+                           f"{max(r['mauve_std'], r['mauve_std_resamples'] or 0):.2f} / {r['sentence_entropy']:.2f}")
+        lines.append([name, *entries])
+    return markdown_table(["row", *(f"T={t}" for t in budgets)], lines)
+
+
 def write_study(cells: Sequence[dict], out: Path, n: int) -> list[str]:
     """``study.csv``/``study.md``: exact NLL per token ± standard error over samples per cell (and its gap
     to the Data row), MAUVE ± std, sentence entropy, impossible count and share."""
-    from dsl.reproduce import to_csv, to_markdown
+    from dsl.report.formatting import to_csv
 
     scored = [c for c in cells if c["nll_per_token"] is not None and math.isfinite(c["nll_per_token"])]
     if not scored:
         return []
-    (out / STUDY_CSV).write_text(to_csv(cells))
+    (out / STUDY_CSV).write_text(to_csv(study_rows(cells), STUDY_FIELDS))
     (out / STUDY_MD).write_text(f"Per cell: exact NLL per token of the samples under the source ± standard error "
                                 f"over {n} samples / MAUVE ± max(std over k-means seeds, std over bootstrap "
-                                f"resamples) / sentence entropy\n\n" + to_markdown(scored))
+                                f"resamples) / sentence entropy\n\n" + study_markdown(scored))
     return [STUDY_CSV, STUDY_MD]
 
 
@@ -146,4 +177,5 @@ def run_reproduction(cfg: JobConfig) -> dict:
             "total_wall_s": round(time.perf_counter() - t0, 1)}
 
 
-__all__ = ["study_spec", "grid_job", "cell_records", "impossible_lines", "write_study", "run_reproduction"]
+__all__ = ["STUDY_FIELDS", "study_spec", "grid_job", "cell_records", "impossible_lines", "study_rows", "study_markdown",
+           "write_study", "run_reproduction"]
