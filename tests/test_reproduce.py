@@ -12,7 +12,7 @@ from dsl.eval.cells import SourceStatsFeaturizer, mauve_with_errors, nll_stats
 from dsl.reproduce import eta_cap_table
 from dsl.sampling import OracleDenoiser, generate, load_eta_cap
 from dsl.seeding import sample_generator
-from dsl.service.grid import load_spec
+from dsl.service.grid_spec import load_spec
 from dsl.service.reproduce import study_spec
 from dsl.sources import CyclicSource, TopicSource
 

@@ -58,7 +58,6 @@ from dsl.service.grid_shards import draw_shard, merge_shards, shard_ranges
 from dsl.service.grid_spec import (
     DATA_ROW,
     Cell,
-    GridRow,
     GridSpec,
     load_spec,
     parse_models,
@@ -277,6 +276,4 @@ def _table_record(cell: Cell, result: dict[str, Any]) -> dict[str, Any]:
             **{k: plain(result.get(k)) for k in keep if k in result}}
 
 
-__all__ = ["run_grid", "grid_length", "default_grid_name",
-           # the layout names dsl/service/reproduce.py imports from here
-           "DATA_ROW", "GridRow", "GridSpec", "load_spec"]
+__all__ = ["run_grid", "grid_length", "default_grid_name"]

@@ -18,23 +18,17 @@ from dsl.service.grid_spec import DATA_ROW
 class GridScorer:
     """The judge, the featurizer and the reference features of one grid (computed once, used by every
     cell): ``scorer.score(ids, texts)`` is :func:`dsl.eval.cells.score_cell` with them. ``source``: the
-    exact source to judge and draw references from, when the caller already holds it (else the one
-    ``eval.judge=oracle:*`` names, built from ``data.*``)."""
+    exact source ``eval.judge=oracle:*`` names, built from ``data.*`` (None for another judge)."""
 
-    def __init__(self, job: JobConfig, length: int, *, source: Any = None, progress: bool = False):
+    def __init__(self, job: JobConfig, length: int, *, progress: bool = False):
         from dsl.eval.cells import SOURCE_STATS, SourceStatsFeaturizer
         from dsl.eval.protocols import load_judge
 
         ev = job.eval
         self.job, self.length = job, length
         self.seeds = tuple(ev.mauve_seeds)
-        self.source = source if source is not None else exact_source(job, length)
-        if source is not None and ev.judge.startswith("oracle:"):
-            from dsl.eval.genppl import ExactSourceOracle
-
-            self.judge = ExactSourceOracle(source)   # the very source the caller holds (e.g. non-default data.*)
-        else:
-            self.judge, _ = load_judge(job, [[0] * length])
+        self.source = exact_source(job, length)
+        self.judge, _ = load_judge(job, [[0] * length])
         self.n_ref = ev.references or job.sampling.num_samples
         self._close: Callable[[], None] = lambda: None
         if ev.featurizer == SOURCE_STATS:

@@ -49,7 +49,7 @@ def study_spec(cfg: JobConfig) -> Any:
     loop row's η_cap(T) for this L (``reproduce.eta_cap``), after the reference rows Data and the exact
     oracle with the MDLM sampler when the source is exact."""
     from dsl.reproduce import eta_cap_table
-    from dsl.service.grid import DATA_ROW, GridRow, GridSpec, load_spec
+    from dsl.service.grid_spec import DATA_ROW, GridRow, GridSpec, load_spec
 
     table1 = load_spec("table1")
     eta = eta_cap_table(cfg.model.length, table1.budgets(cfg.model.length), cfg.reproduce.eta_cap)
