@@ -26,12 +26,14 @@ else:  # Python 3.10: the same parser, packaged as tomli
     import tomli as tomllib
 
 
-def _files(kind: str) -> dict[str, Any]:
+def preset_files(kind: str) -> dict[str, Any]:
+    """``{name: file}`` of the TOML presets in ``presets/<kind>/``."""
     folder = resources.files("dsl.config") / "presets" / kind
     return {p.name[: -len(".toml")]: p for p in folder.iterdir() if p.name.endswith(".toml")}
 
 
-def _read(path: Any) -> dict[str, Any]:
+def read_preset(path: Any) -> dict[str, Any]:
+    """A preset file's TOML (one line naming the file when it does not parse)."""
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
@@ -47,7 +49,8 @@ def _word(value: Any) -> str:
     return str(value)
 
 
-def _overrides(table: dict[str, Any], prefix: str = "") -> list[str]:
+def table_overrides(table: dict[str, Any], prefix: str = "") -> list[str]:
+    """The ``key=value`` command-line words a TOML table of the config tree sets, in file order."""
     out: list[str] = []
     if "preset" in table and prefix:        # a section preset first, then the section's own keys
         out.append(f"{prefix[:-1]}={table['preset']}")
@@ -55,7 +58,7 @@ def _overrides(table: dict[str, Any], prefix: str = "") -> list[str]:
         if key == "description" or (key == "preset" and prefix):
             continue
         if isinstance(value, dict):
-            out.extend(_overrides(value, f"{prefix}{key}."))
+            out.extend(table_overrides(value, f"{prefix}{key}."))
         else:
             out.append(f"{prefix}{key}={_word(value)}")
     return out
@@ -64,19 +67,19 @@ def _overrides(table: dict[str, Any], prefix: str = "") -> list[str]:
 @cache
 def model_presets() -> dict[str, dict[str, Any]]:
     """``{name: {model field: value}}`` from ``presets/model/*.toml``."""
-    return {name: {k: v for k, v in _read(p).items() if k != "description"}
-            for name, p in sorted(_files("model").items())}
+    return {name: {k: v for k, v in read_preset(p).items() if k != "description"}
+            for name, p in sorted(preset_files("model").items())}
 
 
 @cache
 def run_presets(folder: str = "run") -> dict[str, list[str]]:
     """``{name: ["key=value", ...]}`` from ``presets/<folder>/*.toml``, in file order."""
-    return {name: _overrides(_read(p)) for name, p in sorted(_files(folder).items())}
+    return {name: table_overrides(read_preset(p)) for name, p in sorted(preset_files(folder).items())}
 
 
 @cache
 def descriptions(kind: str) -> dict[str, str]:
-    return {name: str(_read(p).get("description", "")) for name, p in sorted(_files(kind).items())}
+    return {name: str(read_preset(p).get("description", "")) for name, p in sorted(preset_files(kind).items())}
 
 
 def describe_presets(folder: str = "run") -> str:
@@ -96,4 +99,5 @@ def describe_presets(folder: str = "run") -> str:
     return "\n".join(lines)
 
 
-__all__ = ["model_presets", "run_presets", "descriptions", "describe_presets"]
+__all__ = ["model_presets", "run_presets", "descriptions", "describe_presets", "preset_files", "read_preset",
+           "table_overrides"]

@@ -102,7 +102,8 @@ def load_judge(job: JobConfig, ids: list[list[int]] | None):
     return CausalLMOracle.load(spec.target, max_length=job.eval.judge_max_length, device=device), None
 
 
-def _num_buckets(raw: str) -> int | str:
+def parse_num_buckets(raw: str) -> int | str:
+    """``eval.num_buckets``: ``auto`` or an integer (one line otherwise)."""
     if raw == "auto":
         return raw
     try:
@@ -192,7 +193,7 @@ def evaluate_samples(job: JobConfig) -> dict[str, Any]:
     ids = [r["ids"] for r in records] if all("ids" in r for r in records) else None
     # cheap checks first, so a bad judge or reference fails before any featurization
     judge, judge_items = load_judge(job, ids)
-    buckets = _num_buckets(ev.num_buckets)
+    buckets = parse_num_buckets(ev.num_buckets)
     run_tokenizer = _run_tokenizer(job) if ids is None else (None, "")
     references = load_references(job, ev.references or len(texts))
     featurizer, close = open_featurizer(ev.featurizer, ev.workers, ev.max_length, gpus_per_worker=ev.gpus_per_worker,
@@ -299,4 +300,4 @@ def evaluate_likelihood(job: JobConfig) -> dict[str, Any]:
 
 
 __all__ = ["check_samples", "evaluate_samples", "evaluate_calibration", "evaluate_likelihood", "load_judge", "JUDGE_KINDS",
-           "labelled_checkpoints", "load_references"]
+           "labelled_checkpoints", "load_references", "parse_num_buckets"]

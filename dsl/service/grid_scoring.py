@@ -78,14 +78,14 @@ class GridScorer:
     def mauve(self, ids: torch.Tensor, texts: Sequence[str]) -> dict[str, Any]:
         from dsl.eval.cells import mauve_with_errors
         from dsl.eval.mauve import evaluate_mauve
-        from dsl.eval.protocols import _num_buckets
+        from dsl.eval.protocols import parse_num_buckets
 
         ev = self.job.eval
         if self.references is None:
             return mauve_with_errors(self.ref_features, self.featurizer.features(ids), self.seeds,
-                                     self.job.table.mauve_resamples, self.job.seed, _num_buckets(ev.num_buckets))
+                                     self.job.table.mauve_resamples, self.job.seed, parse_num_buckets(ev.num_buckets))
         res = evaluate_mauve(list(texts), self.references, self.featurizer, seeds=self.seeds,
-                             num_buckets=_num_buckets(ev.num_buckets), match_length=ev.match_length,
+                             num_buckets=parse_num_buckets(ev.num_buckets), match_length=ev.match_length,
                              n_tokens=ev.length_budget)
         return {"mauve": res["mauve"], "mauve_mean": res["mean"], "mauve_std": res["std"],
                 "mauve_values": res["values"], "mauve_buckets": res["num_buckets"], "mauve_std_resamples": math.nan,

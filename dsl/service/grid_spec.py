@@ -63,18 +63,18 @@ class GridSpec:
 
 def named_specs() -> dict[str, str]:
     """``{name: description}`` of the grid specs in ``dsl/config/presets/grid/``."""
-    from dsl.config.presets import _files, _read
+    from dsl.config.presets import descriptions
 
-    return {name: str(_read(p).get("description", "")) for name, p in sorted(_files("grid").items())}
+    return dict(descriptions("grid"))
 
 
 def load_spec(ref: str) -> GridSpec:
     """The :class:`GridSpec` ``ref`` names: a named spec or a TOML file (one line naming what is wrong)."""
-    from dsl.config.presets import _files, _overrides, _read
+    from dsl.config.presets import preset_files, read_preset, table_overrides
 
-    named = _files("grid")
+    named = preset_files("grid")
     if ref in named:
-        data, where = _read(named[ref]), f"table.spec={ref}"
+        data, where = read_preset(named[ref]), f"table.spec={ref}"
     elif ref.endswith(".toml") or os.path.sep in ref:
         if not os.path.isfile(ref):
             raise UserError(f"table.spec={ref}: no such file; give a named spec ({', '.join(named)}) or a TOML file")
@@ -110,7 +110,7 @@ def load_spec(ref: str) -> GridSpec:
     name = ref if ref in named else os.path.splitext(os.path.basename(ref))[0]
     return GridSpec(name=name, rows=tuple(rows), steps=tuple(int(t) for t in data.get("steps", ())),
                     steps_per_length=tuple(float(f) for f in data.get("steps_per_length", ())),
-                    settings=tuple(_overrides(data.get("settings") or {})), description=str(data.get("description", "")))
+                    settings=tuple(table_overrides(data.get("settings") or {})), description=str(data.get("description", "")))
 
 
 def parse_models(text: str) -> dict[str, str]:
