@@ -209,8 +209,8 @@ def _search_one_budget(cfg: JobConfig, steps: int, rungs: tuple[int, ...], prepa
     remaining = sr.trials - done
     if remaining <= 0:
         return 0
-    # eq. (Sec 5.2) protocol is per T; the TPE seed moves with the study size so a resumed search
-    # does not re-draw the start-up configurations it already evaluated (optuna#3255).
+    # the protocol (Sec 5.2) searches each T on its own; the TPE seed moves with the study size so a resumed search
+    # does not re-draw the start-up configurations it already evaluated (optuna/optuna#3255).
     sampler_seed = derive_seed(cfg.seed, "tpe", steps, stored) % (2**32)
     bar = tqdm(total=sr.trials, initial=done, desc=f"T={steps}", disable=not cfg.progress, leave=True)
 
