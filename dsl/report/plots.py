@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 from dsl.report import paper
 from dsl.report.tables import Cell, grid_length, row_order
-from dsl.sampling.figures import _pyplot, _save, plot_diagnostics
+from dsl.sampling.figures import headless_pyplot, plot_diagnostics, save_png
 
 
 def _budget_axis(cells: Sequence[Cell], match: str) -> tuple[float, str]:
@@ -65,14 +65,14 @@ def _finish(fig, ax, title: str, path: str) -> None:
     ax.legend([h for _, h in ranked], [lab for lab, _ in ranked], fontsize=7, loc="center left",
               bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
-    _save(fig, path, 100)
+    save_png(fig, path, 100)
 
 
 def _mauve_against(cells: Sequence[Cell], path: str, spec_rows: Sequence[str], ours_x: Callable[[Cell], float | None],
                    paper_x: Callable[[int], float], xlabel: str, title: str, paper_note: str = "") -> None:
     """MAUVE (± std over k-means seeds) of every row against ``ours_x(cell)``, the paper's rows against
     ``paper_x(T')``."""
-    plt = _pyplot()
+    plt = headless_pyplot()
     ours, theirs = _colours(cells, spec_rows)
     fig, ax = plt.subplots(figsize=(9.5, 4.6))
     for row in row_order(cells, spec_rows):
@@ -105,7 +105,7 @@ def mauve_vs_nfe(cells: Sequence[Cell], path: str, spec_rows: Sequence[str] = ()
 
 
 def genppl_vs_entropy(cells: Sequence[Cell], path: str, spec_rows: Sequence[str] = ()) -> None:
-    plt = _pyplot()
+    plt = headless_pyplot()
     ours, theirs = _colours(cells, spec_rows)
     fig, ax = plt.subplots(figsize=(9.5, 4.6))
     for row in row_order(cells, spec_rows):

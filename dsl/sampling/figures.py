@@ -14,7 +14,8 @@ import torch
 from dsl.atomic import atomic_path
 
 
-def _pyplot() -> Any:
+def headless_pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -23,8 +24,9 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save(fig: Any, path: str, dpi: int) -> None:
-    plt = _pyplot()
+def save_png(fig: Any, path: str, dpi: int) -> None:
+    """``fig`` as a PNG at ``path``, written whole or not at all; the figure is closed."""
+    plt = headless_pyplot()
     try:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=dpi)
@@ -34,7 +36,7 @@ def _save(fig: Any, path: str, dpi: int) -> None:
 
 def plot_diagnostics(diagnostics: dict, title: str, path: str) -> None:
     """Fig 2's three panels against decoding progress 1 − t: masking/reveal, remasking, sharpness."""
-    plt = _pyplot()
+    plt = headless_pyplot()
     progress = 1 - np.asarray(diagnostics["t"])
     panels = [("masking & reveal", ["masked_ratio", "reveal_fraction"]),
               ("remasking / rewrite rate", ["remask_intensity", "remask_ratio", "change_rate"]),
@@ -51,7 +53,7 @@ def plot_diagnostics(diagnostics: dict, title: str, path: str) -> None:
     axes[3].set_xlabel("decoding progress 1 − t")
     fig.suptitle(title)
     fig.tight_layout()
-    _save(fig, path, 100)
+    save_png(fig, path, 100)
 
 
 def recover_figure(steps: int, n: int, seed: int, path: str) -> dict:
@@ -60,7 +62,7 @@ def recover_figure(steps: int, n: int, seed: int, path: str) -> dict:
     from dsl.sampling.toys import FIG3_DRAFT, FIG3_TRUTH, parse_draft, recover_cyclic
     from dsl.sources import CyclicSource
 
-    plt = _pyplot()
+    plt = headless_pyplot()
     source = CyclicSource(7)
     draft = parse_draft(FIG3_DRAFT, source)
     runs = [recover_cyclic(source, draft, steps, torch.Generator().manual_seed(seed + i)) for i in range(n)]
@@ -77,7 +79,7 @@ def recover_figure(steps: int, n: int, seed: int, path: str) -> dict:
     ax.set_xticks(range(7), [str(i + 1) for i in range(7)])
     ax.set_title(f"confidence-driven remasking: {FIG3_DRAFT} → {runs[0].final}")
     fig.tight_layout()
-    _save(fig, path, 110)
+    save_png(fig, path, 110)
     return {"toy": "recover", "n": n, "steps": steps, "valid_rate": sum(r.valid for r in runs) / n,
             "truth_rate": sum(r.final == FIG3_TRUTH for r in runs) / n}
 
@@ -86,7 +88,7 @@ def sde_figure(steps: int, n: int, seed: int, gamma_end: float, sde_path: str, p
     """Fig 1b: K=5 posterior-mean paths x̂(z) of the SDE sampler (eq. 2), up to 4 samples side by side."""
     from dsl.sampling.toys import sde_localization
 
-    plt = _pyplot()
+    plt = headless_pyplot()
     res = sde_localization(k=5, steps=steps, n=min(n, 4), seed=seed, gamma_end=gamma_end, path=sde_path)
     paths = res.mean_path.numpy()  # (T+1, n, L, 2): x̂(z) moves from the origin to a circle vertex
     fig, axes = plt.subplots(1, paths.shape[1], figsize=(3.2 * paths.shape[1], 3.4), squeeze=False)
@@ -106,8 +108,8 @@ def sde_figure(steps: int, n: int, seed: int, gamma_end: float, sde_path: str, p
     axes[0][0].legend(fontsize=6, loc="lower left")
     fig.suptitle(f"SDE (eq. 2), K=5, {sde_path} path: posterior mean x̂(z) paths")
     fig.tight_layout()
-    _save(fig, path, 110)
+    save_png(fig, path, 110)
     return {"toy": "sde-2d", "n": paths.shape[1], "steps": steps, "nfe": int(res.nfe[0])}
 
 
-__all__ = ["plot_diagnostics", "recover_figure", "sde_figure"]
+__all__ = ["plot_diagnostics", "recover_figure", "sde_figure", "headless_pyplot", "save_png"]

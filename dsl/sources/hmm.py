@@ -39,7 +39,7 @@ class HMMSource(ExactSource):
         if length < 1:
             raise ValueError(f"hmm length={length} must be >= 1")
         self.seed = seed
-        word_strings = ["."] + _pseudo_words(words - 1, random.Random(derive_seed(seed, "hmm-words")))
+        word_strings = ["."] + pseudo_words(words - 1, random.Random(derive_seed(seed, "hmm-words")))
         gen = torch.Generator().manual_seed(derive_seed(seed, "hmm-tables"))
         self._install(*_tables(states, words, gen), word_strings, length)
 
@@ -221,7 +221,7 @@ def _tables(states: int, words: int, gen: torch.Generator) -> tuple[torch.Tensor
     return init / init.sum(), trans, emit / emit.sum(1, keepdim=True)
 
 
-def _pseudo_words(n: int, rng: random.Random) -> list[str]:
+def pseudo_words(n: int, rng: random.Random) -> list[str]:
     """``n`` distinct pronounceable words of one to three syllables."""
     seen: set[str] = set()
     out: list[str] = []

@@ -34,7 +34,7 @@ import random
 import torch
 
 from dsl.seeding import derive_seed
-from dsl.sources.hmm import HMMSource, _pseudo_words
+from dsl.sources.hmm import HMMSource, pseudo_words
 
 # classes: index → name; END emits "." and starts the next sentence
 _CLASSES = ("END", "DET", "ADJ", "NOUN", "VERB", "ODET", "ONOUN")
@@ -75,7 +75,7 @@ class TopicSource(HMMSource):
         self.smoothing = float(smoothing)
         per_topic = sum(self.class_words.values())
         n_words = 1 + _DETERMINERS + topics * per_topic
-        pool = _pseudo_words(n_words - 1, random.Random(derive_seed(seed, "topic-words")))
+        pool = pseudo_words(n_words - 1, random.Random(derive_seed(seed, "topic-words")))
         determiners = sorted(pool, key=len)[:_DETERMINERS]  # the shortest spellings, as function words
         spellings = determiners + [w for w in pool if w not in determiners]
         gen = torch.Generator().manual_seed(derive_seed(seed, "topic-tables"))
