@@ -16,23 +16,24 @@ computed, superseded}, table: [one record per cell], wall_s}``.
 
 What a grid does:
 
-* rows and columns (:mod:`dsl.service.grid_spec`): a :class:`GridSpec` (named, ``dsl/config/presets/grid/<name>.toml``, or a TOML file):
-  each row is a model (a role filled by ``table.models``, a model spec such as ``oracle:topics``, or
-  ``data`` = exact samples of the judge's source) and a sampler (``mdlm``, ``remdm-official``,
-  ``dsl-budget`` with an optional per-row ``eta_cap_table``); columns are ``steps`` or
-  ``steps_per_length`` (T = f·L);
-* sampling (:mod:`dsl.service.grid_shards`): each cell's ``sampling.num_samples`` are split by index into ``table.workers`` contiguous
-  shards drawn by Ray tasks (one GPU each when the cluster has GPUs); sample i is seeded
-  ``sample_seed(seed, i)`` (:func:`dsl.sampling.generate`), so a cell's texts do not depend on the number
-  of workers; the next cell's shards are queued while a cell is scored;
-* scoring (:mod:`dsl.service.grid_scoring` over :mod:`dsl.eval.cells`, the one cell computation): MAUVE against reference features computed
-  once per grid (text featurizers through :func:`dsl.service.mauve_pool.open_featurizer`, a MauvePool when
-  ``eval.workers`` > 0; ``source-stats`` on ids), GenPPL under ``eval.judge`` (exact NLL ± SE and the
-  impossible share under an ``oracle:*`` judge), sentence entropy, NFE, rewrites per token, and the
-  Table 6 sharpness curves;
-* record (:mod:`dsl.service.grid_runs`, names of :mod:`dsl.service.lineage`): one parent run per grid, found again by ``dsl.grid.name``;
-  one child run per (row, T) with metrics at step 0, the sharpness curves as histories with step = the
-  sampler step k, ``samples.jsonl``, ``diagnostics.jsonl`` and ``fig2.png``;
+* rows and columns (:mod:`dsl.service.grid_spec`): a :class:`GridSpec` (named,
+  ``dsl/config/presets/grid/<name>.toml``, or a TOML file): each row is a model (a role filled by
+  ``table.models``, a model spec such as ``oracle:topics``, or ``data`` = exact samples of the judge's
+  source) and a sampler (``mdlm``, ``remdm-official``, ``dsl-budget`` with an optional per-row
+  ``eta_cap_table``); columns are ``steps`` or ``steps_per_length`` (T = f·L);
+* sampling (:mod:`dsl.service.grid_shards`): each cell's ``sampling.num_samples`` are split by index into
+  ``table.workers`` contiguous shards drawn by Ray tasks (one GPU each when the cluster has GPUs); sample i
+  is seeded ``sample_seed(seed, i)`` (:func:`dsl.sampling.generate`), so a cell's texts do not depend on
+  the number of workers; the next cell's shards are queued while a cell is scored;
+* scoring (:mod:`dsl.service.grid_scoring` over :mod:`dsl.eval.cells`, the one cell computation): MAUVE
+  against reference features computed once per grid (text featurizers through
+  :func:`dsl.service.mauve_pool.open_featurizer`, a MauvePool when ``eval.workers`` > 0; ``source-stats``
+  on ids), GenPPL under ``eval.judge`` (exact NLL ± SE and the impossible share under an ``oracle:*``
+  judge), sentence entropy, NFE, rewrites per token, and the Table 6 sharpness curves;
+* record (:mod:`dsl.service.grid_runs`, names of :mod:`dsl.service.lineage`): one parent run per grid,
+  found again by ``dsl.grid.name``; one child run per (row, T) with metrics at step 0, the sharpness
+  curves as histories with step = the sampler step k, ``samples.jsonl``, ``diagnostics.jsonl`` and
+  ``fig2.png``;
 * resume: the same command again skips cells complete in MLflow; a child left partial (a killed driver)
   is tagged ``dsl.superseded_by`` = its replacement and ended KILLED; a killed driver loses at most the
   cells in flight.
