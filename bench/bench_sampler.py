@@ -25,7 +25,7 @@ from dsl.models.dit import DiT
 from dsl.sampling.candidates import NucleusCache
 from dsl.sampling.denoiser import Denoiser
 from dsl.sampling.diagnostics import StepRecorder
-from dsl.sampling.masked import _per_sample_means
+from dsl.sampling.masked import per_sample_means
 from dsl.sampling.nucleus import sort_top_p_filter, top_p_filter
 from dsl.sampling.rules import remdm_loop_rule
 from dsl.sampling.transition import apply_transition, transition_coefficients
@@ -70,7 +70,7 @@ def one_step(denoiser: FixedLogits, draft: torch.Tensor, cfg: SamplingConfig, re
     sub_masked, raw, kind = denoiser.masked_rows(draft)
     nuc = top_p_filter(raw, cfg.top_p, cfg.diag_top_p, kind)
     cache.write(torch.arange(n), sub_masked, nuc)
-    stats = _per_sample_means(sub_masked, nuc)
+    stats = per_sample_means(sub_masked, nuc)
     rule = remdm_loop_rule(0.02, 0.55, 0.05, 0.9)(0.3, 0.299)
     sigma = torch.full((n, length), rule.sigma, dtype=torch.float64)
     unmask, remask = transition_coefficients(masked, rule, sigma)

@@ -18,7 +18,7 @@ import pytest
 from dsl.cli import load_job, main
 
 SCRIPTS = ("jobs/finetune.py", "jobs/sample.py", "jobs/evaluate.py", "tune/eta_cap_search.py",
-           "dashboards/report.py", "jobs/prepare_data.py")
+           "dashboards/report.py", "jobs/prepare_data.py", "jobs/grid.py", "jobs/reproduce.py")
 NOT_UTF8 = b"fine words \xff\xfe broken bytes\n"
 
 
@@ -190,6 +190,22 @@ CASES = [
     ("search-min-samples", "tune/eta_cap_search.py", ["search.min_samples=64"], "search.min_samples"),
     ("search-featurizer-missing", "tune/eta_cap_search.py", ["featurizer={in}/no_model"], "no_model"),
     # ---------------------------------------------------------------- dashboards/report.py (never creates a store)
+    ("grid-spec-unknown", "jobs/grid.py", ["table.spec=no-such-spec"], "table.spec"),
+    ("grid-spec-missing", "jobs/grid.py", ["table.spec={in}/missing.toml"], "table.spec"),
+    ("grid-spec-not-toml", "jobs/grid.py", ["table.spec={in}/eta_not_json.json"], "table.spec"),
+    ("grid-models-unnamed", "jobs/grid.py", ["table.spec=table1"], "table.models=mdlm="),
+    ("grid-models-no-uri", "jobs/grid.py", ["table.spec=table1", "table.models=mdlm"], "table.models"),
+    ("grid-model-missing", "jobs/grid.py", ["table.spec=table1", "table.models=mdlm={in}/nothing,dsl={in}/nothing"],
+     "nothing"),
+    ("grid-steps-zero", "jobs/grid.py", ["table.spec=table1", "table.models=mdlm=oracle:hmm,dsl=oracle:hmm",
+                                         "table.steps=0"], "table.steps"),
+    ("grid-paper-fixed-setting", "jobs/grid.py", ["table.spec=paper-table1", "eval.max_length=128",
+                                                  "table.models=mdlm=oracle:hmm,dsl=oracle:hmm"], "eval.max_length"),
+    ("reproduce-preset-unknown", "jobs/reproduce.py", ["preset=nope", "out={cwd}/x"], "smoke"),
+    ("reproduce-source-missing", "jobs/reproduce.py", ["preset=micro", "out={cwd}/x", "data.source={in}/none.txt"],
+     "data.source="),
+    ("reproduce-out-is-file", "jobs/reproduce.py", ["preset=micro", "out={in}/a_file.txt"], "out="),
+    ("reproduce-mode-unknown", "jobs/reproduce.py", ["rerun", "preset=micro", "out={cwd}/x"], "rerun"),
     ("report-no-grid", "dashboards/report.py", ["service.tracking_uri=sqlite:///{cwd}/m.db"], "report.grid"),
     ("report-no-store", "dashboards/report.py", ["grid=g"], "service.tracking_uri"),
     ("report-sqlite-missing", "dashboards/report.py", ["grid=g", "service.tracking_uri=sqlite:///{cwd}/none.db"],

@@ -71,7 +71,7 @@ def run_masked(denoiser: Denoiser, rule: Rule, cfg: SamplingConfig, gens: list[t
             nuc = top_p_filter(raw, cfg.top_p, cfg.diag_top_p, kind)
             del raw
             cache.write(rows, sub_masked, nuc)
-            stats[rows] = _per_sample_means(sub_masked, nuc)
+            stats[rows] = per_sample_means(sub_masked, nuc)
             forward_draft[rows] = draft[rows]
         if step_rule.confidence:
             sigma = confidence_sigma(scores, masked, step_rule.sigma)
@@ -120,7 +120,7 @@ class _UniformBlocks:
         return self.values[k - self.first]
 
 
-def _per_sample_means(masked: torch.Tensor, nuc: Nucleus) -> torch.Tensor:
+def per_sample_means(masked: torch.Tensor, nuc: Nucleus) -> torch.Tensor:
     """(b, 3): per-sample means over its masked positions of u = 1 − max p, H and the nucleus size.
 
     Visible rows are one-hot by carry-over and would only dilute these (see ``diagnostics.py``).
