@@ -4,8 +4,8 @@ Table 1's rows at every step budget, write the comparison report.
     python jobs/reproduce.py preset=smoke out=runs/repro-smoke        # L=32: 25 min measured on 2 busy cores
     python jobs/reproduce.py out=runs/repro                           # preset=default, L=64: 30+ min estimated
     python jobs/reproduce.py preset=smoke data.source=<corpus.txt> out=runs/repro-text  # real text, MiniLM MAUVE
-    python jobs/reproduce.py plan preset=paper out=/shared/repro      # what the paper-scale run would do
-    ray job submit --working-dir . -- python jobs/reproduce.py preset=paper out=/shared/repro
+    python jobs/reproduce.py plan preset=paper out=runs/repro-paper      # what the paper-scale run would do
+    ray job submit --working-dir . -- python jobs/reproduce.py preset=paper out=runs/repro-paper
 
 Phases (re-running the same command resumes: a finished phase is read back, a training resumes from its
 last checkpoint, a finished cell is never recomputed):

@@ -6,7 +6,7 @@ Accepted sources (the layout of kuleshov-group/mdlm ``models/dit.py`` ``DIT`` an
     by order onto the DiT's named parameters; ``use_ema=False`` (or a checkpoint without EMA) takes the raw
     ``ckpt['state_dict']['backbone.*']``. The file also pickles the omegaconf config and the tokenizer, so
     it is read with :mod:`dsl.models.restricted_unpickle`: only tensor-rebuild functions are resolved,
-    every other class or function becomes an inert placeholder, and no pickled code runs;
+    every other class or function becomes an inert stand-in object, and no pickled code runs;
   * a Hugging Face ``kuleshov-group/mdlm-owt`` directory (``config.json`` + ``model.safetensors`` or
     ``pytorch_model.bin``, read with ``weights_only=True``), or the hub id ``hf:kuleshov-group/mdlm-owt``;
   * a bare ``.safetensors`` state dict.

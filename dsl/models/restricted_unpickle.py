@@ -1,6 +1,6 @@
 """Reading a pickled checkpoint without running pickled code: an unpickler that resolves only tensor and
 container rebuild functions and turns every other class or function into an inert :class:`Unloaded`
-placeholder. MDLM's Lightning ``.ckpt`` pickles its omegaconf config and tokenizer next to the weights.
+stand-in. MDLM's Lightning ``.ckpt`` pickles its omegaconf config and tokenizer next to the weights.
 """
 
 from __future__ import annotations
