@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsl.sampling.nucleus import sort_top_p_filter, top_p_filter
+from dsl.sampling.nucleus import keys, sort_top_p_filter, top_p_filter
 
 torch.set_num_threads(1)
 
@@ -103,9 +103,9 @@ def test_broad_rows_are_decided_by_the_histogram_band_exactly(dtype, monkeypatch
     calls = {"band": 0, "reference": 0}
     band, reference = nucleus._band, nucleus._reference_rows
 
-    def spy_band(p, rows, targets):
-        calls["band"] += rows.numel()
-        return band(p, rows, targets)
+    def spy_band(p, targets):
+        calls["band"] += p.shape[0]
+        return band(p, targets)
 
     def spy_reference(p, *args):
         calls["reference"] += p.shape[0]
@@ -188,6 +188,17 @@ def test_broad_rows_list_only_their_band():
     total = res.probs.sum(-1)
     total[res.implicit.rows] += res.implicit.probs().sum(-1)
     assert torch.allclose(total, torch.ones(8, dtype=torch.float64), atol=1e-12)
+    # the implicit mass is the exact float64 sum of the implicitly kept probabilities, in id order
+    p = torch.softmax(logits, -1)[res.implicit.rows]
+    kept = keys(p) > res.implicit.threshold.unsqueeze(-1)
+    exact = torch.tensor([sum(map(float, row[k].double())) for row, k in zip(p, kept)], dtype=torch.float64)
+    assert torch.equal(res.implicit.mass, exact)
+    # ... and a draw inside it lands where the id-ordered cumulative mass crosses the target
+    cdf = (p.double() * kept).cumsum(-1) * res.implicit.scale.unsqueeze(-1)
+    target = 0.37 * res.implicit.mass * res.implicit.scale
+    token, prob = res.implicit.locate(target)
+    assert torch.equal(token, (cdf <= target.unsqueeze(-1)).sum(-1))
+    assert torch.equal(prob, p.double().gather(1, token.unsqueeze(-1)).squeeze(-1) * res.implicit.scale)
 
 
 def test_top_p_one_reports_the_nucleus_size_of_broad_rows():

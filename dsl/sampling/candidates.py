@@ -88,7 +88,7 @@ class NucleusCache:
         merged = torch.full_like(self.implicit, -1)
         if bool(keep.any()):
             old = self.implicit[keep]
-            parts.append(Implicit(old, self.store.p[old], self.store.threshold[old], self.store.scale[old]))
+            parts.append(self.store.select(old))
             merged[keep] = torch.arange(old.numel(), device=old.device)
             offset = old.numel()
         if store is not None:
@@ -99,15 +99,15 @@ class NucleusCache:
             parts.append(store)
         self.implicit = merged
         self.store = None if not parts else parts[0] if len(parts) == 1 else Implicit(
-            torch.cat([x.rows for x in parts]), torch.cat([x.p for x in parts]),
-            torch.cat([x.threshold for x in parts]), torch.cat([x.scale for x in parts]))
+            *(torch.cat([getattr(x, name) for x in parts]) for name in ("rows", "p", "threshold", "scale", "mass")))
 
     def top1(self) -> torch.Tensor:
         return self.best
 
     def draw(self, reveal: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(token, probability) at the revealed positions (row-major) by float64 inverse CDF with u: the
-        implicitly kept tokens of a row first (ids ascending), then its listed tokens."""
+        implicitly kept tokens of a row first (ids ascending), then its listed tokens. A broad row reads its
+        stored probabilities only when u lands among its implicit tokens (their mass is known)."""
         listed = self.probs[reveal]  # (R, K): only the rows that reveal pay for a cumulative sum
         cdf = listed.cumsum(-1)
         total = cdf[:, -1].clone()
@@ -115,18 +115,15 @@ class NucleusCache:
         index = self.implicit[reveal]
         broad = (index >= 0).nonzero().squeeze(-1)
         if broad.numel():
-            dense = self.store.probs(index[broad])  # (R', V): the implicitly kept tokens, renormalised
-            dense_cdf = dense.cumsum(-1)
-            implied[broad] = dense_cdf[:, -1]
-            total[broad] += dense_cdf[:, -1]
+            implied[broad] = self.store.mass[index[broad]] * self.store.scale[index[broad]]
+            total[broad] += implied[broad]
         target = u * total
-        token = self.ids[reveal].gather(-1, _search(cdf, target - implied).unsqueeze(-1)).squeeze(-1)
-        prob = listed.gather(-1, _search(cdf, target - implied).unsqueeze(-1)).squeeze(-1)
-        if broad.numel():
-            inside = target[broad] < implied[broad]
-            pick = _search(dense_cdf, target[broad])
-            token[broad] = torch.where(inside, pick, token[broad])
-            prob[broad] = torch.where(inside, dense.gather(-1, pick.unsqueeze(-1)).squeeze(-1), prob[broad])
+        column = _search(cdf, target - implied).unsqueeze(-1)
+        token = self.ids[reveal].gather(-1, column).squeeze(-1)
+        prob = listed.gather(-1, column).squeeze(-1)
+        inside = broad[target[broad] < implied[broad]]
+        if inside.numel():
+            token[inside], prob[inside] = self.store.select(index[inside]).locate(target[inside])
         return token, prob
 
 

@@ -68,7 +68,7 @@ def run_masked(denoiser: Denoiser, rule: Rule, cfg: SamplingConfig, gens: list[t
             rows = stale.nonzero().squeeze(-1)
             sub_masked, raw, kind = denoiser.masked_rows(draft[rows])  # one forward for the stale samples
             nfe[rows] += 1
-            nuc = top_p_filter(raw, cfg.top_p, cfg.diag_top_p, kind)
+            nuc = top_p_filter(raw, cfg.top_p, cfg.diag_top_p, kind, overwrite=True)  # raw: ours, unused after
             del raw
             cache.write(rows, sub_masked, nuc)
             stats[rows] = per_sample_means(sub_masked, nuc)

@@ -32,14 +32,18 @@ in any order). With ``top_p >= 1`` nothing is filtered and the rows are returned
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-_WINDOW = 64               # the topk width that decides rows with a narrow nucleus
+_CUT = 2.0 ** -6           # the window: tokens with p ≥ p_max·2^-6 ...
+_CUT_FLOOR = 2.0 ** -10    # ... and p ≥ 2^-10 (so at most 1,024 of them)
+_BROAD_ENTROPY = math.log(2 ** 7)  # rows above this entropy (nats) skip the window for the histogram band
 _KEY_MANTISSA = 4          # histogram bins: exponent and 4 mantissa bits, 1/16 of an octave wide
 _EXACT_FLOOR = 2.0 ** -30  # float32 probabilities from here up add exactly in float64 (below 1)
 _U64 = 2.0 ** -53          # unit roundoff of float64
+_BLOCK = 1 << 21           # elements per block of rows in the full-vocabulary passes (8 MB of float32)
 
 
 @dataclass
@@ -52,14 +56,31 @@ class Implicit:
     p: torch.Tensor          # (R, V) their probabilities (the rule's own values)
     threshold: torch.Tensor  # (R,) keys above it are kept
     scale: torch.Tensor      # (R,) float64: 1 / the kept mass of the row
+    mass: torch.Tensor       # (R,) float64: the exact sum of the implicitly kept probabilities (unscaled)
 
-    def probs(self, which: torch.Tensor | None = None) -> torch.Tensor:
-        """(R', V) float64: the renormalised probabilities of the implicitly kept tokens, 0 elsewhere."""
-        p, threshold, scale = ((self.p, self.threshold, self.scale) if which is None else
-                               (self.p[which], self.threshold[which], self.scale[which]))
-        kept = keys(p) > threshold.unsqueeze(-1)
-        return torch.where(kept, p.double() * scale.unsqueeze(-1), torch.zeros((), dtype=torch.float64,
-                                                                                device=p.device))
+    def select(self, which: torch.Tensor) -> Implicit:
+        return Implicit(self.rows[which], self.p[which], self.threshold[which], self.scale[which], self.mass[which])
+
+    def floor(self) -> torch.Tensor:
+        """(R,) the least probability kept implicitly: key > threshold ⟺ p ≥ it (keys never decrease with p)."""
+        int_dtype, shift, _ = _key_layout(self.p.dtype)
+        return ((self.threshold.to(int_dtype) + 1) << shift).view(self.p.dtype)
+
+    def probs(self) -> torch.Tensor:
+        """(R, V) float64: the renormalised probabilities of the implicitly kept tokens, 0 elsewhere."""
+        kept = self.p >= self.floor().unsqueeze(-1)
+        return self.p.double() * kept * self.scale.unsqueeze(-1)
+
+    def locate(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token, renormalised probability) per row: where the renormalised mass of the implicitly kept
+        tokens, added in id order, first exceeds ``target`` (R,) float64, which must be below
+        ``mass · scale``. The sums are those of the unscaled float64 probabilities (exact for float32
+        probabilities), the target divided by the scale."""
+        kept = self.p * (self.p >= self.floor().unsqueeze(-1)).to(self.p.dtype)
+        cdf = kept.cumsum(-1, dtype=torch.float64)
+        inside = torch.minimum(target / self.scale, torch.nextafter(self.mass, torch.zeros_like(self.mass)))
+        token = torch.searchsorted(cdf, inside.unsqueeze(-1), right=True).squeeze(-1)
+        return token, self.p.gather(1, token.unsqueeze(-1)).squeeze(-1).double() * self.scale
 
 
 @dataclass
@@ -141,13 +162,38 @@ def _decide(win: _Window, top_p: float | None, diag_p: float, exact_sums: bool
     return kept, size.double(), decided
 
 
-def _top_window(p: torch.Tensor, idx: torch.Tensor) -> _Window:
-    """The topk window re-sorted by (p desc, id asc): topk orders tied values arbitrarily."""
-    by_id = idx.sort(-1).values
-    vals, order = p.gather(1, by_id).double().sort(dim=-1, descending=True, stable=True)
-    beyond = vals[:, -1].clone() if idx.shape[1] < p.shape[1] else torch.full_like(vals[:, 0], -1.0)
-    return _Window(ids=by_id.gather(1, order), p=vals, base_mass=torch.zeros_like(vals[:, 0]),
-                   base_count=torch.zeros_like(by_id[:, 0]), beyond=beyond)
+def _pack(mask: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The True entries of each row of ``mask`` (r, V) as (ids, float64 values) (r, W), sorted as the
+    reference sorts them (p desc, then id; padding: id 0, value −1), W ≥ 1 the widest row.
+
+    Flat (row-major) indices and per-row segments: (row, column) indexing is several times slower here.
+    """
+    r_count, vocab, device = mask.shape[0], mask.shape[1], mask.device
+    flat = mask.view(-1).nonzero().squeeze(-1)  # ascending: each row's ids in id order
+    counts = torch.diff(torch.searchsorted(flat, torch.arange(r_count + 1, device=device) * vocab))
+    row_of = torch.repeat_interleave(torch.arange(r_count, device=device), counts)
+    width = max(int(counts.max()), 1) if r_count else 1
+    slot = torch.arange(flat.numel(), device=device) + torch.repeat_interleave(
+        torch.arange(r_count, device=device) * width - (counts.cumsum(0) - counts), counts)
+    ids = torch.zeros(r_count * width, dtype=torch.long, device=device)
+    ids.index_copy_(0, slot, flat - row_of * vocab)
+    vals = torch.full((r_count * width,), -1.0, dtype=torch.float64, device=device)
+    vals.index_copy_(0, slot, values.reshape(-1).index_select(0, flat).double())
+    vals, order = vals.view(r_count, width).sort(dim=-1, descending=True, stable=True)  # ties stay in id order
+    return ids.view(r_count, width).gather(1, order), vals
+
+
+def _candidates(p: torch.Tensor, max_prob: torch.Tensor) -> _Window:
+    """The tokens with p ≥ τ = max(p_max·2^-6, 2^-10) (at most 1,024 per row), in the reference's order.
+
+    Every other token has p < τ, so the window is a prefix of the reference's sorted row: a row whose
+    crossings lie in it (most steps: a sharp nucleus) is decided there.
+    """
+    tau = torch.clamp(max_prob * _CUT, min=_CUT_FLOOR).to(p.dtype)
+    ids, vals = _pack(p >= tau.unsqueeze(-1), p)
+    beyond = torch.nextafter(tau, torch.zeros_like(tau)).double()  # every token outside: p ≤ the float below τ
+    zero = torch.zeros(p.shape[0], dtype=torch.long, device=p.device)
+    return _Window(ids=ids, p=vals, base_mass=zero.double(), base_count=zero, beyond=beyond)
 
 
 def _key_layout(dtype: torch.dtype) -> tuple[torch.dtype, int, int]:
@@ -165,58 +211,36 @@ def keys(p: torch.Tensor) -> torch.Tensor:
     return p.view(int_dtype) >> shift
 
 
-@dataclass
-class _Band:
-    """Band windows of broad rows; every token with a key above ``top_key`` is kept (the base)."""
+def _band(p: torch.Tensor, targets: list[float]) -> tuple[_Window, torch.Tensor]:
+    """(window, threshold key) of broad rows ``p`` (r, V): the band of histogram bins (1/16 of an octave)
+    where the cumulative mass crosses ``targets``, after a base of every token in higher bins (all kept).
 
-    window: _Window
-    top_key: torch.Tensor  # (R,) the band's highest key
-    p: torch.Tensor        # (R, V) the rows' probabilities
-
-
-def _band(p: torch.Tensor, rows: torch.Tensor, targets: list[float]) -> _Band:
-    """The band of ``rows`` where the cumulative mass crosses ``targets``, proposed by one histogram.
-
-    Flat (row-major) indices and per-row segments throughout: (row, column) indexing is several times
-    slower at this size.
+    The bin masses are float64 sums: exact for float32 probabilities ≥ 2^-30 (multiples of 2^-53, so
+    every partial sum below 1 is exact in any order), so the base's mass is the reference's own sum.
     """
-    r_count, vocab, device = rows.numel(), p.shape[1], p.device
-    sub = p if r_count == p.shape[0] else p[rows]
-    int_dtype, shift, n_bins = _key_layout(sub.dtype)
-    key = keys(sub)
+    r_count, device = p.shape[0], p.device
+    int_dtype, shift, n_bins = _key_layout(p.dtype)
+    key = keys(p)
     key += (torch.arange(r_count, dtype=int_dtype, device=device) * n_bins).unsqueeze(-1)  # row r: bins [r·n, r·n + n)
-    # float64 bin masses: exact for float32 probabilities ≥ 2^-30 (the only ones the decisions add)
-    flat_key = key.view(-1)
-    hist = torch.bincount(flat_key, weights=sub.reshape(-1).double(), minlength=r_count * n_bins)
-    above = hist.view(r_count, n_bins).flip(-1).cumsum(-1).flip(-1)  # mass of the bins ≥ j
+    flat = key.view(-1)
+    hist = torch.bincount(flat, weights=p.reshape(-1).double(), minlength=r_count * n_bins).view(r_count, n_bins)
+    count = torch.bincount(flat, minlength=r_count * n_bins).view(r_count, n_bins)
+    above = hist.flip(-1).cumsum(-1).flip(-1)  # mass of the bins ≥ j
     band_top = (above > min(targets)).sum(-1) - 1  # the highest bin that the first crossing may lie in
     band_bottom = ((above > max(targets)).sum(-1) - 1).clamp(min=0)  # ... and the last one
-    take_above = (band_top + 1).clamp(max=n_bins - 1).unsqueeze(-1)
-    base_mass = torch.where(band_top + 1 < n_bins, above.gather(1, take_above).squeeze(-1), 0.0)
-    count_above = torch.bincount(flat_key, minlength=r_count * n_bins).view(r_count, n_bins)
-    count_above = count_above.flip(-1).cumsum(-1).flip(-1)
-    base_counts = torch.where(band_top + 1 < n_bins, count_above.gather(1, take_above).squeeze(-1), 0)
+    higher = (band_top + 1).clamp(max=n_bins - 1).unsqueeze(-1)
+    has_base = band_top + 1 < n_bins
+    base_mass = torch.where(has_base, above.gather(1, higher).squeeze(-1), 0.0)
+    base_count = torch.where(has_base, count.flip(-1).cumsum(-1).flip(-1).gather(1, higher).squeeze(-1), 0)
     offset = torch.arange(r_count, device=device) * n_bins
-    in_band = (key >= (band_bottom + offset).to(int_dtype).unsqueeze(-1))
+    in_band = key >= (band_bottom + offset).to(int_dtype).unsqueeze(-1)
     in_band &= key <= (band_top + offset).to(int_dtype).unsqueeze(-1)
-    del key, flat_key
-    row_start = torch.arange(r_count + 1, device=device) * vocab
-    band_flat = in_band.view(-1).nonzero().squeeze(-1)
-    band_counts = torch.diff(torch.searchsorted(band_flat, row_start))
-    band_rows = torch.repeat_interleave(torch.arange(r_count, device=device), band_counts)
-    width = max(int(band_counts.max()), 1)
-    slot = torch.arange(band_flat.numel(), device=device) + torch.repeat_interleave(
-        torch.arange(r_count, device=device) * width - (band_counts.cumsum(0) - band_counts), band_counts)
-    ids = torch.zeros(r_count * width, dtype=torch.long, device=device)
-    ids.index_copy_(0, slot, band_flat - band_rows * vocab)
-    vals = torch.full((r_count * width,), -1.0, dtype=torch.float64, device=device)
-    vals.index_copy_(0, slot, sub.reshape(-1).index_select(0, band_flat).double())
-    vals, order = vals.view(r_count, width).sort(dim=-1, descending=True, stable=True)  # ties stay in id order
+    del key, flat
+    ids, vals = _pack(in_band, p)
     # everything below the band lies in lower bins: strictly less probable than every band token
-    window = _Window(ids=ids.view(r_count, width).gather(1, order), p=vals, base_mass=base_mass,
-                     base_count=base_counts,
+    window = _Window(ids=ids, p=vals, base_mass=base_mass, base_count=base_count,
                      beyond=torch.full((r_count,), -1.0, dtype=torch.float64, device=device))
-    return _Band(window, band_top.to(int_dtype), sub)
+    return window, band_top.to(int_dtype)
 
 
 def _reference_rows(p: torch.Tensor, top_p: float | None, diag_p: float
@@ -232,16 +256,37 @@ def _reference_rows(p: torch.Tensor, top_p: float | None, diag_p: float
     return idx, vals * keep, keep.sum(-1), size
 
 
-TOP, BAND, REFERENCE = 0, 1, 2
+def _row_blocks(n: int, vocab: int) -> list[tuple[int, int]]:
+    """Row ranges of about ``_BLOCK`` elements: every full-vocabulary pass runs block by block, so a
+    block's temporaries stay cache-sized and are reused instead of paging in fresh (N, V) buffers."""
+    step = max(1, _BLOCK // max(vocab, 1))
+    return [(i, min(i + step, n)) for i in range(0, n, step)]
 
 
-def top_p_filter(rows: torch.Tensor, top_p: float, diag_p: float = 0.9, kind: str = "probs") -> Nucleus:
+TOP, BAND, REFERENCE = 0, 1, 2  # how a row was decided
+
+
+@dataclass
+class _Decided:
+    """Rows settled by one kind of window: global row ids, their window, and (band rows) threshold keys."""
+
+    rows: torch.Tensor
+    window: _Window
+    threshold: torch.Tensor | None = None
+
+
+def top_p_filter(rows: torch.Tensor, top_p: float, diag_p: float = 0.9, kind: str = "probs",
+                 overwrite: bool = False) -> Nucleus:
     """Apply the official top-p rule to each row of ``rows`` (N, V).
 
     ``kind="probs"``: non-negative rows (any float dtype; normalised here in float64). ``kind="logits"``:
     finite logits (a masked-out id should carry a large negative finite value, e.g. −1e30, not −inf, or
     the entropy of that row is NaN); p = softmax in their own precision. ``diag_p`` only sets the
-    nucleus-size statistic.
+    nucleus-size statistic. ``overwrite=True`` lets logits rows be replaced by their probabilities (the
+    samplers hand over a forward's output they no longer need: no second (N, V) buffer to page in).
+
+    One pass over the rows, block by block (each block's softmax, statistics, window and band while it is
+    in cache); rows neither window nor band decides go to the reference sort at the end.
     """
     n, vocab = rows.shape
     device = rows.device
@@ -252,55 +297,80 @@ def top_p_filter(rows: torch.Tensor, top_p: float, diag_p: float = 0.9, kind: st
                        entropy=empty, kept=none, top1=none)
     filter_p = top_p if top_p < 1.0 else None
     targets = [diag_p] + ([filter_p] if filter_p is not None else [])
-    if kind == "logits":
-        p = torch.softmax(rows, dim=-1)  # (N, V): the one exp pass over the vocabulary
-        vals, idx = p.topk(min(_WINDOW, vocab), dim=-1, sorted=True)
-        max_prob = vals[:, 0].double()
-        log_z = rows.gather(-1, idx[:, :1]).squeeze(-1).double() - max_prob.log()  # lse = l_max − log p_max
-        dot = torch.bmm(p.unsqueeze(1), rows.unsqueeze(-1)).reshape(n).double()  # Σ_v p_v l_v
-        entropy = log_z - dot  # H = log Z − Σ p l
+    logits = kind == "logits"
+    if logits:
+        p = rows if overwrite else torch.empty_like(rows)
     else:
         p = rows.double() / rows.sum(-1, keepdim=True, dtype=torch.float64)
-        vals, idx = p.topk(min(_WINDOW, vocab), dim=-1, sorted=True)
-        max_prob = vals[:, 0].clone()
-        entropy = torch.special.entr(p).sum(-1)
     exact_sums = p.dtype == torch.float32
 
     kept = torch.ones(n, dtype=torch.long, device=device)
     size = torch.zeros(n, dtype=torch.float64, device=device)
     source = torch.full((n,), REFERENCE, dtype=torch.long, device=device)
+    max_prob = torch.empty(n, dtype=p.dtype, device=device)
+    top1 = torch.empty(n, dtype=torch.long, device=device)
+    entropy = torch.empty(n, dtype=torch.float64, device=device)
+    decided: dict[int, list[_Decided]] = {TOP: [], BAND: []}
+    blocks = _row_blocks(n, vocab)
+    scratch = torch.empty(blocks[0][1] - blocks[0][0], vocab, dtype=p.dtype, device=device) if logits else None
 
-    def settle(rows_s, k, s, ok, how):
-        kept[rows_s[ok]], size[rows_s[ok]], source[rows_s[ok]] = k[ok], s[ok], how
+    def settle(block_rows, win, how, threshold=None):
+        k, s, ok = _decide(win, filter_p, diag_p, exact_sums)
+        kept[block_rows[ok]], size[block_rows[ok]], source[block_rows[ok]] = k[ok], s[ok], how
+        if bool(ok.any()):
+            decided[how].append(_Decided(block_rows[ok], win.select(ok),
+                                         None if threshold is None else threshold[ok]))
         return ok
 
-    all_rows = torch.arange(n, device=device)
-    top = _top_window(p, idx)
-    ok = settle(all_rows, *_decide(top, filter_p, diag_p, exact_sums), TOP)
-    broad, band = all_rows[~ok], None
-    if broad.numel():
-        band = _band(p, broad, targets)
-        settle(broad, *_decide(band.window, filter_p, diag_p, exact_sums), BAND)
-    last = all_rows[source == REFERENCE]
+    for i, j in blocks:
+        block_rows = torch.arange(i, j, device=device)
+        if logits:
+            block, probs = rows[i:j], scratch[: j - i]
+            torch.ops.aten._softmax.out(block, -1, False, out=probs)
+            log_z = block.amax(-1).double()  # l_max; lse = l_max − log p_max below
+            # Σ_v p_v l_v: one BLAS dot per row is several times faster than a batched (1, V)·(V, 1) bmm
+            dot = torch.stack([torch.dot(q, l) for q, l in zip(probs, block)]).double()
+        else:
+            probs = p[i:j]
+        torch.amax(probs, -1, out=max_prob[i:j])
+        if logits:
+            entropy[i:j] = log_z - max_prob[i:j].double().log() - dot  # H = log Z − Σ p l
+            p[i:j].copy_(probs)
+        else:
+            entropy[i:j] = torch.special.entr(probs).sum(-1)
+        # a row whose entropy exceeds log(2^7) has a nucleus too broad for the window (speed only: a row
+        # the window does not decide goes to the band anyway)
+        narrow = (entropy[i:j] <= _BROAD_ENTROPY).nonzero().squeeze(-1)
+        rest = torch.ones(j - i, dtype=torch.bool, device=device)
+        top1[i:j] = -1
+        if narrow.numel():
+            window = _candidates(probs if narrow.numel() == j - i else probs[narrow], max_prob[i:j][narrow])
+            # the window holds every token with p ≥ p_max when p_max ≥ 2^-10: its first is the top-1
+            has_top = window.p[:, 0] == max_prob[i:j][narrow].double()
+            top1[i + narrow[has_top]] = window.ids[has_top, 0]
+            rest[narrow[settle(block_rows[narrow], window, TOP)]] = False
+        lone = (top1[i:j] < 0).nonzero().squeeze(-1)
+        if lone.numel():  # the first (lowest) id among the most probable
+            top1[i + lone] = probs[lone].argmax(-1)
+        if bool(rest.any()):
+            broad = rest.nonzero().squeeze(-1)
+            window, threshold = _band(probs if broad.numel() == j - i else probs[broad], targets)
+            settle(block_rows[broad], window, BAND, threshold)
+    last = (source == REFERENCE).nonzero().squeeze(-1)
     ref = None
     if last.numel():  # the last resort: the reference sort itself
         ref = _reference_rows(p[last].double(), filter_p, diag_p)
         kept[last], size[last] = ref[2], ref[3]
 
-    # the top-1 (lowest id among the most probable) is the window's first unless ties fill the whole window
-    top1 = top.ids[:, 0].clone()
-    crowded = (top.beyond >= 0) & (top.p[:, 0] == top.p[:, -1])
-    if crowded.any():
-        top1[crowded] = p[crowded].argmax(-1)
-    stats = dict(max_prob=max_prob, nucleus_size=size, entropy=entropy, top1=top1)
+    stats = dict(max_prob=max_prob.double(), nucleus_size=size, entropy=entropy, top1=top1)
     if filter_p is None:
         return Nucleus(ids=torch.arange(vocab, device=device).expand(n, vocab), probs=p.double(),
                        kept=torch.full((n,), vocab, dtype=torch.long, device=device), **stats)
-    return _assemble(p, kept, source, top, broad, band, last, ref, stats)
+    return _assemble(p, kept, decided, last, ref, stats)
 
 
-def _assemble(p: torch.Tensor, kept: torch.Tensor, source: torch.Tensor, top: _Window, broad: torch.Tensor,
-              band: _Band | None, last: torch.Tensor, ref, stats: dict) -> Nucleus:
+def _assemble(p: torch.Tensor, kept: torch.Tensor, decided: dict[int, list[_Decided]], last: torch.Tensor,
+              ref, stats: dict) -> Nucleus:
     """The listed ids (window rows: all kept; band rows: the band's kept part; sorted rows: the kept part
     of the last kept token's bin) with renormalised probabilities, and the implicit rows."""
     n, device = p.shape[0], p.device
@@ -313,21 +383,18 @@ def _assemble(p: torch.Tensor, kept: torch.Tensor, source: torch.Tensor, top: _W
         sums = values.clamp(min=0).cumsum(-1).gather(1, (count - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1)
         return torch.where(count > 0, sums, torch.zeros_like(sums))
 
-    from_top = (source == TOP).nonzero().squeeze(-1)
-    win = top.select(source == TOP)
-    listed[from_top] = kept[from_top]
-    mass[from_top] = prefix_sum(win.p, kept[from_top])
-    windows.append((from_top, win.ids, win.p))
+    for part in decided[TOP]:
+        listed[part.rows] = kept[part.rows]
+        mass[part.rows] = prefix_sum(part.window.p, kept[part.rows])
+        windows.append((part.rows, part.window.ids, part.window.p))
     implicit = []  # (rows, probabilities, threshold)
-    if band is not None:
-        local = source[broad] == BAND
-        rows_b = broad[local]
-        win = band.window.select(local)
-        take = kept[rows_b] - win.base_count
-        listed[rows_b] = take
-        mass[rows_b] = win.base_mass + prefix_sum(win.p, take)
-        windows.append((rows_b, win.ids, win.p))
-        implicit.append((rows_b, band.p if bool(local.all()) else band.p[local], band.top_key[local]))
+    for part in decided[BAND]:
+        win = part.window
+        take = kept[part.rows] - win.base_count
+        listed[part.rows] = take
+        mass[part.rows] = win.base_mass + prefix_sum(win.p, take)
+        windows.append((part.rows, win.ids, win.p))
+        implicit.append((part.rows, part.threshold, win.base_mass))
     if ref is not None:  # sorted rows: everything above the last kept token's bin is implicit
         ref_ids, ref_p = ref[0], ref[1]
         k = kept[last]
@@ -338,7 +405,7 @@ def _assemble(p: torch.Tensor, kept: torch.Tensor, source: torch.Tensor, top: _W
         first[last] = k - listed[last]
         mass[last] = prefix_sum(ref_p, k)
         windows.append((last, ref_ids, ref_p))
-        implicit.append((last, p[last], threshold.squeeze(-1)))
+        implicit.append((last, threshold.squeeze(-1), prefix_sum(ref_p, first[last])))
 
     width = max(int(listed.max()), 1)
     out_ids = torch.zeros(n, width, dtype=torch.long, device=device)
@@ -351,8 +418,9 @@ def _assemble(p: torch.Tensor, kept: torch.Tensor, source: torch.Tensor, top: _W
     imp = None
     if implicit:
         rows = torch.cat([r for r, _, _ in implicit])
-        imp = Implicit(rows=rows, p=implicit[0][1] if len(implicit) == 1 else torch.cat([x for _, x, _ in implicit]),
-                       threshold=torch.cat([t for _, _, t in implicit]), scale=1.0 / mass[rows])
+        every = rows.numel() == n and bool((rows == torch.arange(n, device=device)).all())
+        imp = Implicit(rows=rows, p=p if every else p[rows], threshold=torch.cat([t for _, t, _ in implicit]),
+                       scale=1.0 / mass[rows], mass=torch.cat([m for _, _, m in implicit]))
     return Nucleus(ids=out_ids, probs=out_p, kept=kept, implicit=imp, **stats)
 
 
