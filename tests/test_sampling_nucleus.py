@@ -196,7 +196,7 @@ def test_broad_rows_list_only_their_band():
     # ... and a draw inside it lands where the id-ordered cumulative mass crosses the target
     cdf = (p.double() * kept).cumsum(-1) * res.implicit.scale.unsqueeze(-1)
     target = 0.37 * res.implicit.mass * res.implicit.scale
-    token, prob = res.implicit.locate(target)
+    token, prob = res.implicit.locate(target, torch.arange(8))
     assert torch.equal(token, (cdf <= target.unsqueeze(-1)).sum(-1))
     assert torch.equal(prob, p.double().gather(1, token.unsqueeze(-1)).squeeze(-1) * res.implicit.scale)
 

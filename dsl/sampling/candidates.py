@@ -123,7 +123,7 @@ class NucleusCache:
         prob = listed.gather(-1, column).squeeze(-1)
         inside = broad[target[broad] < implied[broad]]
         if inside.numel():
-            token[inside], prob[inside] = self.store.select(index[inside]).locate(target[inside])
+            token[inside], prob[inside] = self.store.locate(target[inside], index[inside])
         return token, prob
 
 

@@ -39,6 +39,7 @@ import torch
 
 _CUT = 2.0 ** -6           # the window: tokens with p ≥ p_max·2^-6 ...
 _CUT_FLOOR = 2.0 ** -10    # ... and p ≥ 2^-10 (so at most 1,024 of them)
+_CHUNK = 512              # ids per chunk when a draw searches a broad row's implicit mass
 _BROAD_ENTROPY = math.log(2 ** 7)  # rows above this entropy (nats) skip the window for the histogram band
 _KEY_MANTISSA = 4          # histogram bins: exponent and 4 mantissa bits, 1/16 of an octave wide
 _EXACT_FLOOR = 2.0 ** -30  # float32 probabilities from here up add exactly in float64 (below 1)
@@ -71,16 +72,31 @@ class Implicit:
         kept = self.p >= self.floor().unsqueeze(-1)
         return self.p.double() * kept * self.scale.unsqueeze(-1)
 
-    def locate(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(token, renormalised probability) per row: where the renormalised mass of the implicitly kept
-        tokens, added in id order, first exceeds ``target`` (R,) float64, which must be below
-        ``mass · scale``. The sums are those of the unscaled float64 probabilities (exact for float32
-        probabilities), the target divided by the scale."""
-        kept = self.p * (self.p >= self.floor().unsqueeze(-1)).to(self.p.dtype)
-        cdf = kept.cumsum(-1, dtype=torch.float64)
-        inside = torch.minimum(target / self.scale, torch.nextafter(self.mass, torch.zeros_like(self.mass)))
-        token = torch.searchsorted(cdf, inside.unsqueeze(-1), right=True).squeeze(-1)
-        return token, self.p.gather(1, token.unsqueeze(-1)).squeeze(-1).double() * self.scale
+    def locate(self, target: torch.Tensor, which: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token, renormalised probability) for rows ``which``: where the renormalised mass of the
+        implicitly kept tokens, added in id order, first exceeds ``target`` (R',) float64, which must be
+        below ``mass · scale``. The sums are those of the unscaled float64 probabilities (exact for float32
+        probabilities), the target divided by the scale: first over chunks of ``_CHUNK`` ids, then inside
+        the one chunk that crosses (no cumulative sum over the whole vocabulary); rows block by block."""
+        vocab, device = self.p.shape[1], self.p.device
+        n_chunks = -(-vocab // _CHUNK)
+        scale, mass = self.scale[which], self.mass[which]
+        inside = torch.minimum(target / scale, torch.nextafter(mass, torch.zeros_like(mass)))
+        floor = self.floor()[which].unsqueeze(-1)
+        token = torch.empty(which.shape[0], dtype=torch.long, device=device)
+        blocks = _row_blocks(which.shape[0], vocab)
+        kept = torch.zeros(blocks[0][1] if blocks else 0, n_chunks * _CHUNK, dtype=self.p.dtype, device=device)
+        for i, j in blocks:
+            rows, part = self.p[which[i:j]], kept[: j - i]
+            torch.mul(rows, rows >= floor[i:j], out=part[:, :vocab])
+            chunks = part.view(j - i, n_chunks, _CHUNK)
+            before = chunks.sum(-1, dtype=torch.float64).cumsum(-1)  # mass of the chunks ≤ c
+            chunk = torch.searchsorted(before, inside[i:j].unsqueeze(-1), right=True).clamp(max=n_chunks - 1)
+            start = torch.where(chunk > 0, before.gather(1, (chunk - 1).clamp(min=0)), 0.0)
+            cdf = start + chunks.gather(1, chunk.unsqueeze(-1).expand(-1, -1, _CHUNK)).squeeze(1).double().cumsum(-1)
+            token[i:j] = chunk.squeeze(-1) * _CHUNK + torch.searchsorted(
+                cdf, inside[i:j].unsqueeze(-1), right=True).squeeze(-1)
+        return token, self.p[which, token].double() * scale
 
 
 @dataclass
