@@ -207,3 +207,11 @@ def test_top_p_one_reports_the_nucleus_size_of_broad_rows():
     _, size, _ = _reference(logits, 0.9, 0.9, "logits")
     assert torch.equal(res.nucleus_size, size)
     assert torch.equal(res.dense(8000), torch.softmax(logits, -1).double())
+
+
+@pytest.mark.parametrize("size,density", [(0, 0.5), (7, 0.5), (8, 1.0), (1001, 0.01), (4096, 0.3), (333, 0.0)])
+def test_true_positions_match_nonzero(size, density):
+    from dsl.sampling.nucleus import _true_positions
+
+    flags = torch.rand(size, generator=torch.Generator().manual_seed(size)) < density
+    assert torch.equal(_true_positions(flags), flags.nonzero().squeeze(-1))

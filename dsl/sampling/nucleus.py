@@ -10,16 +10,20 @@ sums and comparisons in float64. The reference is that rule through one stable f
 (:func:`sort_top_p_filter` on ``p.double()``); :func:`top_p_filter` returns **exactly** its kept set, ties
 and boundary cases included, without sorting the vocabulary:
 
-1. one ``topk`` of width 64: a row whose crossings lie in that window (most steps) is decided from the
-   window's float64 cumulative sums;
-2. a broad row (the first steps, nucleus ~10^4 in Table 6) gets one histogram of its probabilities over
-   bins of 1/16 of an octave (the float bits' exponent and 4 mantissa bits, one ``bincount``). The bins
-   whose cumulative mass crosses p form a band of a few hundred tokens; every token above the band is
-   kept, and only the band is sorted;
+1. the window: every token with p ≥ τ = max(p_max·2^-6, 2^-10) (at most 1,024; every other token is
+   lighter, so the window is a prefix of the sorted row). A row whose crossings lie in it (most steps) is
+   decided from the window's float64 cumulative sums;
+2. a broad row (the first steps, nucleus ~10^4 in Table 6; rows of entropy above log 2^7 go straight
+   here) gets one histogram of its probabilities over bins of 1/16 of an octave (the float bits' exponent
+   and 4 mantissa bits, one ``bincount``). The bins whose cumulative mass crosses p form a band of a few
+   hundred tokens; every token above the band is kept, and only the band is sorted;
 3. the sums agree with the reference's bit for bit: float32 probabilities ≥ 2^-30 are multiples of 2^-53,
    so every float64 partial sum below 1 is exact in any order. A row whose decisions would involve smaller
    probabilities (or float64 rows whose sums round: a cumulative sum within the summation's error bound of
    p) is handed to the reference sort.
+
+All of it runs block by block of rows (~2^21 elements): each block's softmax, statistics, window and band
+while it is in cache, with the block's probabilities written over its logits when the caller allows it.
 
 The statistics come from the same passes: max p, the entropy H = log Z − Σ_v p_v l_v with
 log Z = l_max − log p_max, and k_t = the smallest set with mass ≥ ``diag_p`` (Sec 7.4).
@@ -178,6 +182,17 @@ def _decide(win: _Window, top_p: float | None, diag_p: float, exact_sums: bool
     return kept, size.double(), decided
 
 
+def _true_positions(flags: torch.Tensor) -> torch.Tensor:
+    """Ascending positions of the True entries of a contiguous 1-D bool tensor. The masks here are sparse
+    (a window, a band), so the scan reads them as 64-bit words (8 flags at a time) and only opens the
+    words that hold a True: about 8× less to scan than ``nonzero`` over the flags."""
+    body = flags.numel() - flags.numel() % 8
+    words = flags[:body].view(torch.int64).nonzero().squeeze(-1)
+    within = flags[:body].view(-1, 8)[words].nonzero()  # (word, flag) pairs in ascending order
+    tail = flags[body:].nonzero().squeeze(-1) + body
+    return torch.cat([words[within[:, 0]] * 8 + within[:, 1], tail])
+
+
 def _pack(mask: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The True entries of each row of ``mask`` (r, V) as (ids, float64 values) (r, W), sorted as the
     reference sorts them (p desc, then id; padding: id 0, value −1), W ≥ 1 the widest row.
@@ -185,7 +200,7 @@ def _pack(mask: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch
     Flat (row-major) indices and per-row segments: (row, column) indexing is several times slower here.
     """
     r_count, vocab, device = mask.shape[0], mask.shape[1], mask.device
-    flat = mask.view(-1).nonzero().squeeze(-1)  # ascending: each row's ids in id order
+    flat = _true_positions(mask.view(-1))  # ascending: each row's ids in id order
     counts = torch.diff(torch.searchsorted(flat, torch.arange(r_count + 1, device=device) * vocab))
     row_of = torch.repeat_interleave(torch.arange(r_count, device=device), counts)
     width = max(int(counts.max()), 1) if r_count else 1
@@ -366,8 +381,11 @@ def top_p_filter(rows: torch.Tensor, top_p: float, diag_p: float = 0.9, kind: st
             top1[i + narrow[has_top]] = window.ids[has_top, 0]
             rest[narrow[settle(block_rows[narrow], window, TOP)]] = False
         lone = (top1[i:j] < 0).nonzero().squeeze(-1)
-        if lone.numel():  # the first (lowest) id among the most probable
-            top1[i + lone] = probs[lone].argmax(-1)
+        if lone.numel():  # the first (lowest) id among the most probable: a sparse scan, cheaper than argmax
+            top = probs if lone.numel() == j - i else probs[lone]
+            at_max = _true_positions((top == max_prob[i:j][lone].unsqueeze(-1)).view(-1))
+            starts = torch.arange(lone.numel(), device=device) * vocab
+            top1[i + lone] = at_max[torch.searchsorted(at_max, starts)] - starts
         if bool(rest.any()):
             broad = rest.nonzero().squeeze(-1)
             window, threshold = _band(probs if broad.numel() == j - i else probs[broad], targets)
