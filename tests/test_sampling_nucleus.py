@@ -215,3 +215,32 @@ def test_true_positions_match_nonzero(size, density):
 
     flags = torch.rand(size, generator=torch.Generator().manual_seed(size)) < density
     assert torch.equal(_true_positions(flags), flags.nonzero().squeeze(-1))
+
+
+def test_blocks_and_overwrite_give_the_same_result_as_one_pass(monkeypatch):
+    from dsl.sampling import nucleus
+
+    logits = _zipf_logits(23, 3000, 1.0, seed=4)
+    logits[::3] *= 6.0  # sharp rows between broad ones, in every block
+    logits[5] = 0.0  # a uniform row: p_max < 2^-10, an empty window
+    whole = _assert_exact(logits, 0.9)
+    monkeypatch.setattr(nucleus, "_BLOCK", 4 * 3000)  # blocks of 4 rows, the last one short
+    buffer = logits.clone()
+    blocked = top_p_filter(buffer, 0.9, kind="logits", overwrite=True)
+    assert torch.equal(blocked.dense(3000), whole.dense(3000))
+    for name in ("kept", "top1", "nucleus_size", "max_prob", "entropy"):
+        assert torch.equal(getattr(blocked, name), getattr(whole, name)), name
+    assert torch.equal(buffer, torch.softmax(logits, -1))  # the logits' buffer now holds p
+
+
+def test_a_high_entropy_row_with_a_small_nucleus_is_still_exact():
+    # 100 tokens hold 0.92 of the mass, the rest is spread thin over 30,000: entropy above log 2^7, so the
+    # row skips the window, yet its nucleus is small; the band decides it exactly
+    vocab = 30_000
+    probs = torch.full((2, vocab), 0.08 / (vocab - 100), dtype=torch.float64)
+    probs[:, :100] = 0.92 / 100
+    logits = probs.log().float()
+    logits[1, 7] += 0.1  # and one row with a distinct top-1
+    res = _assert_exact(logits, 0.9)
+    assert (res.entropy > torch.log(torch.tensor(2.0 ** 7))).all()
+    assert (res.kept <= 100).all() and res.top1.tolist() == [0, 7]
