@@ -221,7 +221,10 @@ def _candidates(p: torch.Tensor, max_prob: torch.Tensor) -> _Window:
     crossings lie in it (most steps: a sharp nucleus) is decided there.
     """
     tau = torch.clamp(max_prob * _CUT, min=_CUT_FLOOR).to(p.dtype)
-    ids, vals = _pack(p >= tau.unsqueeze(-1), p)
+    # one compare with a scalar (twice as fast as a per-row column) finds a superset, trimmed per row after
+    ids, vals = _pack(p >= tau.min(), p)
+    outside = vals < tau.double().unsqueeze(-1)
+    ids, vals = ids.masked_fill(outside, 0), vals.masked_fill(outside, -1.0)
     beyond = torch.nextafter(tau, torch.zeros_like(tau)).double()  # every token outside: p ≤ the float below τ
     zero = torch.zeros(p.shape[0], dtype=torch.long, device=p.device)
     return _Window(ids=ids, p=vals, base_mass=zero.double(), base_count=zero, beyond=beyond)
