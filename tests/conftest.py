@@ -32,6 +32,13 @@ import pytest
 # ray is imported anywhere in the session (see dsl.service.local_cluster.LOOPBACK_ENV).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# One torch/OpenMP thread for this process and every process it starts (jobs, ray start and so Ray's workers),
+# set before torch is imported: the tests' tensors are small, and on 2 shared cores (the Ray nodes and servers
+# of these fixtures run alongside) a second spin-waiting thread made them many times slower (an HMM-oracle
+# draw, 8 samples of L=16 at T=8: 0.4 s with one thread, 5 s with two). Code that sets its own count
+# (Ray Train workers, MAUVE actors, a test's torch.set_num_threads) still does.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 PG_ADMIN = dict(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
