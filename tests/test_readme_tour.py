@@ -27,13 +27,17 @@ REPO = Path(__file__).resolve().parents[1]
 SMOKE = {
     "jobs/finetune.py": ["train.steps=4", "train.batch_size=4", "train.eval_every=2", "train.ckpt_every=2",
                          "train.eval_batches=1", "train.log_every=1"],
-    "jobs/sample.py": ["sampling.num_samples=8"],
+    # T=8 for every sample command (the README's T=256 oracle draw alone took minutes); the search below
+    # tunes the same T, so the last command still reads its η_cap at a budget the table holds
+    "jobs/sample.py": ["sampling.num_samples=8", "sampling.steps=8"],
     "jobs/evaluate.py": ["eval.mauve_seeds=25", "eval.num_buckets=2", "eval.batches=1", "eval.batch_size=2",
                          "eval.n_mc=2", "eval.max_sequences=2", "eval.snr=70,100"],
-    "tune/eta_cap_search.py": ["search.budgets=32", "search.trials=2", "sampling.num_samples=8", "search.min_samples=8",
+    "tune/eta_cap_search.py": ["search.budgets=8", "search.trials=2", "sampling.num_samples=8", "search.min_samples=8",
                                "eval.references=8", "eval.mauve_seeds=25"],
     "-m dsl.verify": ["n=2", "n_mc=4"],
 }
+# Appended to the MLflow UI command: one server worker (the default four each import MLflow's server stack).
+SMOKE_UI = ["--workers", "1"]
 
 
 def tour_commands(readme: str) -> list[str]:
@@ -114,7 +118,7 @@ def test_the_tour_runs_as_written_in_order_on_a_fresh_copy(tmp_path):
     assert not (repo / "runs" / "_ray").exists()   # Ray's run state is not left in the working directory
 
     port = _free_port()
-    server = subprocess.Popen(["bash", "-c", f"{ui} --port {port}"], cwd=repo, env=env,
+    server = subprocess.Popen(["bash", "-c", " ".join([ui, *SMOKE_UI, "--port", str(port)])], cwd=repo, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 180
