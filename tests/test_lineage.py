@@ -154,11 +154,12 @@ def test_a_job_stopped_by_a_signal_is_marked_killed(mlflow_server, tmp_path, sig
     experiment = f"stop-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, **mlflow_server.env, "PYTHONPATH": str(REPO)}
     out = tmp_path / "s.jsonl"
-    # sized to take minutes: it is stopped long before it could finish
+    # sized to take minutes in many cheap steps (a small batch, every step a denoiser call: sampling.cache=false),
+    # so it is stopped long before it could finish and the signal is handled between two short steps
     proc = subprocess.Popen([sys.executable, str(REPO / "jobs/sample.py"), "checkpoint=oracle:hmm", "sampler=mdlm",
-                             "sampling.steps=4000", "sampling.num_samples=64", "sampling.length=64", f"out={out}",
-                             f"experiment={experiment}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                             "sampling.steps=4000", "sampling.cache=false", "sampling.num_samples=4",
+                             "sampling.length=16", f"out={out}", f"experiment={experiment}"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         client = mlflow.MlflowClient(mlflow_server.tracking_uri)
         run = _wait_for_running_run(client, experiment, proc)
