@@ -188,7 +188,8 @@ def test_killed_search_continues_without_duplicates(ray_cluster, tmp_path):
 
 
 def test_same_seed_storage_free_search_repeats_its_choice(ray_cluster, tmp_path):
-    args = ["budgets=8,16", "trials=3", "search.asha=false", "sampling.num_samples=8", "search.max_concurrent=1",
+    # one budget: each budget's study is seeded on its own (derive_seed(seed, "tpe", T, stored))
+    args = ["budgets=8", "trials=3", "search.asha=false", "sampling.num_samples=8", "search.max_concurrent=1",
             "search.study_db=none", "service.mlflow=off"]
     first = _run_search(ray_cluster, args + ["seed=7", f"out={tmp_path / 'a'}"])
     second = _run_search(ray_cluster, args + ["seed=7", f"out={tmp_path / 'b'}"])
@@ -198,18 +199,23 @@ def test_same_seed_storage_free_search_repeats_its_choice(ray_cluster, tmp_path)
     assert other["table"] != first["table"]
 
 
-def test_emitted_table_and_rule_drive_the_sampler_per_steps(small_search, tmp_path):
+def test_emitted_table_and_rule_drive_the_sampler_per_steps(small_search, tmp_path, capsys):
+    """jobs/sample.py's entry (dsl.cli.main) in this process, one interpreter start instead of four; the
+    script reads a searched table as users run it in tests/test_readme_tour.py."""
+    from dsl.cli import load_job, main
+
     out, summary = small_search
+    sample = load_job("jobs/sample.py")
     for doc in ("eta_cap_table.json", "eta_cap_rule.json"):
         for steps in (8, 16):
             want = summary["chosen"][str(steps)]["eta_cap"]
             samples = tmp_path / f"{doc}-{steps}.jsonl"
-            cmd = [sys.executable, str(REPO / "jobs" / "sample.py"), "checkpoint=oracle:hmm", "sampler=dsl-budget",
-                   f"sampling.steps={steps}", f"eta_cap_table={out / doc}", "sampling.num_samples=2",
-                   "sampling.length=16", f"out={samples}"]
-            done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-            assert done.returncode == 0, done.stderr[-2000:]
-            printed = json.loads(done.stdout.strip().splitlines()[-1])
+            rc = main(sample, ["checkpoint=oracle:hmm", "sampler=dsl-budget", f"sampling.steps={steps}",
+                               f"eta_cap_table={out / doc}", "sampling.num_samples=2", "sampling.length=16",
+                               f"out={samples}"])
+            captured = capsys.readouterr()
+            assert rc == 0, captured.err[-2000:]
+            printed = json.loads(captured.out.strip().splitlines()[-1])
             assert math.isclose(printed["eta_cap"], want, rel_tol=1e-9, abs_tol=1e-12), (doc, steps, printed)
             used = json.loads(samples.read_text().splitlines()[0])["settings"]["resolved"]
             assert used["rule"] == "remdm-loop" and math.isclose(used["eta"], want, rel_tol=1e-9, abs_tol=1e-12)
