@@ -79,13 +79,14 @@ def test_time_grid():
 
 def _mean_rewrites(eta_cap_table: str, steps: int) -> float:
     """Table 5's statistic: mean R_i of the step-budget protocol at L = 1024 with a sharp denoiser (the
-    exact cyclic oracle, K=3: one revealed token fixes the whole sequence, so every posterior is one-hot)."""
+    exact cyclic oracle, K=3: one revealed token fixes the whole sequence, so every posterior is one-hot).
+    Two samples of 1024 tokens: eq. 24's rows land within 2.2% of Table 5's, the printed column 15-50% off."""
     from dsl.config import SamplingConfig
     from dsl.sampling import OracleDenoiser, generate
     from dsl.sources.cyclic import CyclicSource
 
-    cfg = SamplingConfig(sampler="dsl-budget", steps=steps, eta_cap_table=eta_cap_table, batch_size=4)
-    return float(generate(OracleDenoiser(CyclicSource(3, 1024)), cfg, 4, 1024, seed=0).mean_rewrites.mean())
+    cfg = SamplingConfig(sampler="dsl-budget", steps=steps, eta_cap_table=eta_cap_table, batch_size=2)
+    return float(generate(OracleDenoiser(CyclicSource(3, 1024)), cfg, 2, 1024, seed=0).mean_rewrites.mean())
 
 
 @pytest.mark.slow
