@@ -127,32 +127,16 @@ def _command(spec: Path, experiment: str, name: str) -> list[str]:
             "eval.reference=source", "eval.mauve_seeds=25,26", "table.workers=2", "table.mauve_resamples=2"]
 
 
-@pytest.fixture(scope="module")
-def grid_ray(tmp_path_factory):
-    """A one-node Ray cluster of our own (explicit free ports on 127.0.0.1, its own temp dir and auth
-    token), stopped at the end: the grid's driver joins it through RAY_ADDRESS as on a real cluster."""
-    import shutil
-    import tempfile
-
-    from dsl.service.local_cluster import start_cluster
-
-    temp_dir = tempfile.mkdtemp(prefix="rg-", dir="/tmp")   # short: unix socket paths
-    cluster = start_cluster(temp_dir, head_cpus=3, workers=0, object_store_mb=150, timeout=180)
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
 def _children(client, grid_run: str) -> list:
     exp_ids = [e.experiment_id for e in client.search_experiments()]
     return client.search_runs(exp_ids, filter_string=f"tags.`{L.PARENT_RUN}` = '{grid_run}'", max_results=100)
 
 
 @pytest.mark.integration
-def test_grid_killed_after_its_first_cell_resumes_without_recomputing_it(grid_ray, mlflow_server, chromium,
+def test_grid_killed_after_its_first_cell_resumes_without_recomputing_it(ray_cluster, mlflow_server, chromium,
                                                                          tmp_path):
+    """The grid's driver joins the session's Ray cluster (tests/conftest.py) through RAY_ADDRESS, as on a real
+    cluster."""
     import mlflow
 
     from dsl.service.tracking import experiment_url
@@ -161,7 +145,7 @@ def test_grid_killed_after_its_first_cell_resumes_without_recomputing_it(grid_ra
     spec.write_text(SPEC)
     experiment, name = f"grid-{uuid.uuid4().hex[:8]}", f"mini-{uuid.uuid4().hex[:6]}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_"))}
-    env.update({**grid_ray.env, **mlflow_server.env,
+    env.update({**ray_cluster.env, **mlflow_server.env,
                 "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)})
     client = mlflow.MlflowClient(mlflow_server.tracking_uri)
 
