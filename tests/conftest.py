@@ -189,7 +189,9 @@ def mlflow_server(s3_server, tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("mlflow") / "server.log"
     exe = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
-    env = {**os.environ, **s3_server.env, "MLFLOW_S3_IGNORE_TLS": "true"}
+    # no job-execution consumers (MLflow's server-side jobs, which no test uses): two fewer processes polling
+    # all session long on 2 cores
+    env = {**os.environ, **s3_server.env, "MLFLOW_S3_IGNORE_TLS": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     cmd = [exe, "server", "--backend-store-uri", _pg_url(db), "--artifacts-destination",
            f"s3://{bucket}/mlartifacts", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     with open(log, "w") as fh:
