@@ -33,16 +33,22 @@ def _shuffle_words(texts: list[str], seed: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def feats():
+    # two threads for these 2,000 MiniLM forwards only: the count is per process, and the tests after this
+    # module keep the one thread tests/conftest.py sets
+    threads = torch.get_num_threads()
     torch.set_num_threads(2)
-    web = [r["text"] for r in read_records(f"{DATA}/webtext.valid.63tok.jsonl")]
-    shakespeare = chunk_words([r["text"] for r in read_records(f"{DATA}/tinyshakespeare.txt")], 45)
-    fz = get_featurizer("minilm", max_length=128, batch_size=64)
-    return {
-        "web_a": fz.featurize(web[:N]),
-        "web_b": fz.featurize(web[N:2 * N]),
-        "web_b_shuffled": fz.featurize(_shuffle_words(web[N:2 * N], seed=0)),
-        "shakespeare": fz.featurize(shakespeare[:N]),
-    }
+    try:
+        web = [r["text"] for r in read_records(f"{DATA}/webtext.valid.63tok.jsonl")]
+        shakespeare = chunk_words([r["text"] for r in read_records(f"{DATA}/tinyshakespeare.txt")], 45)
+        fz = get_featurizer("minilm", max_length=128, batch_size=64)
+        return {
+            "web_a": fz.featurize(web[:N]),
+            "web_b": fz.featurize(web[N:2 * N]),
+            "web_b_shuffled": fz.featurize(_shuffle_words(web[N:2 * N], seed=0)),
+            "shakespeare": fz.featurize(shakespeare[:N]),
+        }
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
