@@ -121,8 +121,8 @@ def main() -> None:
         probs = torch.softmax(rows, -1).double()  # the rule's probabilities: softmax in the logits' precision
         nuc = top_p_filter(rows.clone(), 0.9, kind="logits")
         spare: list[torch.Tensor] = []
-        ours = _time(lambda: top_p_filter(spare.pop(), 0.9, kind="logits", overwrite=True), 3,
-                     setup=lambda rows=rows: spare.append(rows.clone()))
+        ours = _time(lambda spare=spare: top_p_filter(spare.pop(), 0.9, kind="logits", overwrite=True), 3,
+                     setup=lambda spare=spare, rows=rows: spare.append(rows.clone()))
         full = _time(lambda probs=probs: sort_top_p_filter(probs, 0.9), 1)
         same = float(((nuc.dense(VOCAB) > 0) == (sort_top_p_filter(probs, 0.9) > 0)).all(-1).double().mean())
         den = FixedLogits(logits)
