@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dsl.converter import SoftmaxConverter, resolve_mask_bias, saved_bytes
+from dsl.converter import SoftmaxConverter, _spans, block_shape, resolve_mask_bias, saved_bytes
 
 torch.set_num_threads(1)
 
@@ -64,10 +64,13 @@ def test_mask_row_is_zero_and_gets_no_gradient():
     assert conv.token_embed.grad[:-1].abs().sum() > 0
 
 
-@pytest.mark.parametrize("impl,chunk_elems", [("chunked", 80), ("chunked", 1 << 24), ("attention", 1 << 24)])
-def test_every_implementation_equals_the_dense_reference_float64(impl, chunk_elems):
-    # chunk_elems=80 at V=37: 2 positions per chunk; hidden 12 > d + 1 = 9: the attention path needs 2 heads
-    conv = make(vocab=37, dim=8, hidden=12, chunk_elems=chunk_elems, impl=impl).double()
+@pytest.mark.parametrize("impl,chunk_elems,vocab_block", [("chunked", 80, 1 << 14), ("chunked", 80, 10),
+                                                           ("chunked", 1 << 24, 1 << 14), ("attention", 1 << 24, 1)])
+def test_every_implementation_equals_the_dense_reference_float64(impl, chunk_elems, vocab_block):
+    # chunk_elems=80 at V=37: 2 positions per block; with vocab_block=10, blocks of 7 positions x 10 (or 7)
+    # tokens, so the online softmax rescales across vocabulary blocks and the weight gradients accumulate
+    # across position blocks. hidden 12 > d + 1 = 9: the attention path needs 2 heads
+    conv = make(vocab=37, dim=8, hidden=12, chunk_elems=chunk_elems, vocab_block=vocab_block, impl=impl).double()
     with torch.no_grad():
         conv.bias.normal_(generator=torch.Generator().manual_seed(3))
         conv.log_beta.fill_(0.4)
@@ -87,6 +90,56 @@ def test_every_implementation_equals_the_dense_reference_float64(impl, chunk_ele
     for name, a, b in zip(["z", "token_embed", "log_beta", "bias", "trans"], g_c, g_d):
         assert torch.allclose(a, b, atol=1e-10, rtol=0), name
         assert b.abs().max() > 0, name  # the comparison is not vacuous
+
+
+def test_blocks_tile_positions_and_vocabulary_evenly():
+    assert block_shape(1024, 50258, 1 << 24, 1 << 14) == (1024, 12565)  # 4 vocabulary blocks, one of positions
+    assert block_shape(1024, 4096, 1 << 24, 1 << 14) == (1024, 4096)  # one block
+    assert block_shape(21, 37, 80, 10) == (7, 10)
+    for total, block in ((1024, 333), (37, 10), (5, 5), (5, 9), (1, 1)):
+        spans = _spans(total, block)
+        assert spans[0][0] == 0 and spans[-1][1] == total
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))  # contiguous, no gap or overlap
+        sizes = [hi - lo for lo, hi in spans]
+        assert max(sizes) <= block and max(sizes) - min(sizes) <= len(spans) - 1  # no short remainder
+
+
+def test_large_logits_across_vocabulary_blocks_match_the_dense_reference():
+    """Logits in the hundreds, the largest in the last vocabulary block: the online softmax rescales its
+    running sums without overflow, in fp32 as in fp64."""
+    conv = make(vocab=37, dim=8, hidden=12, chunk_elems=80, vocab_block=10)
+    with torch.no_grad():
+        conv.log_beta.fill_(math.log(20.0))
+        conv.bias[30:36] = 40.0
+    z = torch.randn(2, 9, 8, generator=torch.Generator().manual_seed(8)) * 10
+    assert conv.logits(z).abs().max() > 200
+    upstream = torch.randn(2, 9, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    exact = make(vocab=37, dim=8, hidden=12, chunk_elems=80, vocab_block=10).double()
+    exact.load_state_dict(conv.state_dict())
+
+    def grads(fn, module, dtype):
+        zz = z.to(dtype).requires_grad_()
+        out = fn(zz)
+        return out.double(), [g.double() for g in torch.autograd.grad((out * upstream.to(dtype)).sum(),
+                                                                      [zz, *module.parameters()])]
+
+    ref, g_ref = grads(exact.dense_forward, exact, torch.float64)
+    for module, dtype, tol in ((conv, torch.float32, 1e-4), (exact, torch.float64, 1e-10)):
+        out, g = grads(module.forward, module, dtype)
+        assert torch.isfinite(out).all()
+        assert torch.allclose(out, ref, atol=tol, rtol=0)
+        for name, a, b in zip(["z", "token_embed", "log_beta", "bias", "trans"], g, g_ref):
+            assert torch.allclose(a, b, atol=tol * b.abs().max(), rtol=0), name
+
+
+def test_parameter_gradients_without_a_gradient_for_z():
+    conv = make(vocab=37, dim=8, hidden=12, chunk_elems=80, vocab_block=10).double()
+    z = torch.randn(3, 7, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    params = [conv.token_embed, conv.log_beta, conv.bias, conv.trans]
+    g = torch.autograd.grad(conv(z).square().sum(), params)
+    g_ref = torch.autograd.grad(conv.dense_forward(z).square().sum(), params)
+    for a, b in zip(g, g_ref):
+        assert torch.allclose(a, b, atol=1e-10, rtol=0)
 
 
 def test_unknown_implementation_is_refused():
@@ -113,13 +166,13 @@ def test_no_implementation_keeps_positions_by_vocabulary_for_backward(impl):
     assert saved(512) * 5 < dense
 
 
-@pytest.mark.parametrize("impl", ["chunked", "attention"])
-def test_bf16_autocast_stays_close_to_float64(impl):
+@pytest.mark.parametrize("impl,vocab_block", [("chunked", 1 << 14), ("chunked", 128), ("attention", 1 << 14)])
+def test_bf16_autocast_stays_close_to_float64(impl, vocab_block):
     """Under bf16 autocast the GEMMs take bf16 inputs (fp32 accumulation) and the logits and softmax stay
     fp32: the output and a downstream cross-entropy stay within measured bounds of the float64 map."""
     vocab, dim, hidden = 500, 64, 48
     gen = torch.Generator().manual_seed(0)
-    conv = make(vocab=vocab, dim=dim, hidden=hidden, impl=impl, chunk_elems=vocab * 37)
+    conv = make(vocab=vocab, dim=dim, hidden=hidden, impl=impl, chunk_elems=vocab * 37, vocab_block=vocab_block)
     ids = torch.randint(0, vocab - 1, (4, 64), generator=gen)
     gamma = torch.exp(1.65 + 0.9 * torch.randn(4, 64, 1, generator=gen))  # eq. 18's lognormal SNRs
     x = conv.token_embeddings()[ids].detach()
