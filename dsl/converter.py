@@ -43,10 +43,11 @@ from torch import nn
 # passes over the (V, hidden) gradient of W_trans; two such blocks are alive at a time (backward).
 DEFAULT_CHUNK_ELEMS = 1 << 24
 
-# Vocabulary columns of one block at most (V=50258: 4 blocks of 12565). Narrower blocks keep the (rows, V)
+# Vocabulary columns of one block at most (V=50258: 7 blocks of 7180). Narrower blocks keep the (rows, V)
 # GEMM outputs short-rowed: g = gh W_transᵀ ran about 1.4x faster into (1024, 16384) blocks than into
-# (333, 50258) ones on a 2-thread CPU (MKL).
-DEFAULT_VOCAB_BLOCK = 16384
+# (333, 50258) ones, and the whole converter at the OWT shape about 8 % faster with 8192 than with 16384
+# or 4096 (2-thread CPU, MKL; bench/bench_train.py).
+DEFAULT_VOCAB_BLOCK = 8192
 
 # The implementation "auto" resolves to, per device type. CPU: measured equal within noise at paper shape
 # and slightly faster chunked at small vocabularies (bench/bench_train.py); CUDA: chunked until

@@ -93,7 +93,7 @@ def test_every_implementation_equals_the_dense_reference_float64(impl, chunk_ele
 
 
 def test_blocks_tile_positions_and_vocabulary_evenly():
-    assert block_shape(1024, 50258, 1 << 24, 1 << 14) == (1024, 12565)  # 4 vocabulary blocks, one of positions
+    assert block_shape(1024, 50258, 1 << 24, 1 << 13) == (1024, 7180)  # 7 vocabulary blocks, one of positions
     assert block_shape(1024, 4096, 1 << 24, 1 << 14) == (1024, 4096)  # one block
     assert block_shape(21, 37, 80, 10) == (7, 10)
     for total, block in ((1024, 333), (37, 10), (5, 5), (5, 9), (1, 1)):
