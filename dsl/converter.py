@@ -14,7 +14,7 @@ Memory: at V ≈ 50k a dense implementation keeps B×L×V probabilities alive fo
   elements; the forward runs an online softmax over the vocabulary blocks (the running-max rescaling of
   Milakov & Gimelshein 2018, "Online normalizer calculation for softmax") and saves the row log-sum-exp,
   so backward recomputes each block's probabilities as exp(a − lse) in one pass. Only the inputs, the
-  output and lse (N,) are saved; two block buffers are reused for every block. Seven GEMMs of n·V·(d or
+  output and lse (N,) are saved; the blocks are written into reused buffers. Seven GEMMs of n·V·(d or
   hidden) in all, which is the whole cost at paper shape;
 * ``attention`` — the map is one attention head from the positions to the vocabulary: queries [βz, 1],
   keys [W_token, b] (the bias rides on the constant column), values W_trans, scale 1. Fused
@@ -34,6 +34,7 @@ Run ``python -m dsl.converter`` to print the activation bytes each path pins for
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -98,12 +99,18 @@ def _logits_mm(a: torch.Tensor, b: torch.Tensor, bf16: bool) -> torch.Tensor:
     return a16.to(a.dtype) @ b16.to(a.dtype)
 
 
+def _view(buf: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """The first rows·cols elements of a flat buffer as a contiguous (rows, cols) matrix."""
+    return buf[:rows * cols].view(rows, cols)
+
+
 def _logits_into(buf: torch.Tensor, zc: torch.Tensor, scaled: torch.Tensor, bias: torch.Tensor,
                  bf16: bool) -> torch.Tensor:
     """zc (βW)ᵀ + b (n, v) in zc's dtype: written into ``buf`` (n·v elements, reused), fresh under bf16."""
     if bf16:
         return _logits_mm(zc, scaled.T, True).add_(bias)
-    return torch.addmm(bias, zc, scaled.T, out=buf[:zc.shape[0] * scaled.shape[0]].view(zc.shape[0], -1))
+    # mm + add_, not addmm(bias): addmm first copies the broadcast bias into the output, which is slower
+    return torch.mm(zc, scaled.T, out=_view(buf, zc.shape[0], scaled.shape[0])).add_(bias)
 
 
 def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bf16: bool, accumulate: bool) -> None:
@@ -132,6 +139,27 @@ def block_shape(positions: int, vocab: int, chunk_elems: int, vocab_block: int) 
     return -(-positions // -(-positions // rows)), cols
 
 
+_WORKSPACE = threading.local()
+
+
+def block_buffers(count: int, numel: int, like: torch.Tensor) -> list[torch.Tensor]:
+    """``count`` flat buffers of ``numel`` elements of ``like``'s dtype and device.
+
+    On a CPU they are views of one per-thread workspace that later calls reuse: a fresh block of tens of
+    MiB is page-faulted in on every first touch, which costs as much as a pass over it (the CUDA caching
+    allocator already reuses its blocks). The workspace keeps the largest size asked for (at most two
+    blocks of ``chunk_elems`` elements) alive for the life of the thread.
+    """
+    if like.device.type != "cpu":
+        return [like.new_empty(numel) for _ in range(count)]
+    cache = _WORKSPACE.__dict__.setdefault("buffers", {})
+    buf = cache.get(like.dtype)
+    if buf is None or buf.numel() < count * numel:
+        with torch.inference_mode(False):  # a normal tensor, usable in and out of inference mode
+            buf = cache[like.dtype] = torch.empty(count * numel, dtype=like.dtype)
+    return [buf[k * numel:(k + 1) * numel] for k in range(count)]
+
+
 class _ChunkedConvert(torch.autograd.Function):
     """h = softmax(β z Wᵀ + b) @ T in (positions × vocabulary) blocks; backward recomputes each block.
 
@@ -139,7 +167,7 @@ class _ChunkedConvert(torch.autograd.Function):
     Output: h (N, H). Saved for backward: the inputs, h and the row log-sum-exp (N,), never an (N, V)
     tensor. The forward runs an online softmax over the vocabulary blocks (running max m, running sum s,
     rescaled accumulator), so backward gets p = exp(a − lse) from one pass instead of a softmax; both
-    directions reuse two (rows, columns) buffers for every block.
+    directions write every block into reused buffers (:func:`block_buffers`).
     """
 
     @staticmethod
@@ -149,7 +177,7 @@ class _ChunkedConvert(torch.autograd.Function):
         scaled = beta * weight  # (V, d): β folded into W_token once
         out = z.new_empty(n, trans.shape[1])
         lse = z.new_empty(n, 1)
-        buf = z.new_empty(rows * cols)
+        (buf,) = block_buffers(1, rows * cols, z)
         for r0, r1 in _spans(n, rows):
             zc, acc = z[r0:r1], out[r0:r1]
             m = s = None
@@ -180,34 +208,33 @@ class _ChunkedConvert(torch.autograd.Function):
         n, vocab = z.shape[0], weight.shape[0]
         grad_z = z.new_empty(z.shape) if ctx.needs_input_grad[0] else None
         grad_t = torch.empty_like(trans)
-        # dℓ/d(βW) and dℓ/db in one (V, d + 1) GEMM: [z, 1] carries the bias's column sums
-        grad_scaled_b = weight.new_empty(vocab, weight.shape[1] + 1)
+        grad_scaled, grad_b = torch.empty_like(weight), torch.empty_like(bias)  # dℓ/d(βW), dℓ/db
         scaled = beta * weight
-        buf_p, buf_g = z.new_empty(rows * cols), z.new_empty(rows * cols)
+        buf_p, buf_g = block_buffers(2, rows * cols, z)
         with torch.autocast(device_type=z.device.type, enabled=False):
             for i, (r0, r1) in enumerate(_spans(n, rows)):
                 zc, lse_c = z[r0:r1], lse[r0:r1]  # (n, d), (n, 1)
                 gh = grad_out[r0:r1].to(z.dtype)  # (n, H)
-                z1 = torch.cat([zc, zc.new_ones(zc.shape[0], 1)], dim=1)
                 # softmax backward, a = z(βW)ᵀ + b, g = gh Tᵀ: dℓ/da = p ⊙ (g − Σ_v p_v g_v), where
                 # Σ_v p_v g_v = gh · (p T) = gh · h, so no (n, V) reduction is needed
-                neg_row_dot = (gh * out[r0:r1]).sum(-1, keepdim=True).neg_()  # (n, 1)
+                row_dot = (gh * out[r0:r1]).sum(-1, keepdim=True)  # (n, 1)
                 for j, (v0, v1) in enumerate(_spans(vocab, cols)):
-                    shape = (zc.shape[0], v1 - v0)
                     if bf16:
                         probs = _logits_into(buf_p, zc, scaled[v0:v1], bias[v0:v1], True).sub_(lse_c).exp_()
-                        grad_a = _mm(gh, trans[v0:v1].T, True).add_(neg_row_dot)
-                    else:  # p = exp(b − lse + z(βW)ᵀ): the GEMM adds onto the broadcast b − lse
-                        probs = torch.sub(bias[v0:v1], lse_c, out=buf_p[:shape[0] * shape[1]].view(shape))
+                        grad_a = _mm(gh, trans[v0:v1].T, True)
+                    else:  # p = exp(b − lse + z(βW)ᵀ): the GEMM adds onto b − lse
+                        probs = torch.sub(bias[v0:v1], lse_c, out=_view(buf_p, r1 - r0, v1 - v0))
                         probs.addmm_(zc, scaled[v0:v1].T).exp_()
-                        grad_a = torch.addmm(neg_row_dot, gh, trans[v0:v1].T,
-                                             out=buf_g[:shape[0] * shape[1]].view(shape))
+                        grad_a = torch.mm(gh, trans[v0:v1].T, out=_view(buf_g, r1 - r0, v1 - v0))
                     _mm_into(grad_t[v0:v1], probs.T, gh, bf16, accumulate=i > 0)
-                    grad_a.mul_(probs)  # (n, v)
-                    _mm_into(grad_scaled_b[v0:v1], grad_a.T, z1, bf16, accumulate=i > 0)
+                    grad_a.sub_(row_dot).mul_(probs)  # (n, v)
+                    _mm_into(grad_scaled[v0:v1], grad_a.T, zc, bf16, accumulate=i > 0)
+                    if i > 0:
+                        grad_b[v0:v1] += grad_a.sum(0)
+                    else:
+                        torch.sum(grad_a, 0, out=grad_b[v0:v1])
                     if grad_z is not None:
                         _mm_into(grad_z[r0:r1], grad_a, scaled[v0:v1], bf16, accumulate=j > 0)
-        grad_scaled, grad_b = grad_scaled_b[:, :-1], grad_scaled_b[:, -1]
         # βW: dℓ/dW = β dℓ/d(βW), dℓ/dβ = Σ W ⊙ dℓ/d(βW)
         return grad_z, beta * grad_scaled, (weight * grad_scaled).sum(), grad_b, grad_t, None, None, None
 

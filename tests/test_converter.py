@@ -216,3 +216,19 @@ def test_init_trans_from_reproduces_pretrained_inputs_at_high_snr():
     assert torch.allclose(h, embedding[ids], atol=1e-4)
     with pytest.raises(ValueError, match=r"\(31, 8\)"):
         conv.init_trans_from(torch.zeros(31, 8))
+
+
+def test_reused_block_buffers_serve_inference_mode_then_training():
+    """Blocks go through a per-thread workspace that later calls reuse: a call under inference mode, then
+    training calls of other sizes, still equal the dense reference."""
+    z = torch.randn(3, 7, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        make(vocab=37, dim=8, hidden=12, chunk_elems=40, vocab_block=5).double()(z)
+    for chunk_elems, vocab_block in ((80, 10), (1 << 24, 1 << 14)):
+        conv = make(vocab=37, dim=8, hidden=12, chunk_elems=chunk_elems, vocab_block=vocab_block).double()
+        params = list(conv.parameters())
+        zz = z.clone().requires_grad_()
+        g = torch.autograd.grad(conv(zz).square().sum(), [zz, *params])
+        g_ref = torch.autograd.grad(conv.dense_forward(zz).square().sum(), [zz, *params])
+        for a, b in zip(g, g_ref):
+            assert torch.allclose(a, b, atol=1e-10, rtol=0)

@@ -55,7 +55,9 @@ class DSLModel(nn.Module):
         logits = self.backbone(inputs_embeds=h, extra=extra)  # (B, L, V)
         # made on the device (torch.full), not copied from a host list: a blocking copy would wait for the GPU
         mask_col = torch.full((1,), self.mask_id, dtype=torch.long, device=logits.device)
-        return logits.index_fill(-1, mask_col, float("-inf"))
+        # in place: the output layer (a linear map, then .float()) saves no output for backward, so this
+        # spares a (B, L, V) copy
+        return logits.index_fill_(-1, mask_col, float("-inf"))
 
     def posterior_mean(self, z: torch.Tensor) -> torch.Tensor:
         """x̂(z) = Σ_v p_θ(v | z) x_v (B, L, d): the MMSE denoiser of the path-integral NLL (eq. 3)."""
