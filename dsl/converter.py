@@ -19,8 +19,8 @@ Memory: at V ≈ 50k a dense implementation keeps B×L×V probabilities alive fo
 * ``attention`` — the map is one attention head from the positions to the vocabulary: queries [βz, 1],
   keys [W_token, b] (the bias rides on the constant column), values W_trans, scale 1. Fused
   ``scaled_dot_product_attention`` kernels compute it blockwise with an online softmax and keep only the
-  row log-sum-exp for backward. Same GEMMs; on a CPU it is no faster (both are GEMM-bound), on a GPU the
-  fused kernel saves the softmax passes through memory when a fused backend accepts the shapes.
+  row log-sum-exp for backward. Same GEMMs; on a CPU it is slower than chunked (bench/bench_train.py),
+  on a GPU the fused kernel saves the softmax passes through memory when a fused backend accepts the shapes.
 ``impl="auto"`` picks per device (:data:`AUTO_IMPL`); ``bench/gpu_check.py`` times both.
 
 Precision: under bf16 autocast (the backbone's precision, as in MDLM) the GEMMs take bf16 inputs and
@@ -50,8 +50,8 @@ DEFAULT_CHUNK_ELEMS = 1 << 24
 # or 4096 (2-thread CPU, MKL; bench/bench_train.py).
 DEFAULT_VOCAB_BLOCK = 8192
 
-# The implementation "auto" resolves to, per device type. CPU: measured equal within noise at paper shape
-# and slightly faster chunked at small vocabularies (bench/bench_train.py); CUDA: chunked until
+# The implementation "auto" resolves to, per device type. CPU: chunked, about 80 % of the fp32 matmul rate
+# at paper shape against about 44 % for attention (bench/bench_train.py, 2 threads); CUDA: chunked until
 # bench/gpu_check.py has measured the fused attention kernels at these shapes.
 AUTO_IMPL = {"cpu": "chunked", "cuda": "chunked"}
 IMPLS = ("auto", "chunked", "attention")
