@@ -189,7 +189,7 @@ CASES = [
     ("search-eta-2-fixed", "tune/eta_cap_search.py", ["sampling.alpha_on=1.5"], "sampling.alpha_on"),
     ("search-min-samples", "tune/eta_cap_search.py", ["search.min_samples=64"], "search.min_samples"),
     ("search-featurizer-missing", "tune/eta_cap_search.py", ["featurizer={in}/no_model"], "no_model"),
-    # ---------------------------------------------------------------- dashboards/report.py (never creates a store)
+    # ---------------------------------------------------------------- jobs/grid.py, jobs/reproduce.py
     ("grid-spec-unknown", "jobs/grid.py", ["table.spec=no-such-spec"], "table.spec"),
     ("grid-spec-missing", "jobs/grid.py", ["table.spec={in}/missing.toml"], "table.spec"),
     ("grid-spec-not-toml", "jobs/grid.py", ["table.spec={in}/eta_not_json.json"], "table.spec"),
@@ -206,6 +206,7 @@ CASES = [
      "data.source="),
     ("reproduce-out-is-file", "jobs/reproduce.py", ["preset=micro", "out={in}/a_file.txt"], "out="),
     ("reproduce-mode-unknown", "jobs/reproduce.py", ["rerun", "preset=micro", "out={cwd}/x"], "rerun"),
+    # ---------------------------------------------------------------- dashboards/report.py (never creates a store)
     ("report-no-grid", "dashboards/report.py", ["service.tracking_uri=sqlite:///{cwd}/m.db"], "report.grid"),
     ("report-no-store", "dashboards/report.py", ["grid=g"], "service.tracking_uri"),
     ("report-sqlite-missing", "dashboards/report.py", ["grid=g", "service.tracking_uri=sqlite:///{cwd}/none.db"],
