@@ -363,3 +363,21 @@ def test_cache_keeps_broad_rows_of_samples_that_were_not_refreshed():
         expected = top_p_filter(logits.unsqueeze(0), 0.9, kind="logits").dense(vocab)[0]
         counts = torch.bincount(tokens_of(sample, position), minlength=vocab).double()
         assert (counts - draws * expected).abs().max() <= 1.0 + 1e-9, (sample, position)
+
+
+def test_cache_looks_up_a_broad_rows_top1_only_when_asked_lowest_id_among_ties():
+    from dsl.sampling.candidates import NucleusCache
+    from dsl.sampling.nucleus import top_p_filter
+
+    vocab, n, length = 6000, 2, 3
+    logits = _broad_logits(n * length, vocab, seed=1)
+    best = logits.argmax(-1)
+    logits[4, 17] = logits[4, best[4]]  # a tie at the top: the lower id is the official argmax
+    nuc = top_p_filter(logits, 0.9, kind="logits")
+    assert (nuc.top1 < 0).all()  # broad rows: not looked up while filtering
+    cache = NucleusCache(n, length)
+    cache.write(torch.arange(n), torch.ones(n, length, dtype=torch.bool), nuc)
+    expected = torch.softmax(logits, -1).argmax(-1)  # torch's argmax: the first maximal index
+    assert int(expected[4]) == min(17, int(best[4]))
+    assert torch.equal(cache.top1().reshape(-1), expected)
+    assert torch.equal(nuc.most_probable(), expected)

@@ -34,7 +34,8 @@ def dense_candidates(p_x0: torch.Tensor) -> _DenseCandidates:
 class NucleusCache:
     """Per-sample nucleus-filtered p_x0 of each sample's last forward, as :func:`top_p_filter` gives it.
 
-    Listed tokens: ids and probabilities (n, L, K), K = the widest cached list; the top-1 (n, L). A broad
+    Listed tokens: ids and probabilities (n, L, K), K = the widest cached list; the top-1 (n, L), −1 where
+    it is still to be looked up in a stored row. A broad
     row also keeps every token above its threshold without listing it: its probability row sits in a store
     (M, V) that ``implicit`` (n, L) indexes (−1: none), and a draw from it reads that one row. Positions
     that were visible at a sample's last forward are never read: the cache is only used while that
@@ -102,6 +103,11 @@ class NucleusCache:
             *(torch.cat([getattr(x, name) for x in parts]) for name in ("rows", "p", "threshold", "scale", "mass")))
 
     def top1(self) -> torch.Tensor:
+        """(n, L) the most probable token at each cached position (a broad row's is looked up in its stored
+        probabilities only now: the samplers ask for it once, at the final noise removal)."""
+        lookup = (self.best < 0) & (self.implicit >= 0)
+        if bool(lookup.any()):
+            self.best[lookup] = self.store.top1(self.implicit[lookup])
         return self.best
 
     def draw(self, reveal: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ and boundary cases included, without sorting the vocabulary:
    lighter, so the window is a prefix of the sorted row). A row whose crossings lie in it (most steps) is
    decided from the window's float64 cumulative sums;
 2. a broad row (the first steps, nucleus ~10^4 in Table 6; rows of entropy above log 2^7 go straight
-   here) gets one histogram of its probabilities over bins of 1/16 of an octave (the float bits' exponent
+   here) gets one histogram of its probabilities over bins of 1/64 of an octave (the float bits' exponent
    and 4 mantissa bits, one ``bincount``). The bins whose cumulative mass crosses p form a band of a few
    hundred tokens; every token above the band is kept, and only the band is sorted;
 3. the sums agree with the reference's bit for bit: float32 probabilities ≥ 2^-30 are multiples of 2^-53,
@@ -45,10 +45,12 @@ _CUT = 2.0 ** -6           # the window: tokens with p ≥ p_max·2^-6 ...
 _CUT_FLOOR = 2.0 ** -10    # ... and p ≥ 2^-10 (so at most 1,024 of them)
 _CHUNK = 512              # ids per chunk when a draw searches a broad row's implicit mass
 _BROAD_ENTROPY = math.log(2 ** 7)  # rows above this entropy (nats) skip the window for the histogram band
-_KEY_MANTISSA = 4          # histogram bins: exponent and 4 mantissa bits, 1/16 of an octave wide
+_KEY_MANTISSA = 6          # histogram bins: exponent and 6 mantissa bits, 1/64 of an octave wide ...
+_KEY_FLOOR = 2.0 ** -32    # ... from here up (every lower probability shares the first bin)
 _EXACT_FLOOR = 2.0 ** -30  # float32 probabilities from here up add exactly in float64 (below 1)
 _U64 = 2.0 ** -53          # unit roundoff of float64
 _BLOCK = 1 << 21           # elements per block of rows in the full-vocabulary passes (8 MB of float32)
+_HIST_BLOCK = 1 << 18      # ... and per part of a block whose float64 masses enter the histogram (2 MB)
 
 
 @dataclass
@@ -68,8 +70,13 @@ class Implicit:
 
     def floor(self) -> torch.Tensor:
         """(R,) the least probability kept implicitly: key > threshold ⟺ p ≥ it (keys never decrease with p)."""
-        int_dtype, shift, _ = _key_layout(self.p.dtype)
-        return ((self.threshold.to(int_dtype) + 1) << shift).view(self.p.dtype)
+        int_dtype, shift, lowest, _ = _key_layout(self.p.dtype)
+        return ((self.threshold.to(int_dtype) + 1 + lowest) << shift).view(self.p.dtype)
+
+    def top1(self, which: torch.Tensor) -> torch.Tensor:
+        """(R',) the most probable token (the lowest id among equals) of rows ``which``."""
+        p = self.p[which]
+        return _first_at_max(p, p.amax(-1))
 
     def probs(self) -> torch.Tensor:
         """(R, V) float64: the renormalised probabilities of the implicitly kept tokens, 0 elsewhere."""
@@ -118,8 +125,17 @@ class Nucleus:
     nucleus_size: torch.Tensor  # (N,) smallest set with mass ≥ diag_p (Sec 7.4's k_t), float64
     entropy: torch.Tensor       # (N,) −Σ p log p of the unfiltered row, nats
     kept: torch.Tensor          # (N,) tokens kept by the official rule (listed or not)
-    top1: torch.Tensor          # (N,) the most probable token (the lowest id among equals)
+    top1: torch.Tensor          # (N,) the most probable token (the lowest id among equals), or −1 for a row
+                                #      of ``implicit`` (only found when asked for: :meth:`most_probable`)
     implicit: Implicit | None = None
+
+    def most_probable(self) -> torch.Tensor:
+        """(N,) the most probable token of every row (the lowest id among equals)."""
+        top1 = self.top1.clone()
+        if self.implicit is not None:
+            lookup = (top1[self.implicit.rows] < 0).nonzero().squeeze(-1)
+            top1[self.implicit.rows[lookup]] = self.implicit.top1(lookup)
+        return top1
 
     def dense(self, vocab_size: int) -> torch.Tensor:
         """The filtered rows as (N, V) float64."""
@@ -193,6 +209,16 @@ def _true_positions(flags: torch.Tensor) -> torch.Tensor:
     return torch.cat([words[within[:, 0]] * 8 + within[:, 1], tail])
 
 
+def _first_at_max(p: torch.Tensor, max_prob: torch.Tensor) -> torch.Tensor:
+    """(r,) the first (lowest) id of each row of ``p`` (r, V) whose probability is ``max_prob`` (r,): a sparse
+    scan of integer flags (several times cheaper than ``argmax`` on a CPU)."""
+    int_dtype = _key_layout(p.dtype)[0]
+    flags = _place(p.view(int_dtype), max_prob.view(int_dtype), 0, _Buffers(p.device)).bool()
+    at_max = _true_positions(flags.view(-1))
+    starts = torch.arange(p.shape[0], device=p.device) * p.shape[1]
+    return at_max[torch.searchsorted(at_max, starts)] - starts
+
+
 def _pack(mask: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The True entries of each row of ``mask`` (r, V) as (ids, float64 values) (r, W), sorted as the
     reference sorts them (p desc, then id; padding: id 0, value −1), W ≥ 1 the widest row.
@@ -214,67 +240,102 @@ def _pack(mask: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch
     return ids.view(r_count, width).gather(1, order), vals
 
 
-def _candidates(p: torch.Tensor, max_prob: torch.Tensor) -> _Window:
+def _candidates(p: torch.Tensor, max_prob: torch.Tensor, buffers: _Buffers) -> _Window:
     """The tokens with p ≥ τ = max(p_max·2^-6, 2^-10) (at most 1,024 per row), in the reference's order.
 
     Every other token has p < τ, so the window is a prefix of the reference's sorted row: a row whose
     crossings lie in it (most steps: a sharp nucleus) is decided there.
     """
     tau = torch.clamp(max_prob * _CUT, min=_CUT_FLOOR).to(p.dtype)
-    # one compare with a scalar (twice as fast as a per-row column) finds a superset, trimmed per row after
-    ids, vals = _pack(p >= tau.min(), p)
-    outside = vals < tau.double().unsqueeze(-1)
-    ids, vals = ids.masked_fill(outside, 0), vals.masked_fill(outside, -1.0)
+    int_dtype = _key_layout(p.dtype)[0]
+    ids, vals = _pack(_place(p.view(int_dtype), tau.view(int_dtype), 0, buffers).bool(), p)
     beyond = torch.nextafter(tau, torch.zeros_like(tau)).double()  # every token outside: p ≤ the float below τ
     zero = torch.zeros(p.shape[0], dtype=torch.long, device=p.device)
     return _Window(ids=ids, p=vals, base_mass=zero.double(), base_count=zero, beyond=beyond)
 
 
-def _key_layout(dtype: torch.dtype) -> tuple[torch.dtype, int, int]:
-    """(int view, right shift, bins) of the histogram keys of probabilities of ``dtype``: the float bits
-    without their lowest mantissa bits, so a key never decreases with the probability."""
+class _Buffers:
+    """Scratch tensors that every block of one call reuses: on a CPU a fresh (rows, V) buffer per block
+    would fault in new pages each time."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.held = device, {}
+
+    def __call__(self, shape: tuple[int, ...], dtype: torch.dtype, name: str = "") -> torch.Tensor:
+        numel, key = math.prod(shape), (name, dtype)
+        if key not in self.held or self.held[key].numel() < numel:
+            self.held[key] = torch.empty(numel, dtype=dtype, device=self.device)
+        return self.held[key][:numel].view(shape)
+
+
+def _place(values: torch.Tensor, low: torch.Tensor, width_log2: int, buffers: _Buffers) -> torch.Tensor:
+    """Where each integer of ``values`` (r, V) lies relative to its row's range [low, low + 2^m − 2]
+    (m = ``width_log2``): 0 below it, 1 … 2^m − 1 inside, 2^m above (m = 0: 0 below ``low``, 1 from it on).
+
+    The float bits of non-negative probabilities, read as integers, order like the probabilities, so this
+    compares probabilities too. In-place integer arithmetic and a cast to bool are several times faster
+    on a CPU than the comparison operators (which write bool through a slower path).
+    """
+    out = buffers(values.shape, values.dtype, "place")
+    torch.sub(values, (low.to(values.dtype) - 1).unsqueeze(-1), out=out)
+    return out.clamp_(0, 1 << width_log2)
+
+
+def _key_layout(dtype: torch.dtype) -> tuple[torch.dtype, int, int, int]:
+    """(int view, right shift, lowest, bins) of the histogram keys of probabilities of ``dtype``: the float
+    bits without their lowest mantissa bits, less those of ``_KEY_FLOOR`` (``lowest``), clamped at 0."""
     int_dtype, mantissa = (torch.int32, 23) if dtype == torch.float32 else (torch.int64, 52)
     shift = mantissa - _KEY_MANTISSA
-    top = int(torch.tensor([1.0], dtype=dtype).view(int_dtype)) >> shift
-    return int_dtype, shift, top + 1
+    lowest, top = (int(torch.tensor([x], dtype=dtype).view(int_dtype)) >> shift for x in (_KEY_FLOOR, 1.0))
+    return int_dtype, shift, lowest, top - lowest + 1
 
 
-def keys(p: torch.Tensor) -> torch.Tensor:
-    """The histogram key of each probability (float32 or float64): never lower for a higher probability."""
-    int_dtype, shift, _ = _key_layout(p.dtype)
-    return torch.bitwise_right_shift(p.view(int_dtype), shift)  # (the ``>>`` operator is several times slower)
+def keys(p: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The histogram key of each probability (float32 or float64): never lower for a higher probability;
+    every probability below ``_KEY_FLOOR`` shares key 0."""
+    int_dtype, shift, lowest, _ = _key_layout(p.dtype)
+    key = torch.bitwise_right_shift(p.view(int_dtype), shift, out=out)  # (``>>`` is several times slower)
+    return key.sub_(lowest).clamp_(min=0)
 
 
-def _band(p: torch.Tensor, targets: list[float]) -> tuple[_Window, torch.Tensor]:
-    """(window, threshold key) of broad rows ``p`` (r, V): the band of histogram bins (1/16 of an octave)
-    where the cumulative mass crosses ``targets``, after a base of every token in higher bins (all kept).
+def _band(p: torch.Tensor, targets: list[float], buffers: _Buffers) -> tuple[_Window, torch.Tensor]:
+    """(window, threshold key) of broad rows ``p`` (r, V): a band of histogram bins (1/64 of an octave)
+    that holds the bins where the cumulative mass crosses ``targets``, after a base of every token in
+    higher bins (all kept).
+
+    Every row's band is 2^m − 1 bins wide, from its lowest crossing bin up (one width for the block, so
+    one integer pass finds all bands); bins above the highest crossing only move tokens from the base
+    into the sorted band, which decides them the same way.
 
     The bin masses are float64 sums: exact for float32 probabilities ≥ 2^-30 (multiples of 2^-53, so
     every partial sum below 1 is exact in any order), so the base's mass is the reference's own sum.
     """
     r_count, device = p.shape[0], p.device
-    int_dtype, shift, n_bins = _key_layout(p.dtype)
-    key = keys(p)
-    key += (torch.arange(r_count, dtype=int_dtype, device=device) * n_bins).unsqueeze(-1)  # row r: bins [r·n, r·n + n)
-    flat = key.view(-1)
-    hist = torch.bincount(flat, weights=p.reshape(-1).double(), minlength=r_count * n_bins).view(r_count, n_bins)
-    count = torch.bincount(flat, minlength=r_count * n_bins).view(r_count, n_bins)
+    int_dtype, _, _, n_bins = _key_layout(p.dtype)
+    key = keys(p, out=buffers(p.shape, int_dtype, "key"))
+    hist = torch.zeros(r_count, n_bins, dtype=torch.float64, device=device)
+    # the float64 masses and int64 indices the scatter takes, a few rows at a time (while they are in cache)
+    step = max(1, _HIST_BLOCK // p.shape[1]) if device.type == "cpu" else r_count
+    for a in range(0, r_count, step):
+        rows = slice(a, min(a + step, r_count))
+        shape = (rows.stop - a, p.shape[1])
+        index = key[rows] if int_dtype == torch.int64 else buffers(shape, torch.int64, "index").copy_(key[rows])
+        hist[rows].scatter_add_(1, index, buffers(shape, torch.float64, "mass").copy_(p[rows]))
     above = hist.flip(-1).cumsum(-1).flip(-1)  # mass of the bins ≥ j
-    band_top = (above > min(targets)).sum(-1) - 1  # the highest bin that the first crossing may lie in
-    band_bottom = ((above > max(targets)).sum(-1) - 1).clamp(min=0)  # ... and the last one
-    higher = (band_top + 1).clamp(max=n_bins - 1).unsqueeze(-1)
-    has_base = band_top + 1 < n_bins
-    base_mass = torch.where(has_base, above.gather(1, higher).squeeze(-1), 0.0)
-    base_count = torch.where(has_base, count.flip(-1).cumsum(-1).flip(-1).gather(1, higher).squeeze(-1), 0)
-    offset = torch.arange(r_count, device=device) * n_bins
-    in_band = key >= (band_bottom + offset).to(int_dtype).unsqueeze(-1)
-    in_band &= key <= (band_top + offset).to(int_dtype).unsqueeze(-1)
-    del key, flat
-    ids, vals = _pack(in_band, p)
+    crossing_top = (above > min(targets)).sum(-1) - 1  # the highest bin that the first crossing may lie in
+    bottom = ((above > max(targets)).sum(-1) - 1).clamp(min=0)  # ... and the lowest the last one may
+    width_log2 = int((crossing_top - bottom).max()).__add__(1).bit_length()  # 2^m − 2 ≥ the widest span
+    top = bottom + (1 << width_log2) - 2
+    has_base = top + 1 < n_bins
+    base_mass = torch.where(has_base, above.gather(1, (top + 1).clamp(max=n_bins - 1).unsqueeze(-1)).squeeze(-1),
+                            0.0)
+    place = _place(key, bottom, width_log2, buffers)
+    base_count = torch.bitwise_right_shift(place, width_log2, out=key).sum(-1, dtype=key.dtype).long()  # above
+    ids, vals = _pack(place.bitwise_and_((1 << width_log2) - 1).bool(), p)
     # everything below the band lies in lower bins: strictly less probable than every band token
     window = _Window(ids=ids, p=vals, base_mass=base_mass, base_count=base_count,
                      beyond=torch.full((r_count,), -1.0, dtype=torch.float64, device=device))
-    return window, band_top.to(int_dtype)
+    return window, top.to(int_dtype)
 
 
 def _reference_rows(p: torch.Tensor, top_p: float | None, diag_p: float
@@ -358,6 +419,7 @@ def top_p_filter(rows: torch.Tensor, top_p: float, diag_p: float = 0.9, kind: st
     decided: dict[int, list[_Decided]] = {TOP: [], BAND: []}
     blocks = _row_blocks(n, vocab, device)
     scratch = torch.empty(blocks[0][1] - blocks[0][0], vocab, dtype=p.dtype, device=device) if logits else None
+    buffers = _Buffers(device)
 
     def settle(block_rows, win, how, threshold=None):
         k, s, ok = _decide(win, filter_p, diag_p, exact_sums)
@@ -388,20 +450,15 @@ def top_p_filter(rows: torch.Tensor, top_p: float, diag_p: float = 0.9, kind: st
         rest = torch.ones(j - i, dtype=torch.bool, device=device)
         top1[i:j] = -1
         if narrow.numel():
-            window = _candidates(probs if narrow.numel() == j - i else probs[narrow], max_prob[i:j][narrow])
+            window = _candidates(probs if narrow.numel() == j - i else probs[narrow], max_prob[i:j][narrow],
+                                    buffers)
             # the window holds every token with p ≥ p_max when p_max ≥ 2^-10: its first is the top-1
             has_top = window.p[:, 0] == max_prob[i:j][narrow].double()
             top1[i + narrow[has_top]] = window.ids[has_top, 0]
             rest[narrow[settle(block_rows[narrow], window, TOP)]] = False
-        lone = (top1[i:j] < 0).nonzero().squeeze(-1)
-        if lone.numel():  # the first (lowest) id among the most probable: a sparse scan, cheaper than argmax
-            top = probs if lone.numel() == j - i else probs[lone]
-            at_max = _true_positions((top == max_prob[i:j][lone].unsqueeze(-1)).view(-1))
-            starts = torch.arange(lone.numel(), device=device) * vocab
-            top1[i + lone] = at_max[torch.searchsorted(at_max, starts)] - starts
         if bool(rest.any()):
             broad = rest.nonzero().squeeze(-1)
-            window, threshold = _band(probs if broad.numel() == j - i else probs[broad], targets)
+            window, threshold = _band(probs if broad.numel() == j - i else probs[broad], targets, buffers)
             settle(block_rows[broad], window, BAND, threshold)
     last = (source == REFERENCE).nonzero().squeeze(-1)
     ref = None
@@ -411,6 +468,8 @@ def top_p_filter(rows: torch.Tensor, top_p: float, diag_p: float = 0.9, kind: st
 
     stats = dict(max_prob=max_prob.double(), nucleus_size=size, entropy=entropy, top1=top1)
     if filter_p is None:
+        lone = (top1 < 0).nonzero().squeeze(-1)
+        top1[lone] = _first_at_max(p[lone], max_prob[lone])
         return Nucleus(ids=torch.arange(vocab, device=device).expand(n, vocab), probs=p.double(),
                        kept=torch.full((n,), vocab, dtype=torch.long, device=device), **stats)
     return _assemble(p, kept, decided, last, ref, stats)
