@@ -15,23 +15,25 @@ and boundary cases included, without sorting the vocabulary:
    decided from the window's float64 cumulative sums;
 2. a broad row (the first steps, nucleus ~10^4 in Table 6; rows of entropy above log 2^7 go straight
    here) gets one histogram of its probabilities over bins of 1/64 of an octave (the float bits' exponent
-   and 4 mantissa bits, one ``bincount``). The bins whose cumulative mass crosses p form a band of a few
-   hundred tokens; every token above the band is kept, and only the band is sorted;
+   and 6 mantissa bits, one ``scatter_add`` of float64 masses). The bins whose cumulative mass crosses p
+   form a band of a few hundred tokens; every token above the band is kept without being listed (its
+   mass and count are known), and only the band is sorted;
 3. the sums agree with the reference's bit for bit: float32 probabilities ≥ 2^-30 are multiples of 2^-53,
    so every float64 partial sum below 1 is exact in any order. A row whose decisions would involve smaller
    probabilities (or float64 rows whose sums round: a cumulative sum within the summation's error bound of
    p) is handed to the reference sort.
 
 All of it runs block by block of rows (~2^21 elements): each block's softmax, statistics, window and band
-while it is in cache, with the block's probabilities written over its logits when the caller allows it.
+while it is in cache (on a CPU the masks are built by in-place integer arithmetic on the float bits and
+one cast to bool: the comparison operators are several times slower there), with the block's probabilities written over its logits when the caller allows it.
 
 The statistics come from the same passes: max p, the entropy H = log Z − Σ_v p_v l_v with
 log Z = l_max − log p_max, and k_t = the smallest set with mass ≥ ``diag_p`` (Sec 7.4).
 
-The result is sparse: per row the kept ids, the top-1 first (rows decided in the window or by the sort are
-ordered by probability; rows decided by the histogram list the tokens above the band in id order, then the
-band sorted) and their float64 probabilities renormalised over the kept set (exact categorical sampling,
-in any order). With ``top_p >= 1`` nothing is filtered and the rows are returned dense (every id, float64).
+The result is sparse: per row the listed kept ids (a window row: all of them, by probability; a broad row:
+the kept part of its band, the rest implicit in :class:`Implicit`) and their float64 probabilities
+renormalised over the kept set (exact categorical sampling, in any order). A broad row's top-1 is looked up
+only when asked for (:meth:`Nucleus.most_probable`: the samplers need it once, at the final noise removal). With ``top_p >= 1`` nothing is filtered and the rows are returned dense (every id, float64).
 """
 
 from __future__ import annotations
