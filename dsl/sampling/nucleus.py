@@ -331,9 +331,13 @@ def _band(p: torch.Tensor, targets: list[float], buffers: _Buffers) -> tuple[_Wi
     has_base = top + 1 < n_bins
     base_mass = torch.where(has_base, above.gather(1, (top + 1).clamp(max=n_bins - 1).unsqueeze(-1)).squeeze(-1),
                             0.0)
-    place = _place(key, bottom, width_log2, buffers)
-    base_count = torch.bitwise_right_shift(place, width_log2, out=key).sum(-1, dtype=key.dtype).long()  # above
+    # where each token lies (0 below the band, 1 … 2^m − 1 in it, 2^m above), in place of its key
+    place = key.sub_((bottom - 1).to(int_dtype).unsqueeze(-1)).clamp_(0, 1 << width_log2)
+    place_sum = place.sum(-1, dtype=int_dtype).long()
     ids, vals = _pack(place.bitwise_and_((1 << width_log2) - 1).bool(), p)
+    listed = vals >= 0
+    band_places = (keys(vals.clamp(min=0).to(p.dtype)).long() - bottom.unsqueeze(-1) + 1) * listed
+    base_count = (place_sum - band_places.sum(-1)) >> width_log2  # the rest of the sum: 2^m per token above
     # everything below the band lies in lower bins: strictly less probable than every band token
     window = _Window(ids=ids, p=vals, base_mass=base_mass, base_count=base_count,
                      beyond=torch.full((r_count,), -1.0, dtype=torch.float64, device=device))
