@@ -108,7 +108,7 @@ def main() -> None:
     ids = torch.randint(0, VOCAB - 1, (1, length), generator=gen)
     with torch.no_grad():
         model(ids[:, :16])  # warm-up (allocations, conditioning cache)
-        forward = _time(lambda: model(ids), 2)
+        forward = _time(lambda: model(ids), 3)
     print(f"DiT small forward, V={VOCAB}, L={length}, batch 1, {args.threads} threads: {forward:.3f} CPU s")
 
     scfg = SamplingConfig(top_p=0.9)
@@ -121,7 +121,7 @@ def main() -> None:
         probs = torch.softmax(rows, -1).double()  # the rule's probabilities: softmax in the logits' precision
         nuc = top_p_filter(rows.clone(), 0.9, kind="logits")
         spare: list[torch.Tensor] = []
-        ours = _time(lambda spare=spare: top_p_filter(spare.pop(), 0.9, kind="logits", overwrite=True), 3,
+        ours = _time(lambda spare=spare: top_p_filter(spare.pop(), 0.9, kind="logits", overwrite=True), 5,
                      setup=lambda spare=spare, rows=rows: spare.append(rows.clone()))
         full = _time(lambda probs=probs: sort_top_p_filter(probs, 0.9), 1)
         same = float(((nuc.dense(VOCAB) > 0) == (sort_top_p_filter(probs, 0.9) > 0)).all(-1).double().mean())
@@ -130,7 +130,7 @@ def main() -> None:
             draft = torch.randint(0, VOCAB - 1, (1, length), generator=gen)
             draft[torch.rand(1, length, generator=gen) < frac] = MASK
             draft[0, 0] = MASK
-            math_s = _time(lambda draft=draft, den=den: one_step(den, draft, scfg, StepRecorder(1, length)), 3,
+            math_s = _time(lambda draft=draft, den=den: one_step(den, draft, scfg, StepRecorder(1, length)), 5,
                            setup=den.prepare)
             table.append((regime, float(nuc.nucleus_size.mean()), float(nuc.max_prob.mean()), frac, math_s,
                          math_s / forward, ours, full, same))
