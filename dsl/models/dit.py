@@ -150,9 +150,10 @@ class FinalLayer(nn.Module):
         for p in (*self.linear.parameters(), *self.adaLN_modulation.parameters()):
             nn.init.zeros_(p)
 
-    def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, c: torch.Tensor, logit_bias: torch.Tensor | None = None) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=2)
-        return self.linear(modulate(self.norm_final(h), shift, scale))
+        bias = self.linear.bias if logit_bias is None else self.linear.bias + logit_bias
+        return F.linear(modulate(self.norm_final(h), shift, scale), self.linear.weight, bias)
 
 
 class DiT(nn.Module):
@@ -204,10 +205,12 @@ class DiT(nn.Module):
         return c
 
     def forward(self, ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
-                extra: torch.Tensor | None = None) -> torch.Tensor:
+                extra: torch.Tensor | None = None, logit_bias: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, L, V) float32 from ids (B, L) or inputs_embeds (B, L, hidden).
 
-        ``extra`` (B, L, hidden), if given, is added to the input embeddings (the DSL model's ‖z‖ input).
+        ``extra`` (B, L, hidden), if given, is added to the input embeddings (the DSL model's ‖z‖ input);
+        ``logit_bias`` (V,), if given, to the output layer's bias (a constant folded into its GEMM: no pass
+        over the (B, L, V) logits, forward or backward).
         """
         if (ids is None) == (inputs_embeds is None):
             raise ValueError("DiT.forward takes exactly one of ids or inputs_embeds")
@@ -227,7 +230,7 @@ class DiT(nn.Module):
         cos, sin = self.rotary_emb.cos_sin(length, h.device)
         for block in self.blocks:
             h = block(h, c, cos, sin)
-        return self.output_layer(h, c).float()
+        return self.output_layer(h, c, logit_bias).float()
 
 
 __all__ = ["DiT", "DiTBlock", "FinalLayer", "LayerNorm", "Rotary", "TimestepEmbedder", "EmbeddingLayer",

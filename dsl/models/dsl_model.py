@@ -52,12 +52,12 @@ class DSLModel(nn.Module):
         if self.cfg.znorm_input:
             # Alg 1 line 18 reading (see module docstring): f_θ(h, ‖z‖) = f_θ(h + A log(1 + ‖z_i‖))
             extra = self.znorm_proj(torch.log1p(z.float().norm(dim=-1, keepdim=True)))  # (B, L, hidden)
-        logits = self.backbone(inputs_embeds=h, extra=extra)  # (B, L, V)
-        # made on the device (torch.full), not copied from a host list: a blocking copy would wait for the GPU
-        mask_col = torch.full((1,), self.mask_id, dtype=torch.long, device=logits.device)
-        # in place: the output layer (a linear map, then .float()) saves no output for backward, so this
-        # spares a (B, L, V) copy
-        return logits.index_fill_(-1, mask_col, float("-inf"))
+        # p(mask) = 0 through the output layer's bias (−inf at the mask id): filling the logits instead
+        # costs (B, L, V) copies in backward. Made on the device, not copied from a host list (a blocking
+        # copy would wait for the GPU).
+        mask_col = torch.full((1,), self.mask_id, dtype=torch.long, device=h.device)
+        logit_bias = torch.zeros(self.vocab_size, device=h.device).index_fill_(0, mask_col, float("-inf"))
+        return self.backbone(inputs_embeds=h, extra=extra, logit_bias=logit_bias)  # (B, L, V)
 
     def posterior_mean(self, z: torch.Tensor) -> torch.Tensor:
         """x̂(z) = Σ_v p_θ(v | z) x_v (B, L, d): the MMSE denoiser of the path-integral NLL (eq. 3)."""
