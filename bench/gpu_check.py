@@ -8,8 +8,8 @@ Measures, on one device, in this order (about 3 minutes on an H100/H200-class GP
 * ``matmul``: a large bf16 matmul, the practical peak that MFU is reported against;
 * ``train``: MDLM and DSL training steps at MDLM's ``small`` shape (V=50258, L=1024) under bf16 autocast
   (the trainer's step: loss, backward, clip, fused AdamW), with the largest batch from ``--batch`` down
-  that fits: step time, tokens/s, achieved TFLOP/s (FLOPs counted by torch's FlopCounterMode), MFU,
-  peak memory, and the DSL/MDLM ratio. Batches come from pinned host memory (non-blocking copies) and the
+  that fits: step time, tokens/s, achieved TFLOP/s (FLOPs counted by torch's FlopCounterMode, plus the
+  in-place addmm_), MFU, peak memory, and the DSL/MDLM ratio. Batches come from pinned host memory (non-blocking copies) and the
   step reads nothing back to the host;
 * ``converter``: the converter alone, forward + backward over B·L positions, for each implementation
   (chunked, attention) in fp32 and bf16 — which one ``model.converter_impl=auto`` should pick on this
@@ -34,6 +34,7 @@ import traceback
 from contextlib import nullcontext
 
 import torch
+from machine import flop_counter
 
 SMALL = dict(preset="small", vocab=50258, length=1024)
 SMOKE = dict(preset="toy", vocab=512, length=32)
@@ -123,8 +124,6 @@ def train_step_fn(objective: str, shape: dict, batch: int, device: torch.device,
 
 def measure_training(shape: dict, batch: int, steps: int, device: torch.device, peak: float,
                      compile_model: bool) -> dict:
-    from torch.utils.flop_counter import FlopCounterMode
-
     out: dict = {"shape": shape, "precision": "bf16 autocast", "compile": compile_model}
     while True:  # the largest batch from ``batch`` down that fits both objectives
         try:
@@ -136,7 +135,7 @@ def measure_training(shape: dict, batch: int, steps: int, device: torch.device, 
                 step, model = train_step_fn(objective, shape, batch, device, compile_model)
                 seconds = _timed(step, device, repeats=steps, warmup=3)
                 memory = _peak_memory_gib(device)
-                with FlopCounterMode(display=False) as counter:
+                with flop_counter() as counter:
                     step()
                 flops = counter.get_total_flops()
                 tokens = batch * shape["length"]

@@ -1,4 +1,5 @@
-"""One line about the machine a bench ran on: threads, cores, load average, processor (and GPU if any).
+"""One line about the machine a bench ran on: threads, cores, load average, processor (and GPU if any);
+and the FLOP counter the benches share.
 
 Timings on a shared machine move with its load; every bench prints this line before and after its figures
 so a reader can tell an idle run from a loaded one.
@@ -23,3 +24,15 @@ def describe(label: str = "machine") -> str:
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return (f"{label}: torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
             f"load average {load} (1/5/15 min), {cpu}{gpu}")
+
+
+def _addmm_flops(self_shape, a_shape, b_shape, out_shape=None, **kwargs) -> int:
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
+def flop_counter():
+    """torch's FlopCounterMode, also counting the in-place ``addmm_`` (its table has ``addmm`` only): the
+    converter accumulates its GEMMs in place, which would otherwise go uncounted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    return FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _addmm_flops})
