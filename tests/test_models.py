@@ -70,6 +70,34 @@ def test_dsl_model_never_puts_mass_on_the_mask():
         assert torch.allclose(probs.sum(-1), torch.ones(3, 10))
 
 
+def test_the_mask_bias_in_the_output_layer_trains_like_filling_the_logits():
+    # p(mask) = 0 is folded into the output layer's bias; the same loss and gradients as a model whose
+    # logits get −inf at the mask column afterwards (and nothing flows into the mask column's weights)
+    model = randomise_backbone(build_model(run_cfg(), VOCAB))
+    ids = torch.randint(0, VOCAB - 1, (2, 10), generator=torch.Generator().manual_seed(5))
+    z = noisy(model, ids, 3.0).detach()
+
+    def loss_and_grads(logits_of):
+        model.zero_grad()
+        loss = torch.nn.functional.cross_entropy(logits_of(z).flatten(0, 1), ids.flatten())
+        loss.backward()
+        return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    def filled(z):
+        logits = model.backbone(inputs_embeds=model.converter(z))
+        return logits.index_fill(-1, torch.tensor([model.mask_id]), float("-inf"))
+
+    loss, grads = loss_and_grads(model)
+    ref_loss, ref_grads = loss_and_grads(filled)
+    assert torch.isfinite(loss) and torch.allclose(loss, ref_loss, rtol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        assert torch.isfinite(grad).all(), name
+        assert torch.allclose(grad, ref_grads[name], rtol=1e-5, atol=1e-7), name
+    output = model.backbone.output_layer.linear
+    assert output.bias.grad[model.mask_id] == 0 and (output.weight.grad[model.mask_id] == 0).all()
+
+
 def test_embed_and_posterior_mean():
     model = randomise_backbone(build_model(run_cfg(), VOCAB)).eval()
     ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(3))
