@@ -25,7 +25,8 @@ and boundary cases included, without sorting the vocabulary:
 
 All of it runs block by block of rows (~2^21 elements): each block's softmax, statistics, window and band
 while it is in cache (on a CPU the masks are built by in-place integer arithmetic on the float bits and
-one cast to bool: the comparison operators are several times slower there), with the block's probabilities written over its logits when the caller allows it.
+one cast to bool: the comparison operators are several times slower there), with the block's
+probabilities written over its logits when the caller allows it.
 
 The statistics come from the same passes: max p, the entropy H = log Z − Σ_v p_v l_v with
 log Z = l_max − log p_max, and k_t = the smallest set with mass ≥ ``diag_p`` (Sec 7.4).
@@ -33,7 +34,8 @@ log Z = l_max − log p_max, and k_t = the smallest set with mass ≥ ``diag_p``
 The result is sparse: per row the listed kept ids (a window row: all of them, by probability; a broad row:
 the kept part of its band, the rest implicit in :class:`Implicit`) and their float64 probabilities
 renormalised over the kept set (exact categorical sampling, in any order). A broad row's top-1 is looked up
-only when asked for (:meth:`Nucleus.most_probable`: the samplers need it once, at the final noise removal). With ``top_p >= 1`` nothing is filtered and the rows are returned dense (every id, float64).
+only when asked for (:meth:`Nucleus.most_probable`: the samplers need it once, at the final noise
+removal). With ``top_p >= 1`` nothing is filtered and the rows are returned dense (every id, float64).
 """
 
 from __future__ import annotations
@@ -326,7 +328,7 @@ def _band(p: torch.Tensor, targets: list[float], buffers: _Buffers) -> tuple[_Wi
     above = hist.flip(-1).cumsum(-1).flip(-1)  # mass of the bins ≥ j
     crossing_top = (above > min(targets)).sum(-1) - 1  # the highest bin that the first crossing may lie in
     bottom = ((above > max(targets)).sum(-1) - 1).clamp(min=0)  # ... and the lowest the last one may
-    width_log2 = int((crossing_top - bottom).max()).__add__(1).bit_length()  # 2^m − 2 ≥ the widest span
+    width_log2 = (int((crossing_top - bottom).max()) + 1).bit_length()  # 2^m − 2 ≥ the widest span
     top = bottom + (1 << width_log2) - 2
     has_base = top + 1 < n_bins
     base_mass = torch.where(has_base, above.gather(1, (top + 1).clamp(max=n_bins - 1).unsqueeze(-1)).squeeze(-1),
