@@ -99,3 +99,22 @@ def test_ar_checkpoint_is_refused(tmp_path):
     uri = save_checkpoint(str(tmp_path / "ar"), 1, config=to_dict(cfg), model_state=model.state_dict())
     with pytest.raises(UserError, match="objective=ar"):
         load_denoiser(uri, SamplingConfig())
+
+
+@pytest.mark.parametrize("pattern", ["all", "none", "first visible", "alternating", "random", "last only"])
+def test_front_rows_gives_the_masked_rows_in_order_whatever_the_chunking(pattern, monkeypatch):
+    from dsl.sampling import denoiser
+
+    n, vocab = 37, 11
+    keep = {"all": torch.ones(n, dtype=torch.bool), "none": torch.zeros(n, dtype=torch.bool),
+            "first visible": torch.arange(n) > 0, "alternating": torch.arange(n) % 2 == 1,
+            "random": torch.rand(n, generator=torch.Generator().manual_seed(3)) < 0.6,
+            "last only": torch.arange(n) == n - 1}[pattern]
+    table = torch.randn(n, vocab, generator=torch.Generator().manual_seed(1))
+    for rows_per_move in (1, 3, 64):  # the scratch holds this many rows: one move, several, a partial last
+        monkeypatch.setattr(denoiser, "_GATHER_BYTES", rows_per_move * vocab * 4)
+        edited = table.clone()
+        front = denoiser.front_rows(edited, keep)
+        assert torch.equal(front, table[keep])
+        if keep.any():  # (an empty view has no data pointer)
+            assert front.data_ptr() == edited.data_ptr()  # in place: no fresh (R, V) buffer

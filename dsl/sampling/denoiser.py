@@ -21,6 +21,32 @@ from dsl.config import ConfigError, DataConfig, SamplingConfig
 from dsl.errors import UserError
 
 MASK_LOGIT = -1.0e30  # the mask id's logit: exp underflows to exactly 0, yet 0 · MASK_LOGIT = 0
+_GATHER_BYTES = 1 << 23  # a CPU moves rows to the front of their table through a scratch of this size
+
+
+def front_rows(table: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The rows of ``table`` (N, V) where ``keep`` (N,) is True, in order: ``table[keep]``.
+
+    On a CPU they are moved to the front of ``table`` itself (its other rows are lost) and a view of them
+    returned: a fresh (R, V) tensor would fault in new pages for every row (about half of what a step does
+    besides the forward when half the positions are masked). The moves go through a cache-sized scratch,
+    gathered before it is written back: every source still to be read lies beyond every row written so
+    far (row k's source is row ≥ k), so no row is overwritten before it is read.
+    """
+    if table.device.type != "cpu":
+        return table[keep]
+    index = keep.nonzero().squeeze(-1)
+    count = index.numel()
+    out_of_place = (index != torch.arange(count)).nonzero()
+    k = int(out_of_place[0]) if out_of_place.numel() else count  # rows before k are already in place
+    step = max(1, _GATHER_BYTES // max(1, table.shape[1] * table.element_size()))
+    scratch = table.new_empty(min(step, count - k), table.shape[1])
+    while k < count:
+        stop = min(count, k + step)
+        torch.index_select(table, 0, index[k:stop], out=scratch[: stop - k])
+        table[k:stop].copy_(scratch[: stop - k])
+        k = stop
+    return table[:count]
 
 
 class Denoiser:
@@ -36,7 +62,8 @@ class Denoiser:
     device: torch.device = torch.device("cpu")  # where drafts go in and predictions come out
 
     def _scores(self, draft: torch.Tensor) -> tuple[torch.Tensor, str]:
-        """Raw prediction (B, L, V) and its kind, "logits" or "probs"; rows at visible positions are ignored."""
+        """Raw prediction (B, L, V) and its kind, "logits" or "probs"; rows at visible positions are ignored.
+        A fresh tensor: the samplers overwrite it."""
         raise NotImplementedError
 
     def masked_rows(self, draft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -50,8 +77,8 @@ class Denoiser:
         if not masked.any():
             return masked, torch.zeros(0, self.vocab_size, dtype=torch.float64, device=draft.device), "probs"
         scores, kind = self._scores(draft)
-        # all masked (step 0): a view, no copy; the scores tensor is ours to edit
-        rows = scores.reshape(-1, self.vocab_size) if masked.all() else scores[masked]
+        # the scores tensor is ours to edit: all masked (step 0), a view; else the masked rows, moved in place
+        rows = front_rows(scores.reshape(-1, self.vocab_size), masked.reshape(-1))
         if kind == "logits":
             if rows.dtype not in (torch.float32, torch.float64):
                 rows = rows.float()

@@ -74,8 +74,8 @@ class Implicit:
 
     def floor(self) -> torch.Tensor:
         """(R,) the least probability kept implicitly: key > threshold ⟺ p ≥ it (keys never decrease with p)."""
-        int_dtype, shift, lowest, _ = _key_layout(self.p.dtype)
-        return ((self.threshold.to(int_dtype) + 1 + lowest) << shift).view(self.p.dtype)
+        int_dtype, shift, _, _ = _key_layout(self.p.dtype)
+        return ((self.threshold.to(int_dtype) + 1) << shift).view(self.p.dtype)
 
     def top1(self, which: torch.Tensor) -> torch.Tensor:
         """(R',) the most probable token (the lowest id among equals) of rows ``which``."""
@@ -286,20 +286,20 @@ def _place(values: torch.Tensor, low: torch.Tensor, width_log2: int, buffers: _B
 
 
 def _key_layout(dtype: torch.dtype) -> tuple[torch.dtype, int, int, int]:
-    """(int view, right shift, lowest, bins) of the histogram keys of probabilities of ``dtype``: the float
-    bits without their lowest mantissa bits, less those of ``_KEY_FLOOR`` (``lowest``), clamped at 0."""
+    """(int view, right shift, lowest, top) of the histogram keys of probabilities of ``dtype``: the float
+    bits without their lowest mantissa bits, from those of ``_KEY_FLOOR`` (``lowest``) to those of 1."""
     int_dtype, mantissa = (torch.int32, 23) if dtype == torch.float32 else (torch.int64, 52)
     shift = mantissa - _KEY_MANTISSA
     lowest, top = (int(torch.tensor([x], dtype=dtype).view(int_dtype)) >> shift for x in (_KEY_FLOOR, 1.0))
-    return int_dtype, shift, lowest, top - lowest + 1
+    return int_dtype, shift, lowest, top
 
 
 def keys(p: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """The histogram key of each probability (float32 or float64): never lower for a higher probability;
-    every probability below ``_KEY_FLOOR`` shares key 0."""
+    every probability below ``_KEY_FLOOR`` shares the lowest key."""
     int_dtype, shift, lowest, _ = _key_layout(p.dtype)
     key = torch.bitwise_right_shift(p.view(int_dtype), shift, out=out)  # (``>>`` is several times slower)
-    return key.sub_(lowest).clamp_(min=0)
+    return key.clamp_(min=lowest)
 
 
 def _band(p: torch.Tensor, targets: list[float], buffers: _Buffers) -> tuple[_Window, torch.Tensor]:
@@ -315,9 +315,11 @@ def _band(p: torch.Tensor, targets: list[float], buffers: _Buffers) -> tuple[_Wi
     every partial sum below 1 is exact in any order), so the base's mass is the reference's own sum.
     """
     r_count, device = p.shape[0], p.device
-    int_dtype, _, _, n_bins = _key_layout(p.dtype)
+    int_dtype, _, lowest, top_key = _key_layout(p.dtype)
     key = keys(p, out=buffers(p.shape, int_dtype, "key"))
-    hist = torch.zeros(r_count, n_bins, dtype=torch.float64, device=device)
+    # indexed by key: only the bins from ``lowest`` up are ever written, so only they are cleared
+    hist = buffers((r_count, top_key + 1), torch.float64, "hist")
+    hist[:, lowest:].zero_()
     # the float64 masses and int64 indices the scatter takes, a few rows at a time (while they are in cache)
     step = max(1, _HIST_BLOCK // p.shape[1]) if device.type == "cpu" else r_count
     for a in range(0, r_count, step):
@@ -325,7 +327,8 @@ def _band(p: torch.Tensor, targets: list[float], buffers: _Buffers) -> tuple[_Wi
         shape = (rows.stop - a, p.shape[1])
         index = key[rows] if int_dtype == torch.int64 else buffers(shape, torch.int64, "index").copy_(key[rows])
         hist[rows].scatter_add_(1, index, buffers(shape, torch.float64, "mass").copy_(p[rows]))
-    above = hist.flip(-1).cumsum(-1).flip(-1)  # mass of the bins ≥ j
+    above = hist[:, lowest:].flip(-1).cumsum(-1).flip(-1)  # mass of the bins ≥ lowest + j
+    n_bins = above.shape[1]
     crossing_top = (above > min(targets)).sum(-1) - 1  # the highest bin that the first crossing may lie in
     bottom = ((above > max(targets)).sum(-1) - 1).clamp(min=0)  # ... and the lowest the last one may
     width_log2 = (int((crossing_top - bottom).max()) + 1).bit_length()  # 2^m − 2 ≥ the widest span
@@ -333,6 +336,7 @@ def _band(p: torch.Tensor, targets: list[float], buffers: _Buffers) -> tuple[_Wi
     has_base = top + 1 < n_bins
     base_mass = torch.where(has_base, above.gather(1, (top + 1).clamp(max=n_bins - 1).unsqueeze(-1)).squeeze(-1),
                             0.0)
+    bottom, top = bottom + lowest, top + lowest  # as keys
     # where each token lies (0 below the band, 1 … 2^m − 1 in it, 2^m above), in place of its key
     place = key.sub_((bottom - 1).to(int_dtype).unsqueeze(-1)).clamp_(0, 1 << width_log2)
     place_sum = place.sum(-1, dtype=int_dtype).long()
@@ -396,8 +400,10 @@ def top_p_filter(rows: torch.Tensor, top_p: float, diag_p: float = 0.9, kind: st
     ``kind="probs"``: non-negative rows (any float dtype; normalised here in float64). ``kind="logits"``:
     finite logits (a masked-out id should carry a large negative finite value, e.g. −1e30, not −inf, or
     the entropy of that row is NaN); p = softmax in their own precision. ``diag_p`` only sets the
-    nucleus-size statistic. ``overwrite=True`` lets logits rows be replaced by their probabilities (the
-    samplers hand over a forward's output they no longer need: no second (N, V) buffer to page in).
+    nucleus-size statistic. ``overwrite=True`` lets the result keep probabilities in ``rows``' own memory
+    (the samplers hand over a forward's output they no longer need: no second (N, V) buffer to page in);
+    only the rows it reads later are written (a band's or the reference's, or all of them when
+    ``top_p >= 1``), the others are left as they were.
 
     One pass over the rows, block by block (each block's softmax, statistics, window and band while it is
     in cache); rows neither window nor band decides go to the reference sort at the end.
@@ -449,7 +455,6 @@ def top_p_filter(rows: torch.Tensor, top_p: float, diag_p: float = 0.9, kind: st
         torch.amax(probs, -1, out=max_prob[i:j])
         if logits:
             entropy[i:j] = log_z - max_prob[i:j].double().log() - dot  # H = log Z − Σ p l
-            p[i:j].copy_(probs)
         else:
             entropy[i:j] = torch.special.entr(probs).sum(-1)
         # a row whose entropy exceeds log(2^7) has a nucleus too broad for the window (speed only: a row
@@ -464,8 +469,15 @@ def top_p_filter(rows: torch.Tensor, top_p: float, diag_p: float = 0.9, kind: st
             has_top = window.p[:, 0] == max_prob[i:j][narrow].double()
             top1[i + narrow[has_top]] = window.ids[has_top, 0]
             rest[narrow[settle(block_rows[narrow], window, TOP)]] = False
+        if logits and filter_p is None:
+            p[i:j].copy_(probs)
         if bool(rest.any()):
             broad = rest.nonzero().squeeze(-1)
+            if logits and filter_p is not None:  # a window row's probabilities are never read again
+                if broad.numel() == j - i:
+                    p[i:j].copy_(probs)
+                else:
+                    p[i + broad] = probs[broad]
             window, threshold = _band(probs if broad.numel() == j - i else probs[broad], targets, buffers)
             settle(block_rows[broad], window, BAND, threshold)
     last = (source == REFERENCE).nonzero().squeeze(-1)
