@@ -100,15 +100,17 @@ class Implicit:
         floor = self.floor()[which].unsqueeze(-1)
         token = torch.empty(which.shape[0], dtype=torch.long, device=device)
         blocks = _row_blocks(which.shape[0], vocab, device)
-        kept = torch.zeros(blocks[0][1] if blocks else 0, n_chunks * _CHUNK, dtype=self.p.dtype, device=device)
+        # the kept probabilities in float64, written by the masking product itself (a float64 sum of float32
+        # chunks would first convert them into a fresh buffer)
+        kept = torch.zeros(blocks[0][1] if blocks else 0, n_chunks * _CHUNK, dtype=torch.float64, device=device)
         for i, j in blocks:
             rows, part = self.p[which[i:j]], kept[: j - i]
             torch.mul(rows, rows >= floor[i:j], out=part[:, :vocab])
             chunks = part.view(j - i, n_chunks, _CHUNK)
-            before = chunks.sum(-1, dtype=torch.float64).cumsum(-1)  # mass of the chunks ≤ c
+            before = chunks.sum(-1).cumsum(-1)  # mass of the chunks ≤ c
             chunk = torch.searchsorted(before, inside[i:j].unsqueeze(-1), right=True).clamp(max=n_chunks - 1)
             start = torch.where(chunk > 0, before.gather(1, (chunk - 1).clamp(min=0)), 0.0)
-            cdf = start + chunks.gather(1, chunk.unsqueeze(-1).expand(-1, -1, _CHUNK)).squeeze(1).double().cumsum(-1)
+            cdf = start + chunks.gather(1, chunk.unsqueeze(-1).expand(-1, -1, _CHUNK)).squeeze(1).cumsum(-1)
             token[i:j] = chunk.squeeze(-1) * _CHUNK + torch.searchsorted(
                 cdf, inside[i:j].unsqueeze(-1), right=True).squeeze(-1)
         return token, self.p[which, token].double() * scale
