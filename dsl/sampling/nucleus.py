@@ -25,8 +25,8 @@ and boundary cases included, without sorting the vocabulary:
 
 All of it runs block by block of rows (~2^21 elements): each block's softmax, statistics, window and band
 while it is in cache (on a CPU the masks are built by in-place integer arithmetic on the float bits and
-one cast to bool: the comparison operators are several times slower there), with the block's
-probabilities written over its logits when the caller allows it.
+one cast to bool: the comparison operators are several times slower there). When the caller allows it,
+the probabilities of the rows read again later (a band's, the reference's) are written over their logits.
 
 The statistics come from the same passes: max p, the entropy H = log Z − Σ_v p_v l_v with
 log Z = l_max − log p_max, and k_t = the smallest set with mass ≥ ``diag_p`` (Sec 7.4).
