@@ -176,7 +176,9 @@ def test_each_row_is_decided_on_its_own():
         assert int(batch.kept[i]) == int(one.kept[0]) and int(batch.most_probable()[i]) == int(one.most_probable()[0])
 
 
-def test_broad_rows_list_only_their_band():
+def test_broad_rows_list_only_their_band(monkeypatch):
+    from dsl.sampling import nucleus
+
     # a broad row keeps ~10^3 tokens but lists only the band's share: the rest is implied by its threshold
     logits = _zipf_logits(8, 20_000, 1.0, seed=11)
     res = _assert_exact(logits, 0.9)
@@ -196,9 +198,11 @@ def test_broad_rows_list_only_their_band():
     # ... and a draw inside it lands where the id-ordered cumulative mass crosses the target
     cdf = (p.double() * kept).cumsum(-1) * res.implicit.scale.unsqueeze(-1)
     target = 0.37 * res.implicit.mass * res.implicit.scale
-    token, prob = res.implicit.locate(target, torch.arange(8))
-    assert torch.equal(token, (cdf <= target.unsqueeze(-1)).sum(-1))
-    assert torch.equal(prob, p.double().gather(1, token.unsqueeze(-1)).squeeze(-1) * res.implicit.scale)
+    for rows_at_a_time in (20, 3):  # all rows at once; blocks of 3 rows, the last one short
+        monkeypatch.setattr(nucleus, "_WIDE_BLOCK", rows_at_a_time * 20_000)
+        token, prob = res.implicit.locate(target, torch.arange(8))
+        assert torch.equal(token, (cdf <= target.unsqueeze(-1)).sum(-1))
+        assert torch.equal(prob, p.double().gather(1, token.unsqueeze(-1)).squeeze(-1) * res.implicit.scale)
 
 
 def test_top_p_one_reports_the_nucleus_size_of_broad_rows():

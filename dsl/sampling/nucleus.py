@@ -54,7 +54,7 @@ _KEY_FLOOR = 2.0 ** -32    # ... from here up (every lower probability shares th
 _EXACT_FLOOR = 2.0 ** -30  # float32 probabilities from here up add exactly in float64 (below 1)
 _U64 = 2.0 ** -53          # unit roundoff of float64
 _BLOCK = 1 << 21           # elements per block of rows in the full-vocabulary passes (8 MB of float32)
-_HIST_BLOCK = 1 << 18      # ... and per part of a block whose float64 masses enter the histogram (2 MB)
+_WIDE_BLOCK = 1 << 18      # ... and in the passes that work in float64 (2 MB: they stay in cache)
 
 
 @dataclass
@@ -92,14 +92,15 @@ class Implicit:
         implicitly kept tokens, added in id order, first exceeds ``target`` (R',) float64, which must be
         below ``mass · scale``. The sums are those of the unscaled float64 probabilities (exact for float32
         probabilities), the target divided by the scale: first over chunks of ``_CHUNK`` ids, then inside
-        the one chunk that crosses (no cumulative sum over the whole vocabulary); rows block by block."""
+        the one chunk that crosses (no cumulative sum over the whole vocabulary); rows a few at a time, so
+        that their float64 copy stays in cache (half the time of 8 MB blocks on a CPU)."""
         vocab, device = self.p.shape[1], self.p.device
         n_chunks = -(-vocab // _CHUNK)
         scale, mass = self.scale[which], self.mass[which]
         inside = torch.minimum(target / scale, torch.nextafter(mass, torch.zeros_like(mass)))
         floor = self.floor()[which].unsqueeze(-1)
         token = torch.empty(which.shape[0], dtype=torch.long, device=device)
-        blocks = _row_blocks(which.shape[0], vocab, device)
+        blocks = _row_blocks(which.shape[0], vocab, device, _WIDE_BLOCK)
         # the kept probabilities in float64, written by the masking product itself (a float64 sum of float32
         # chunks would first convert them into a fresh buffer)
         kept = torch.zeros(blocks[0][1] if blocks else 0, n_chunks * _CHUNK, dtype=torch.float64, device=device)
@@ -323,7 +324,7 @@ def _band(p: torch.Tensor, targets: list[float], buffers: _Buffers) -> tuple[_Wi
     hist = buffers((r_count, top_key + 1), torch.float64, "hist")
     hist[:, lowest:].zero_()
     # the float64 masses and int64 indices the scatter takes, a few rows at a time (while they are in cache)
-    step = max(1, _HIST_BLOCK // p.shape[1]) if device.type == "cpu" else r_count
+    step = max(1, _WIDE_BLOCK // p.shape[1]) if device.type == "cpu" else r_count
     for a in range(0, r_count, step):
         rows = slice(a, min(a + step, r_count))
         shape = (rows.stop - a, p.shape[1])
@@ -365,13 +366,13 @@ def _reference_rows(p: torch.Tensor, top_p: float | None, diag_p: float
     return idx, vals * keep, keep.sum(-1), size
 
 
-def _row_blocks(n: int, vocab: int, device: torch.device) -> list[tuple[int, int]]:
-    """Row ranges of about ``_BLOCK`` elements on a CPU: every full-vocabulary pass runs block by block,
-    so a block's temporaries stay cache-sized and are reused instead of paging in fresh (N, V) buffers.
-    An accelerator takes all rows at once (each pass is one kernel launch)."""
+def _row_blocks(n: int, vocab: int, device: torch.device, elements: int | None = None) -> list[tuple[int, int]]:
+    """Row ranges of about ``elements`` (default ``_BLOCK``) elements on a CPU: every full-vocabulary pass
+    runs block by block, so a block's temporaries stay cache-sized and are reused instead of paging in
+    fresh (N, V) buffers. An accelerator takes all rows at once (each pass is one kernel launch)."""
     if device.type != "cpu":
         return [(0, n)] if n else []
-    step = max(1, _BLOCK // max(vocab, 1))
+    step = max(1, (_BLOCK if elements is None else elements) // max(vocab, 1))
     return [(i, min(i + step, n)) for i in range(0, n, step)]
 
 
