@@ -54,17 +54,15 @@ class FixedLogits(Denoiser):
         return self.handed, "logits"
 
 
-def _time(fn, repeats: int, setup=None) -> float:
-    """Least CPU seconds of this process (all its threads) over ``repeats``: the least disturbed figure on
-    a shared machine, as bench_train takes it. ``setup`` runs before each repeat, off the clock."""
-    times = []
-    for _ in range(repeats):
-        if setup is not None:
-            setup()
-        start = time.process_time()
-        fn()
-        times.append(time.process_time() - start)
-    return min(times)
+def _time(fn, setup=None) -> float:
+    """CPU seconds of this process (all its threads) for one call of ``fn``; ``setup`` runs first, off the
+    clock. The figures are the least over rounds of these (the least disturbed on a shared machine, as
+    bench_train takes them)."""
+    if setup is not None:
+        setup()
+    start = time.process_time()
+    fn()
+    return time.process_time() - start
 
 
 def _forward(model: DiT, ids: torch.Tensor) -> None:
@@ -131,7 +129,7 @@ def main() -> None:
         probs = torch.softmax(rows, -1).double()  # the rule's probabilities: softmax in the logits' precision
         nuc = top_p_filter(rows, 0.9, kind="logits")
         same = float(((nuc.dense(VOCAB) > 0) == (sort_top_p_filter(probs, 0.9) > 0)).all(-1).double().mean())
-        full = _time(lambda probs=probs: sort_top_p_filter(probs, 0.9), 1)
+        full = _time(lambda probs=probs: sort_top_p_filter(probs, 0.9))
         drafts = []
         for frac in fracs:
             draft = torch.randint(0, VOCAB - 1, (1, length), generator=gen)
@@ -151,18 +149,18 @@ def main() -> None:
     forwards = []
     for round_ in range(REPEATS):
         if round_ % 3 == 0:
-            forwards.append(_time(lambda: _forward(model, ids), 1))
+            forwards.append(_time(lambda: _forward(model, ids)))
         for case in cases:
             den = case["den"]
             ours[case["regime"]].append(_time(lambda den=den: held.append(
-                top_p_filter(den.masked_rows(every)[1], 0.9, kind="logits", overwrite=True)), 1,
+                top_p_filter(den.masked_rows(every)[1], 0.9, kind="logits", overwrite=True)),
                 setup=lambda den=den: (held.clear(), den.prepare())))
             held.clear()
             for frac, draft in zip(fracs, case["drafts"]):
                 math_s[case["regime"], frac].append(_time(
-                    lambda draft=draft, den=den: one_step(den, draft, scfg, StepRecorder(1, length)), 1,
+                    lambda draft=draft, den=den: one_step(den, draft, scfg, StepRecorder(1, length)),
                     setup=den.prepare))
-    forwards.append(_time(lambda: _forward(model, ids), 1))
+    forwards.append(_time(lambda: _forward(model, ids)))
     forward = min(forwards)
     table = [(c["regime"], c["k"], c["max_p"], frac, min(math_s[c["regime"], frac]), min(ours[c["regime"]]),
               c["full"], c["same"]) for c in cases for frac in fracs]

@@ -235,7 +235,7 @@ def test_blocks_and_overwrite_give_the_same_result_as_one_pass(monkeypatch):
     for name in ("kept", "top1", "nucleus_size", "max_prob", "entropy"):
         assert torch.equal(getattr(blocked, name), getattr(whole, name)), name
     assert torch.equal(blocked.most_probable(), whole.most_probable())
-    # the buffer now holds p where the result reads it (the rows a band decides), and only there
+    # the buffer now holds p where the result reads it (the rows a band decides)
     implicit = blocked.implicit
     assert implicit is not None and implicit.rows.numel() < 23
     assert torch.equal(implicit.p, torch.softmax(logits, -1)[implicit.rows])

@@ -472,15 +472,14 @@ def top_p_filter(rows: torch.Tensor, top_p: float, diag_p: float = 0.9, kind: st
             has_top = window.p[:, 0] == max_prob[i:j][narrow].double()
             top1[i + narrow[has_top]] = window.ids[has_top, 0]
             rest[narrow[settle(block_rows[narrow], window, TOP)]] = False
-        if logits and filter_p is None:
-            p[i:j].copy_(probs)
+        if logits:  # probabilities are kept where they are read again: every row unfiltered, else the rest
+            stored = rest if filter_p is not None else torch.ones_like(rest)
+            if bool(stored.all()):
+                p[i:j].copy_(probs)
+            elif bool(stored.any()):
+                p[i:j][stored] = probs[stored]
         if bool(rest.any()):
             broad = rest.nonzero().squeeze(-1)
-            if logits and filter_p is not None:  # a window row's probabilities are never read again
-                if broad.numel() == j - i:
-                    p[i:j].copy_(probs)
-                else:
-                    p[i + broad] = probs[broad]
             window, threshold = _band(probs if broad.numel() == j - i else probs[broad], targets, buffers)
             settle(block_rows[broad], window, BAND, threshold)
     last = (source == REFERENCE).nonzero().squeeze(-1)
