@@ -46,25 +46,25 @@ def files_of(root: Path) -> dict[str, bytes]:
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_one_two_three_workers_write_byte_identical_stores(ray_env, corpus: Path, tmp_path: Path) -> None:
+def test_two_and_three_workers_write_the_single_process_store_byte_for_byte(ray_env, corpus: Path, tmp_path: Path) -> None:
     stores = {}
-    for n in (1, 2, 3):
+    for n in (2, 3):  # 3 does not divide the documents evenly
         out = run_job("jobs/prepare_data.py", [f"data.source={corpus}", *PREP, f"prepare.workers={n}",
                                                f"out={tmp_path / f'w{n}'}", "service.mlflow=off"], ray_env)
         summary = summary_of(out)
         assert summary["documents"] == 105 and summary["tokens_per_s"] > 0
         assert f"with {n} Ray worker(s):" in out.stdout and "documents/s" in out.stdout and "tokens/s" in out.stdout
         stores[n] = files_of(tmp_path / f"w{n}")
-    assert stores[1] == stores[2] == stores[3]
-    assert sum(k.endswith(".bin") for k in stores[1]) > 4 and not any(k.startswith("_work") for k in stores[1])
+    assert stores[2] == stores[3]
+    assert sum(k.endswith(".bin") for k in stores[2]) > 4 and not any(k.startswith("_work") for k in stores[2])
 
     cfg = raw_cfg(corpus)  # the same steps in one process, and the single-process wrapping of build_data
     Preparation(cfg.data, L, str(tmp_path / "ref"), shard_blocks=7).run(InProcess)
-    assert files_of(tmp_path / "ref") == stores[1]
-    manifest = json.loads(stores[1][MANIFEST])
+    assert files_of(tmp_path / "ref") == stores[2]
+    manifest = json.loads(stores[2][MANIFEST])
     ref = build_data(cfg)
     for split in ("train", "valid"):
-        blocks = np.concatenate([np.frombuffer(stores[1][s["file"]], dtype="<u2").reshape(-1, L)
+        blocks = np.concatenate([np.frombuffer(stores[2][s["file"]], dtype="<u2").reshape(-1, L)
                                  for s in manifest["splits"][split]["shards"]])
         assert np.array_equal(blocks, ref.store.arrays[split][0])
 
