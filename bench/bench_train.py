@@ -1,19 +1,19 @@
 """Training throughput and memory, MDLM vs DSL objective on the same DiT backbone (CPU), and the converter alone.
 
-    python bench/bench_train.py [--threads 2] [--steps 6] [--small-steps 2] [--rounds 2] [--precision fp32]
+    python bench/bench_train.py [--threads 2] [--steps 6] [--small-steps 2] [--rounds 3] [--precision fp32]
                                 [--skip-small]
 
-For each shape (the ``tiny-cpu`` preset and MDLM ``small`` at V=50258, L=1024, batch 1) and each objective,
-a child process builds the model, runs a warm-up step and timed AdamW steps (the trainer's step: loss,
-backward, clip, AdamW), counts the step's FLOPs with torch's FlopCounterMode (plus the in-place addmm_
-the converter accumulates with) and reports its peak resident memory. The objectives alternate over
-``--rounds`` rounds so both see the same load; a step's time is the minimum over rounds and steps (the
-least disturbed figure on a shared CPU). A large matmul timed in the same run gives the CPU's practical
-FLOP/s. Step times are CPU seconds of the process (all its threads): on a loaded machine they move far
-less than wall time; both are printed. The converter alone (fwd+bwd at paper shape, both implementations)
-is timed against that rate. Prints one table; ratio rows are DSL / MDLM, and the last
-table is the one the speed work is tracked by (``--precision bf16`` runs both objectives under bf16
-autocast).
+For each shape (the ``tiny-cpu`` preset and MDLM ``small`` at V=50258, L=1024, batch 1) one child process
+builds both models and takes ``--rounds`` x ``--steps`` training steps of each, alternating step by step
+(the trainer's step: loss, backward, clip, AdamW), so a busy spell of the machine touches both objectives
+alike; a step's time is the minimum over all its timed steps (the least disturbed figure on a shared CPU).
+Each step's FLOPs are counted with torch's FlopCounterMode (plus the in-place addmm_ the converter
+accumulates with). Peak resident memory comes from one fresh child process per objective (ru_maxrss is a
+per-process peak). A large matmul timed in the same run gives the CPU's practical FLOP/s. Step times are
+CPU seconds of the process (all its threads): on a loaded machine they move far less than wall time; both
+are printed. The converter alone (fwd+bwd at paper shape, both implementations) is timed against that rate.
+Prints one table; ratio rows are DSL / MDLM, and the last table is the one the speed work is tracked by
+(``--precision bf16`` runs both objectives under bf16 autocast).
 """
 
 from __future__ import annotations
@@ -35,13 +35,15 @@ SHAPES = {
 # are FLOPs MDLM does not have (a time ratio under the FLOP ratio is out of reach when both run at the
 # same rate), so the guard asks that DSL spends no more than 10 % more time per FLOP than MDLM
 PER_FLOP_GUARD = 1.10
+OBJECTIVES = ("mdlm", "dsl")
 
 
 def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def _run(shape: str, objective: str, steps: int, threads: int, precision: str, out: mp.Queue) -> None:
+def _trainer_step(shape: str, objective: str, threads: int, precision: str):
+    """(one training step as the trainer takes it, its model) for ``objective`` at ``shape``."""
     torch.set_num_threads(threads)
     from dsl.config import RunConfig, load
     from dsl.models import build_model
@@ -58,7 +60,6 @@ def _run(shape: str, objective: str, steps: int, threads: int, precision: str, o
     ids = torch.randint(spec["vocab"] - 1, (b, length), generator=sample_generator(0, "bench-ids"))
     mask = torch.ones_like(ids)
     rows = torch.arange(b)
-    base = _rss_mib()
 
     def step(k: int) -> None:
         gens = [sample_generator(0, "bench", k, r) for r in range(b)]
@@ -69,18 +70,42 @@ def _run(shape: str, objective: str, steps: int, threads: int, precision: str, o
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step(0)  # warm-up: allocates the optimizer state
-    times, cpu = [], []
-    for k in range(1, steps + 1):
-        t0, c0 = time.perf_counter(), time.process_time()
-        step(k)
-        times.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
+    return step, model
+
+
+def _memory(shape: str, objective: str, threads: int, precision: str, out: mp.Queue) -> None:
+    """Peak resident memory of a process that builds one objective's model and takes two steps."""
+    base = _rss_mib()
+    step, _ = _trainer_step(shape, objective, threads, precision)
+    step(0)  # allocates the optimizer state
+    step(1)
     peak = _rss_mib()
-    with flop_counter() as counter:
-        step(steps + 1)
-    out.put(dict(step_s=min(cpu), wall_s=min(times), tokens=b * length, flops=counter.get_total_flops(), peak_mib=peak,
-                 train_mib=peak - base, params_m=sum(p.numel() for p in model.parameters()) / 1e6))
+    out.put(dict(peak_mib=peak, train_mib=peak - base))
+
+
+def _timed(shape: str, steps: int, rounds: int, threads: int, precision: str, out: mp.Queue) -> None:
+    """Both objectives in one process, ``rounds`` x ``steps`` steps of each, alternating: the least CPU and wall
+    time per step of each."""
+    trainers = {objective: _trainer_step(shape, objective, threads, precision) for objective in OBJECTIVES}
+    for step, _ in trainers.values():
+        step(0)  # warm-up: allocates the optimizer state
+    cpu = {objective: float("inf") for objective in OBJECTIVES}
+    wall = dict(cpu)
+    for k in range(1, rounds * steps + 1):
+        for objective, (step, _) in trainers.items():  # alternating step by step: load drift touches both alike
+            t0, c0 = time.perf_counter(), time.process_time()
+            step(k)
+            wall[objective] = min(wall[objective], time.perf_counter() - t0)
+            cpu[objective] = min(cpu[objective], time.process_time() - c0)
+    result = {}
+    spec = SHAPES[shape]
+    for objective, (step, model) in trainers.items():
+        with flop_counter() as counter:
+            step(rounds * steps + 1)
+        result[objective] = dict(step_s=cpu[objective], wall_s=wall[objective], tokens=spec["batch"] * spec["length"],
+                                 flops=counter.get_total_flops(),
+                                 params_m=sum(p.numel() for p in model.parameters()) / 1e6)
+    out.put(result)
 
 
 def _converter(threads: int, out: mp.Queue) -> None:
@@ -128,9 +153,9 @@ def _child(ctx, target, *args):
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=6, help="timed steps per round at the tiny-cpu shape")
-    ap.add_argument("--small-steps", type=int, default=2, help="timed steps per round at the small shape")
-    ap.add_argument("--rounds", type=int, default=2, help="alternating MDLM/DSL rounds (min over them)")
+    ap.add_argument("--steps", type=int, default=6, help="timed steps per objective and round, tiny-cpu shape")
+    ap.add_argument("--small-steps", type=int, default=2, help="the same at the small shape")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds (steps x rounds alternating MDLM/DSL steps; min over all)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast for both")
     ap.add_argument("--skip-small", action="store_true", help="only the tiny-cpu shape")
@@ -142,13 +167,11 @@ def main(argv: list[str]) -> int:
     shapes = ["tiny-cpu"] + ([] if args.skip_small else ["small"])
     results: dict[tuple[str, str], dict] = {}
     for shape in shapes:
-        for _ in range(args.rounds):
-            for objective in ("mdlm", "dsl"):
-                steps = args.small_steps if shape == "small" else args.steps
-                r = _child(ctx, _run, shape, objective, steps, args.threads, args.precision)
-                best = results.get((shape, objective))
-                if best is None or r["step_s"] < best["step_s"]:
-                    results[shape, objective] = r
+        steps = args.small_steps if shape == "small" else args.steps
+        timed = _child(ctx, _timed, shape, steps, args.rounds, args.threads, args.precision)
+        for objective in OBJECTIVES:
+            memory = _child(ctx, _memory, shape, objective, args.threads, args.precision)
+            results[shape, objective] = {**timed[objective], **memory}
     converter = _child(ctx, _converter, args.threads)
     peak_matmul = max(peak_matmul, matmul_flops(args.threads))  # again at the end: the less disturbed
     print(f"\nfp32 matmul 2048^2, {args.threads} threads: {peak_matmul / 1e9:.1f} GFLOP/s (per CPU second x threads); "
@@ -159,7 +182,7 @@ def main(argv: list[str]) -> int:
     print("-" * len(head))
     ratios = {}
     for shape in shapes:
-        for objective in ("mdlm", "dsl"):
+        for objective in OBJECTIVES:
             r = results[shape, objective]
             rate = r["flops"] / r["step_s"] * args.threads
             print(f"{shape:<9} {objective:<9} {r['params_m']:>8.2f} {r['tokens'] / r['wall_s']:>10.1f} "
