@@ -1,10 +1,10 @@
 """Training throughput and memory, MDLM vs DSL objective on the same DiT backbone (CPU), and the converter alone.
 
-    python bench/bench_train.py [--threads 2] [--steps 6] [--small-steps 2] [--rounds 3] [--precision fp32]
+    python bench/bench_train.py [--threads 2] [--steps 18] [--small-steps 6] [--precision fp32]
                                 [--skip-small]
 
 For each shape (the ``tiny-cpu`` preset and MDLM ``small`` at V=50258, L=1024, batch 1) one child process
-builds both models and takes ``--rounds`` x ``--steps`` training steps of each, alternating step by step
+builds both models and takes ``--steps`` (``--small-steps``) training steps of each, alternating step by step
 (the trainer's step: loss, backward, clip, AdamW), so a busy spell of the machine touches both objectives
 alike; a step's time is the minimum over all its timed steps (the least disturbed figure on a shared CPU).
 Each step's FLOPs are counted with torch's FlopCounterMode (plus the in-place addmm_ the converter
@@ -83,15 +83,15 @@ def _memory(shape: str, objective: str, threads: int, precision: str, out: mp.Qu
     out.put(dict(peak_mib=peak, train_mib=peak - base))
 
 
-def _timed(shape: str, steps: int, rounds: int, threads: int, precision: str, out: mp.Queue) -> None:
-    """Both objectives in one process, ``rounds`` x ``steps`` steps of each, alternating: the least CPU and wall
-    time per step of each."""
+def _timed(shape: str, steps: int, threads: int, precision: str, out: mp.Queue) -> None:
+    """Both objectives in one process, ``steps`` steps of each, alternating: the least CPU and wall time per
+    step of each."""
     trainers = {objective: _trainer_step(shape, objective, threads, precision) for objective in OBJECTIVES}
     for step, _ in trainers.values():
         step(0)  # warm-up: allocates the optimizer state
     cpu = {objective: float("inf") for objective in OBJECTIVES}
     wall = dict(cpu)
-    for k in range(1, rounds * steps + 1):
+    for k in range(1, steps + 1):
         for objective, (step, _) in trainers.items():  # alternating step by step: load drift touches both alike
             t0, c0 = time.perf_counter(), time.process_time()
             step(k)
@@ -101,7 +101,7 @@ def _timed(shape: str, steps: int, rounds: int, threads: int, precision: str, ou
     spec = SHAPES[shape]
     for objective, (step, model) in trainers.items():
         with flop_counter() as counter:
-            step(rounds * steps + 1)
+            step(steps + 1)
         result[objective] = dict(step_s=cpu[objective], wall_s=wall[objective], tokens=spec["batch"] * spec["length"],
                                  flops=counter.get_total_flops(),
                                  params_m=sum(p.numel() for p in model.parameters()) / 1e6)
@@ -153,13 +153,15 @@ def _child(ctx, target, *args):
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=6, help="timed steps per objective and round, tiny-cpu shape")
-    ap.add_argument("--small-steps", type=int, default=2, help="the same at the small shape")
-    ap.add_argument("--rounds", type=int, default=3, help="rounds (steps x rounds alternating MDLM/DSL steps; min over all)")
+    ap.add_argument("--steps", type=int, default=18, help="timed steps per objective at the tiny-cpu shape (min over them)")
+    ap.add_argument("--small-steps", type=int, default=6, help="the same at the small shape")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast for both")
     ap.add_argument("--skip-small", action="store_true", help="only the tiny-cpu shape")
     args = ap.parse_args(argv)
+    for name in ("steps", "small_steps", "threads"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')}={getattr(args, name)}: must be at least 1")
     torch.set_num_threads(args.threads)
     print(describe("before"), flush=True)
     ctx = mp.get_context("spawn")  # a fresh process per row: ru_maxrss is per-process peak memory
@@ -168,7 +170,7 @@ def main(argv: list[str]) -> int:
     results: dict[tuple[str, str], dict] = {}
     for shape in shapes:
         steps = args.small_steps if shape == "small" else args.steps
-        timed = _child(ctx, _timed, shape, steps, args.rounds, args.threads, args.precision)
+        timed = _child(ctx, _timed, shape, steps, args.threads, args.precision)
         for objective in OBJECTIVES:
             memory = _child(ctx, _memory, shape, objective, args.threads, args.precision)
             results[shape, objective] = {**timed[objective], **memory}
