@@ -38,8 +38,14 @@ PER_FLOP_GUARD = 1.10
 OBJECTIVES = ("mdlm", "dsl")
 
 
-def _rss_mib() -> float:
+def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _rss_mib() -> float:
+    """Resident memory now (the peak can be an import's transient, above what the built model keeps)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 def _trainer_step(shape: str, objective: str, threads: int, precision: str):
@@ -74,13 +80,14 @@ def _trainer_step(shape: str, objective: str, threads: int, precision: str):
 
 
 def _memory(shape: str, objective: str, threads: int, precision: str, out: mp.Queue) -> None:
-    """Peak resident memory of a process that builds one objective's model and takes two steps."""
-    base = _rss_mib()
+    """Peak resident memory of a process that builds one objective's model and takes two steps, and how much
+    of it the steps added (activations, gradients, optimizer state)."""
     step, _ = _trainer_step(shape, objective, threads, precision)
+    base = _rss_mib()
     step(0)  # allocates the optimizer state
     step(1)
-    peak = _rss_mib()
-    out.put(dict(peak_mib=peak, train_mib=peak - base))
+    peak = _peak_rss_mib()
+    out.put(dict(peak_mib=peak, train_mib=max(0.0, peak - base)))
 
 
 def _timed(shape: str, steps: int, threads: int, precision: str, out: mp.Queue) -> None:
@@ -194,7 +201,8 @@ def main(argv: list[str]) -> int:
         ratios[shape] = (d["step_s"] / m["step_s"], d["flops"] / m["flops"])
         print(f"{shape:<9} {'dsl/mdlm':<9} {'':>8} {m['wall_s'] / d['wall_s']:>10.2f} "
               f"{d['step_s'] / m['step_s']:>8.2f} {d['wall_s'] / m['wall_s']:>8.2f} {d['peak_mib'] / m['peak_mib']:>9.2f} "
-              f"{d['train_mib'] / max(m['train_mib'], 1e-9):>9.2f} {d['flops'] / m['flops']:>10.2f}")
+              f"{d['train_mib'] / m['train_mib'] if m['train_mib'] >= 1 else float('nan'):>9.2f} "
+              f"{d['flops'] / m['flops']:>10.2f}")
     print("\nconverter fwd+bwd alone (V=50258, 1024 positions, d=64, hidden=768): "
           + ", ".join(f"{impl} {rate / 1e9:.1f} GFLOP/s = {100 * rate / peak_matmul:.0f} % of the matmul rate"
                       for impl, rate in converter.items()))
