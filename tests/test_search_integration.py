@@ -187,16 +187,39 @@ def test_killed_search_continues_without_duplicates(ray_cluster, tmp_path):
     assert len(tags) == len(set(tags)) == 5
 
 
-def test_same_seed_storage_free_search_repeats_its_choice(ray_cluster, tmp_path):
+def test_same_seed_storage_free_search_repeats_its_choice_from_its_seeds_draws(ray_cluster, tmp_path):
+    """Two storage-free runs with one seed choose alike, and their trials are the draws of the TPE sampler
+    that seed derives for the budget: replayed here in memory (all three trials are start-up draws), an
+    exact check that the seed reaches the sampler, where a third search with another seed only showed
+    that something changed."""
+    import optuna
+
+    from dsl.cli import load_job, parse
+    from dsl.seeding import derive_seed
+    from dsl.service.search_config import search_space
+
     # one budget: each budget's study is seeded on its own (derive_seed(seed, "tpe", T, stored))
     args = ["budgets=8", "trials=3", "search.asha=false", "sampling.num_samples=8", "search.max_concurrent=1",
-            "search.study_db=none", "service.mlflow=off"]
-    first = _run_search(ray_cluster, args + ["seed=7", f"out={tmp_path / 'a'}"])
-    second = _run_search(ray_cluster, args + ["seed=7", f"out={tmp_path / 'b'}"])
+            "search.study_db=none", "service.mlflow=off", "seed=7"]
+    first = _run_search(ray_cluster, args + [f"out={tmp_path / 'a'}"])
+    second = _run_search(ray_cluster, args + [f"out={tmp_path / 'b'}"])
     assert first["table"] == second["table"]
     assert not (tmp_path / "a" / "study.db").exists()
-    other = _run_search(ray_cluster, args + ["seed=8", f"out={tmp_path / 'c'}"])
-    assert other["table"] != first["table"]
+
+    _, cfg = parse(load_job("tune/eta_cap_search.py"), SMALL + args)
+    assert cfg.search.startup_trials >= 3
+
+    def draws(seed: int) -> list[dict]:
+        sampler = optuna.samplers.TPESampler(seed=derive_seed(seed, "tpe", 8, 0) % (2**32),
+                                             n_startup_trials=cfg.search.startup_trials)
+        study = optuna.create_study(direction="maximize", sampler=sampler)
+        return [study.ask(search_space(cfg)).params for _ in range(3)]
+
+    for out in ("a", "b"):
+        records = json.loads((tmp_path / out / "search_summary.json").read_text())["records"]
+        ran = [{k: r[k] for k in search_space(cfg)} for r in sorted(records, key=lambda r: r["number"])]
+        assert ran == draws(7)
+    assert draws(8) != draws(7)
 
 
 def test_emitted_table_and_rule_drive_the_sampler_per_steps(small_search, tmp_path, capsys):
