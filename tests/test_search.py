@@ -12,7 +12,6 @@ import pytest
 from dsl.cli import load_job, parse
 from dsl.config import ConfigError
 from dsl.errors import UserError
-from dsl.seeding import derive_seed
 from dsl.service import search as S
 from dsl.service.search_config import search_space, trial_resources
 from dsl.service.search_optuna import StudySearcher
@@ -24,7 +23,7 @@ from dsl.service.search_results import (
     penalised_score,
     plot_mauve_vs_rewrites,
 )
-from dsl.service.search_study import open_storage, prepare_study, storage_url, study_records
+from dsl.service.search_study import open_storage, prepare_study, storage_url, study_records, tpe_seed
 from dsl.service.search_trial import rungs_for
 
 JOB = load_job("tune/eta_cap_search.py")
@@ -188,7 +187,7 @@ def test_resumed_searcher_continues_numbers_without_replaying_params(tmp_path):
     # a fresh driver: same sampler seed would replay params; the driver derives it from the study size
     done, stored = prepare_study(storage, name)
     s2 = StudySearcher({"eta_cap": optuna.distributions.FloatDistribution(1e-3, 1.0, log=True)}, storage,
-                          name, sampler_seed=derive_seed(0, "tpe", 16, stored) % 2**32, startup=2,
+                          name, sampler_seed=tpe_seed(0, 16, stored), startup=2,
                           full_samples=8, steps=16, on_record=first.append)
     replay = _searcher(storage, "other", [])
     assert replay.suggest("x")["eta_cap"] == params_before[0]      # the trap: same seed, same start

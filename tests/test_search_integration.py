@@ -195,10 +195,10 @@ def test_same_seed_storage_free_search_repeats_its_choice_from_its_seeds_draws(r
     import optuna
 
     from dsl.cli import load_job, parse
-    from dsl.seeding import derive_seed
     from dsl.service.search_config import search_space
+    from dsl.service.search_study import tpe_seed
 
-    # one budget: each budget's study is seeded on its own (derive_seed(seed, "tpe", T, stored))
+    # one budget: each budget's study is seeded on its own (tpe_seed(seed, T, stored))
     args = ["budgets=8", "trials=3", "search.asha=false", "sampling.num_samples=8", "search.max_concurrent=1",
             "search.study_db=none", "service.mlflow=off", "seed=7"]
     first = _run_search(ray_cluster, args + [f"out={tmp_path / 'a'}"])
@@ -210,16 +210,16 @@ def test_same_seed_storage_free_search_repeats_its_choice_from_its_seeds_draws(r
     assert cfg.search.startup_trials >= 3
 
     def draws(seed: int) -> list[dict]:
-        sampler = optuna.samplers.TPESampler(seed=derive_seed(seed, "tpe", 8, 0) % (2**32),
-                                             n_startup_trials=cfg.search.startup_trials)
+        sampler = optuna.samplers.TPESampler(seed=tpe_seed(seed, 8, 0), n_startup_trials=cfg.search.startup_trials)
         study = optuna.create_study(direction="maximize", sampler=sampler)
         return [study.ask(search_space(cfg)).params for _ in range(3)]
 
+    seeded = draws(7)
     for out in ("a", "b"):
         records = json.loads((tmp_path / out / "search_summary.json").read_text())["records"]
         ran = [{k: r[k] for k in search_space(cfg)} for r in sorted(records, key=lambda r: r["number"])]
-        assert ran == draws(7)
-    assert draws(8) != draws(7)
+        assert ran == seeded
+    assert draws(8) != seeded
 
 
 def test_emitted_table_and_rule_drive_the_sampler_per_steps(small_search, tmp_path, capsys):

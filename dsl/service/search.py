@@ -37,7 +37,6 @@ from dsl import config as C
 from dsl.atomic import write_json_atomic
 from dsl.config import ConfigError, JobConfig
 from dsl.errors import UserError, one_line
-from dsl.seeding import derive_seed
 from dsl.service.ray_session import ray_session
 from dsl.service.search_config import search_space, trial_resources
 from dsl.service.search_results import best_per_steps, eta_cap_artifacts, plot_mauve_vs_rewrites
@@ -48,6 +47,7 @@ from dsl.service.search_study import (
     storage_url,
     study_name,
     study_records,
+    tpe_seed,
 )
 from dsl.service.search_tracking import SearchTracking
 from dsl.service.search_trial import SEARCHABLE, TrialSetup, run_trial, rungs_for
@@ -209,9 +209,7 @@ def _search_one_budget(cfg: JobConfig, steps: int, rungs: tuple[int, ...], prepa
     remaining = sr.trials - done
     if remaining <= 0:
         return 0
-    # the protocol (Sec 5.2) searches each T on its own; the TPE seed moves with the study size so a resumed search
-    # does not re-draw the start-up configurations it already evaluated (optuna/optuna#3255).
-    sampler_seed = derive_seed(cfg.seed, "tpe", steps, stored) % (2**32)
+    sampler_seed = tpe_seed(cfg.seed, steps, stored)
     bar = tqdm(total=sr.trials, initial=done, desc=f"T={steps}", disable=not cfg.progress, leave=True)
 
     def on_record(record: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 from dsl.config import JobConfig
 from dsl.errors import UserError, one_line
 from dsl.redact import scrub
+from dsl.seeding import derive_seed
 
 
 def storage_url(cfg: JobConfig) -> str | None:
@@ -54,6 +55,14 @@ def study_name(cfg: JobConfig, steps: int) -> str:
     return f"{cfg.search.study}:T={steps}"
 
 
+def tpe_seed(seed: int, steps: int, stored: int) -> int:
+    """The TPE sampler's seed for budget T=``steps`` of a study already holding ``stored`` trials.
+
+    The protocol (Sec 5.2) searches each T on its own; the seed moves with the study size so a resumed
+    search does not re-draw the start-up configurations it already evaluated (optuna/optuna#3255)."""
+    return derive_seed(seed, "tpe", steps, stored) % (2**32)
+
+
 def prepare_study(storage: Any, name: str) -> tuple[int, int]:
     """Load or create the study; fail trials a killed driver left RUNNING. Returns (done, stored)."""
     import optuna
@@ -87,4 +96,5 @@ def study_records(storage: Any, name: str, steps: int) -> list[dict[str, Any]]:
     return out
 
 
-__all__ = ["storage_url", "storage_label", "open_storage", "study_name", "prepare_study", "study_records"]
+__all__ = ["storage_url", "storage_label", "open_storage", "study_name", "tpe_seed", "prepare_study",
+           "study_records"]
