@@ -8,6 +8,7 @@ study API is used.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ def storage_label(url: str | None) -> str:
 def open_storage(url: str | None):
     """An Optuna storage object for ``url`` (one engine shared by every study of the search)."""
     import optuna
+    from sqlalchemy.exc import IntegrityError, OperationalError
 
     from dsl.service.database_url import with_installed_driver
 
@@ -43,12 +45,21 @@ def open_storage(url: str | None):
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     kwargs = {"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    try:
-        return optuna.storages.RDBStorage(with_installed_driver(url, "search.study_db"), engine_kwargs=kwargs)
-    except Exception as exc:  # noqa: BLE001 - every failure to open the URL is the user's to fix
-        raise UserError(f"search.study_db={storage_label(url)} cannot be opened ({type(exc).__name__}: "
-                        f"{one_line(exc)[:200]}); expected sqlite:///<path> or "
-                        f"postgresql://user@host:port/db, or search.study_db=none") from None
+    for attempt in range(3):
+        try:
+            return optuna.storages.RDBStorage(with_installed_driver(url, "search.study_db"), engine_kwargs=kwargs)
+        except (IntegrityError, OperationalError) as exc:
+            # a fresh database that another process (a second driver, a dashboard, a poller) initialises at
+            # the same moment: its CREATE TABLE or schema-version row wins ("already exists", UNIQUE failed),
+            # and the next open finds the schema in place. A URL that cannot work fails the same way 3 times.
+            failure = exc
+            time.sleep(0.2 * (attempt + 1))
+        except Exception as exc:  # noqa: BLE001 - every failure to open the URL is the user's to fix
+            failure = exc
+            break
+    raise UserError(f"search.study_db={storage_label(url)} cannot be opened ({type(failure).__name__}: "
+                    f"{one_line(failure)[:200]}); expected sqlite:///<path> or "
+                    f"postgresql://user@host:port/db, or search.study_db=none") from None
 
 
 def study_name(cfg: JobConfig, steps: int) -> str:
