@@ -1,14 +1,16 @@
 """Per-step sampler math vs one denoiser forward at the paper's shape (V=50258, L=1024, DiT small, CPU, batch 1),
 and our sort-free nucleus filter vs a full-vocabulary sort on the same rows. One run.
 
-    python bench/bench_sampler.py [--threads 2] [--fast]
+    python bench/bench_sampler.py [--threads 1,2] [--fast]
 
 "Sampler math" is everything a step does besides the network: the denoiser wrapper (float64 softmax on
 the masked rows, carry-over one-hots), the nucleus filter and sharpness statistics (once per forward),
 the transition coefficients, the per-sample float64 uniforms, the draw, and the diagnostics record.
 It scales with the masked fraction, so it is timed at 100 % (step 0), 50 % and 10 % masked (the loop
 window), with logits of two sharpness regimes: broad (Table 6 step 0: nucleus ~10^4) and sharp (mid-run:
-nucleus ~10). ``--fast`` shrinks L to 256 for a smoke run.
+nucleus ~10). ``--fast`` shrinks L to 256 for a smoke run. Every figure is timed at each ``--threads`` count
+(default 1 and 2) and printed side by side: the sampler's passes are memory-bound and gain less from a second
+thread than the forward's GEMMs do, so the ratios move with the thread count.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import argparse
 import time
 
 import torch
-from machine import describe
+from machine import describe, thread_counts
 
 from dsl.config import ModelConfig, SamplingConfig
 from dsl.models.dit import DiT
@@ -101,11 +103,16 @@ def one_step(denoiser: FixedLogits, draft: torch.Tensor, cfg: SamplingConfig, re
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", default="1,2", help="thread counts, comma-separated; each is timed in every "
+                        "round and printed side by side (default 1,2)")
     parser.add_argument("--fast", action="store_true")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    print(describe("before"))
+    try:
+        counts = thread_counts(args.threads)
+    except ValueError as e:
+        parser.error(str(e))
+    torch.set_num_threads(max(counts))
+    print(describe("before", counts))
     length = 256 if args.fast else 1024
     gen = torch.Generator().manual_seed(0)
 
@@ -129,7 +136,10 @@ def main() -> None:
         probs = torch.softmax(rows, -1).double()  # the rule's probabilities: softmax in the logits' precision
         nuc = top_p_filter(rows, 0.9, kind="logits")
         same = float(((nuc.dense(VOCAB) > 0) == (sort_top_p_filter(probs, 0.9) > 0)).all(-1).double().mean())
-        full = _time(lambda probs=probs: sort_top_p_filter(probs, 0.9))
+        full = {}
+        for threads in counts:
+            torch.set_num_threads(threads)
+            full[threads] = _time(lambda probs=probs: sort_top_p_filter(probs, 0.9))
         drafts = []
         for frac in fracs:
             draft = torch.randint(0, VOCAB - 1, (1, length), generator=gen)
@@ -140,53 +150,70 @@ def main() -> None:
                           k=float(nuc.nucleus_size.mean()), max_p=float(nuc.max_prob.mean())))
         del logits, rows, probs, nuc
 
-    # rounds: every figure once per round, so that a busy spell of the machine touches them all alike; each
-    # is the least over the rounds, the forward's too (timed every third round: ~2 s a run)
+    # rounds: every figure once per round at every thread count, so that a busy spell of the machine touches
+    # them all alike; each is the least over the rounds, the forward's too (timed every third round: ~2 s a run)
     every = torch.full((1, length), MASK)
     held: list = []  # the filter's last result, released off the clock as the logits are
-    ours = {c["regime"]: [] for c in cases}
-    math_s = {(c["regime"], frac): [] for c in cases for frac in fracs}
-    forwards = []
-    for round_ in range(REPEATS):
-        if round_ % 3 == 0:
-            forwards.append(_time(lambda: _forward(model, ids)))
-        for case in cases:
-            den = case["den"]
-            ours[case["regime"]].append(_time(lambda den=den: held.append(
-                top_p_filter(den.masked_rows(every)[1], 0.9, kind="logits", overwrite=True)),
-                setup=lambda den=den: (held.clear(), den.prepare())))
-            held.clear()
-            for frac, draft in zip(fracs, case["drafts"]):
-                math_s[case["regime"], frac].append(_time(
-                    lambda draft=draft, den=den: one_step(den, draft, scfg, StepRecorder(1, length)),
-                    setup=den.prepare))
-    forwards.append(_time(lambda: _forward(model, ids)))
-    forward = min(forwards)
-    table = [(c["regime"], c["k"], c["max_p"], frac, min(math_s[c["regime"], frac]), min(ours[c["regime"]]),
-              c["full"], c["same"]) for c in cases for frac in fracs]
-    print(f"DiT small forward, V={VOCAB}, L={length}, batch 1, {args.threads} threads: {forward:.3f} CPU s")
+    ours = {(c["regime"], t): [] for c in cases for t in counts}
+    math_s = {(c["regime"], frac, t): [] for c in cases for frac in fracs for t in counts}
+    forwards = {t: [] for t in counts}
+    for round_ in range(REPEATS + 1):
+        for threads in counts:
+            torch.set_num_threads(threads)
+            if round_ % 3 == 0:
+                forwards[threads].append(_time(lambda: _forward(model, ids)))
+            if round_ == REPEATS:  # the last round: the forward only
+                continue
+            for case in cases:
+                den = case["den"]
+                ours[case["regime"], threads].append(_time(lambda den=den: held.append(
+                    top_p_filter(den.masked_rows(every)[1], 0.9, kind="logits", overwrite=True)),
+                    setup=lambda den=den: (held.clear(), den.prepare())))
+                held.clear()
+                for frac, draft in zip(fracs, case["drafts"]):
+                    math_s[case["regime"], frac, threads].append(_time(
+                        lambda draft=draft, den=den: one_step(den, draft, scfg, StepRecorder(1, length)),
+                        setup=den.prepare))
+    forward = {t: min(forwards[t]) for t in counts}
+    print(f"DiT small forward, V={VOCAB}, L={length}, batch 1: "
+          + ", ".join(f"{forward[t]:.3f} CPU s at {t} thread{'s' * (t > 1)}" for t in counts))
 
-    print(f"\n{'regime':<7} {'k_t':>8} {'max p':>6} {'masked':>7} {'math cpu s':>10} {'math/fwd':>9} "
+    print(f"\n{'threads':>7} {'regime':<7} {'k_t':>8} {'max p':>6} {'masked':>7} {'math cpu s':>10} {'math/fwd':>9} "
           f"{'top-p s':>8} {'top-p/fwd':>9} {'sort s':>8} {'sort/ours':>9} {'same set':>8}")
-    for regime, k, mp, frac, math_s, ours, full, same in table:
-        print(f"{regime:<7} {k:>8.1f} {mp:>6.3f} {frac:>7.0%} {math_s:>10.3f} {math_s / forward:>9.2%} "
-              f"{ours:>8.3f} {ours / forward:>9.2%} {full:>8.3f} {full / ours:>9.1f} {same:>8.1%}")
-    broad = [r for r in table if r[0] == "broad"]
-    sharp = [r for r in table if r[0] == "sharp"]
-    print(f"\n{'measured (CPU seconds of this process)':<58} {'now':>9} {'target':>8}")
-    print(f"{'nucleus filter on broad rows / one DiT-small forward':<58} {broad[0][5] / forward:>9.1%} {'<= 10 %':>8}")
-    print(f"{'full-sort baseline on the same rows / one forward':<58} {broad[0][6] / forward:>9.1%}")
-    print(f"{'all sampler math per step / one forward, broad (worst)':<58} "
-          f"{max(r[4] for r in broad) / forward:>9.1%} {'<= 10 %':>8}")
-    print(f"{'all sampler math per step / one forward, sharp (worst)':<58} "
-          f"{max(r[4] for r in sharp) / forward:>9.1%} {'<= 5 %':>8}")
-    print(f"{'rows whose kept set equals the full stable sort':<58} {min(r[7] for r in table):>9.1%} "
-          f"{'100 %':>8}")
-    print(f"\nTimes are the least CPU seconds of this process over {REPEATS} rounds that time every figure once"
-          " (all its threads; the cores may be shared); the forward's over every third round. top-p: ours on the"
-          " (L, V) float32 logits (nucleus, max p, entropy and k_t included) vs one full-vocabulary stable sort of"
-          " the same rows' probabilities (float64 sums); 'same set' = rows whose kept tokens equal the sort's.")
-    print(describe("after"))
+    worst = {}  # (figure, threads) -> ratio to the forward
+    for threads in counts:
+        fwd = forward[threads]
+        for case in cases:
+            regime, top_p_s = case["regime"], min(ours[case["regime"], threads])
+            full = case["full"][threads]
+            for frac in fracs:
+                step_s = min(math_s[regime, frac, threads])
+                worst[regime, threads] = max(worst.get((regime, threads), 0.0), step_s / fwd)
+                print(f"{threads:>7} {regime:<7} {case['k']:>8.1f} {case['max_p']:>6.3f} {frac:>7.0%} {step_s:>10.3f} "
+                      f"{step_s / fwd:>9.2%} {top_p_s:>8.3f} {top_p_s / fwd:>9.2%} {full:>8.3f} {full / top_p_s:>9.1f} "
+                      f"{case['same']:>8.1%}")
+            worst[regime, "top-p", threads] = top_p_s / fwd
+            worst[regime, "sort", threads] = full / fwd
+
+    def row(label: str, cells: list[str], target: str = "") -> None:
+        print(f"{label:<58} " + " ".join(f"{c:>15}" for c in cells) + f" {target:>8}")
+
+    print()
+    row("measured (CPU seconds of this process)", [f"{t} thread{'s' * (t > 1)}" for t in counts], "target")
+    row("nucleus filter on broad rows / one DiT-small forward", [f"{worst['broad', 'top-p', t]:.1%}" for t in counts],
+        "<= 10 %")
+    row("full-sort baseline on the same rows / one forward", [f"{worst['broad', 'sort', t]:.1%}" for t in counts])
+    row("all sampler math per step / one forward, broad (worst)", [f"{worst['broad', t]:.1%}" for t in counts],
+        "<= 10 %")
+    row("all sampler math per step / one forward, sharp (worst)", [f"{worst['sharp', t]:.1%}" for t in counts],
+        "<= 5 %")
+    row("rows whose kept set equals the full stable sort", [f"{min(c['same'] for c in cases):.1%}"] * len(counts),
+        "100 %")
+    print(f"\nTimes are the least CPU seconds of this process over {REPEATS} rounds that time every figure once at every"
+          " thread count (all its threads; the cores may be shared); the forward's over every third round. top-p: ours"
+          " on the (L, V) float32 logits (nucleus, max p, entropy and k_t included) vs one full-vocabulary stable sort"
+          " of the same rows' probabilities (float64 sums); 'same set' = rows whose kept tokens equal the sort's.")
+    print(describe("after", counts))
 
 
 if __name__ == "__main__":

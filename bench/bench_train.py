@@ -1,6 +1,6 @@
 """Training throughput and memory, MDLM vs DSL objective on the same DiT backbone (CPU), and the converter alone.
 
-    python bench/bench_train.py [--threads 2] [--steps 18] [--small-steps 6] [--precision fp32]
+    python bench/bench_train.py [--threads 1,2] [--steps 18] [--small-steps 6] [--precision fp32]
                                 [--skip-small]
 
 For each shape (the ``tiny-cpu`` preset and MDLM ``small`` at V=50258, L=1024, batch 1) one child process
@@ -15,6 +15,9 @@ are printed. The converter alone (fwd+bwd at paper shape, both implementations) 
 Under each DSL / MDLM ratio, its floor on this machine: MDLM's step plus DSL's extra FLOPs (the converter's
 seven GEMMs of n·V·(d or hidden)) at 100 % of that rate, i.e. no target under the floor can be met while
 the converter computes those FLOPs.
+Every figure is taken at each ``--threads`` count (default 1 and 2) in the same run, each in its own child
+processes, and printed side by side: the converter's and the sampler's memory-bound passes gain less from a
+second thread than MDLM's GEMMs do, so the ratios move with the thread count.
 Prints one table; ratio rows are DSL / MDLM, and the last table is the one the speed work is tracked by
 (``--precision bf16`` runs both objectives under bf16 autocast).
 """
@@ -28,7 +31,7 @@ import sys
 import time
 
 import torch
-from machine import describe, flop_counter
+from machine import describe, flop_counter, thread_counts
 
 SHAPES = {
     "tiny-cpu": dict(preset="tiny-cpu", vocab=4096, length=128, batch=8),
@@ -165,78 +168,93 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=18, help="timed steps per objective at the tiny-cpu shape (min over them)")
     ap.add_argument("--small-steps", type=int, default=6, help="the same at the small shape")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", default="1,2", help="thread counts, comma-separated; each is timed in this run and "
+                    "printed side by side (default 1,2)")
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast for both")
     ap.add_argument("--skip-small", action="store_true", help="only the tiny-cpu shape")
     args = ap.parse_args(argv)
-    for name in ("steps", "small_steps", "threads"):
+    for name in ("steps", "small_steps"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')}={getattr(args, name)}: must be at least 1")
-    torch.set_num_threads(args.threads)
-    print(describe("before"), flush=True)
+    try:
+        counts = thread_counts(args.threads)
+    except ValueError as e:
+        ap.error(str(e))
+    print(describe("before", counts), flush=True)
     ctx = mp.get_context("spawn")  # a fresh process per row: ru_maxrss is per-process peak memory
-    peak_matmul = matmul_flops(args.threads)
     shapes = ["tiny-cpu"] + ([] if args.skip_small else ["small"])
-    results: dict[tuple[str, str], dict] = {}
-    for shape in shapes:
-        steps = args.small_steps if shape == "small" else args.steps
-        timed = _child(ctx, _timed, shape, steps, args.threads, args.precision)
-        for objective in OBJECTIVES:
-            memory = _child(ctx, _memory, shape, objective, args.threads, args.precision)
-            results[shape, objective] = {**timed[objective], **memory}
-    converter = _child(ctx, _converter, args.threads)
-    peak_matmul = max(peak_matmul, matmul_flops(args.threads))  # again at the end: the less disturbed
-    print(f"\nfp32 matmul 2048^2, {args.threads} threads: {peak_matmul / 1e9:.1f} GFLOP/s (per CPU second x threads); "
-          f"training precision {args.precision}")
-    head = (f"{'shape':<9} {'objective':<9} {'params M':>8} {'tokens/s':>10} {'cpu s':>8} {'wall s':>8} {'peak MiB':>9} "
-            f"{'train MiB':>9} {'GFLOP/step':>10} {'GFLOP/s':>8} {'% matmul':>8}")
+    memory = {(shape, objective): _child(ctx, _memory, shape, objective, counts[0], args.precision)
+              for shape in shapes for objective in OBJECTIVES}  # peak memory does not depend on the threads
+    results: dict[tuple[int, str, str], dict] = {}
+    converter: dict[int, dict[str, float]] = {}
+    peak_matmul: dict[int, float] = {}
+    for threads in counts:
+        peak_matmul[threads] = matmul_flops(threads)
+        for shape in shapes:
+            steps = args.small_steps if shape == "small" else args.steps
+            timed = _child(ctx, _timed, shape, steps, threads, args.precision)
+            for objective in OBJECTIVES:
+                results[threads, shape, objective] = {**timed[objective], **memory[shape, objective]}
+        converter[threads] = _child(ctx, _converter, threads)
+        peak_matmul[threads] = max(peak_matmul[threads], matmul_flops(threads))  # again: the less disturbed
+    print("\nfp32 matmul 2048^2 (per CPU second x threads): "
+          + ", ".join(f"{peak_matmul[t] / 1e9:.1f} GFLOP/s at {t} thread{'s' * (t > 1)}" for t in counts)
+          + f"; training precision {args.precision}")
+    head = (f"{'threads':>7} {'shape':<9} {'objective':<9} {'params M':>8} {'tokens/s':>10} {'cpu s':>8} {'wall s':>8} "
+            f"{'peak MiB':>9} {'train MiB':>9} {'GFLOP/step':>10} {'GFLOP/s':>8} {'% matmul':>8}")
     print(head)
     print("-" * len(head))
     ratios = {}
-    for shape in shapes:
-        for objective in OBJECTIVES:
-            r = results[shape, objective]
-            rate = r["flops"] / r["step_s"] * args.threads
-            print(f"{shape:<9} {objective:<9} {r['params_m']:>8.2f} {r['tokens'] / r['wall_s']:>10.1f} "
-                  f"{r['step_s']:>8.3f} {r['wall_s']:>8.3f} {r['peak_mib']:>9.0f} {r['train_mib']:>9.0f} {r['flops'] / 1e9:>10.2f} "
-                  f"{rate / 1e9:>8.1f} {100 * rate / peak_matmul:>8.1f}")
-        m, d = results[shape, "mdlm"], results[shape, "dsl"]
-        # the least DSL / MDLM time ratio there can be: MDLM's step plus DSL's extra FLOPs (the converter's
-        # GEMMs) at 100 % of the matmul rate, in CPU seconds like the steps
-        floor = 1 + (d["flops"] - m["flops"]) / peak_matmul * args.threads / m["step_s"]
-        ratios[shape] = (d["step_s"] / m["step_s"], d["flops"] / m["flops"], floor)
-        print(f"{shape:<9} {'dsl/mdlm':<9} {'':>8} {m['wall_s'] / d['wall_s']:>10.2f} "
-              f"{d['step_s'] / m['step_s']:>8.2f} {d['wall_s'] / m['wall_s']:>8.2f} {d['peak_mib'] / m['peak_mib']:>9.2f} "
-              f"{d['train_mib'] / m['train_mib'] if m['train_mib'] >= 1 else float('nan'):>9.2f} "
-              f"{d['flops'] / m['flops']:>10.2f}")
-    print("\nconverter fwd+bwd alone (V=50258, 1024 positions, d=64, hidden=768): "
-          + ", ".join(f"{impl} {rate / 1e9:.1f} GFLOP/s = {100 * rate / peak_matmul:.0f} % of the matmul rate"
-                      for impl, rate in converter.items()))
+    for threads in counts:
+        for shape in shapes:
+            for objective in OBJECTIVES:
+                r = results[threads, shape, objective]
+                rate = r["flops"] / r["step_s"] * threads
+                print(f"{threads:>7} {shape:<9} {objective:<9} {r['params_m']:>8.2f} {r['tokens'] / r['wall_s']:>10.1f} "
+                      f"{r['step_s']:>8.3f} {r['wall_s']:>8.3f} {r['peak_mib']:>9.0f} {r['train_mib']:>9.0f} "
+                      f"{r['flops'] / 1e9:>10.2f} {rate / 1e9:>8.1f} {100 * rate / peak_matmul[threads]:>8.1f}")
+            m, d = results[threads, shape, "mdlm"], results[threads, shape, "dsl"]
+            # the least DSL / MDLM time ratio there can be: MDLM's step plus DSL's extra FLOPs (the converter's
+            # GEMMs) at 100 % of the matmul rate, in CPU seconds like the steps
+            floor = 1 + (d["flops"] - m["flops"]) / peak_matmul[threads] * threads / m["step_s"]
+            ratios[threads, shape] = (d["step_s"] / m["step_s"], d["flops"] / m["flops"], floor)
+            print(f"{threads:>7} {shape:<9} {'dsl/mdlm':<9} {'':>8} {m['wall_s'] / d['wall_s']:>10.2f} "
+                  f"{d['step_s'] / m['step_s']:>8.2f} {d['wall_s'] / m['wall_s']:>8.2f} "
+                  f"{d['peak_mib'] / m['peak_mib']:>9.2f} "
+                  f"{d['train_mib'] / m['train_mib'] if m['train_mib'] >= 1 else float('nan'):>9.2f} "
+                  f"{d['flops'] / m['flops']:>10.2f}")
+    print("\nconverter fwd+bwd alone (V=50258, 1024 positions, d=64, hidden=768): " + "; ".join(
+        f"{t} thread{'s' * (t > 1)}: " + ", ".join(
+            f"{impl} {rate / 1e9:.1f} GFLOP/s = {100 * rate / peak_matmul[t]:.0f} % of the matmul rate"
+            for impl, rate in converter[t].items()) for t in counts))
 
-    print(f"\n{'measured (CPU, ' + str(args.threads) + ' threads, ' + args.precision + ')':<58} {'now':>22} "
-          f"{'target':>8}")
-    if "small" in ratios:
-        step, flop, floor = ratios["small"]
-        print(f"{'DSL / MDLM training step time, small shape, batch 1':<58} "
-              f"{f'{step:.2f}x (FLOP ratio {flop:.2f})':>22} {'<= 1.15x':>8}")
-        print(f"{'  the same per FLOP (time ratio / FLOP ratio; the guard)':<58} {step / flop:>22.2f} "
-              f"{f'<= {PER_FLOP_GUARD:.2f}':>8}")
-        print(f"{'  floor: DSL extra FLOPs at 100 % of the matmul rate':<58} {f'{floor:.2f}x':>22}")
-    step, flop, floor = ratios["tiny-cpu"]
-    print(f"{'DSL / MDLM at the tiny-cpu shape (V=4096)':<58} {f'{step:.2f}x (FLOP ratio {flop:.2f})':>22} "
-          f"{'<= 1.6x':>8}")
-    print(f"{'  floor: DSL extra FLOPs at 100 % of the matmul rate':<58} {f'{floor:.2f}x':>22}")
-    best_conv = max(converter.values())
-    print(f"{'converter fwd+bwd vs the fp32 matmul rate of the same run':<58} "
-          f"{f'{100 * best_conv / peak_matmul:.0f} %':>22} {'>= 60 %':>8}")
-    print(describe("after"))
-    if "small" in ratios and ratios["small"][0] / ratios["small"][1] > PER_FLOP_GUARD:
-        step, flop, _ = ratios["small"]
-        print(f"GUARD: DSL / MDLM at the small shape is {step:.2f}x for {flop:.2f}x the FLOPs: "
+    print()
+
+    def row(label: str, cells: list[str], target: str = "") -> None:
+        print(f"{label:<58} " + " ".join(f"{c:>22}" for c in cells) + f" {target:>8}")
+
+    row(f"measured (CPU, {args.precision})", [f"now, {t} thread{'s' * (t > 1)}" for t in counts], "target")
+    if "small" in shapes:
+        small = [ratios[t, "small"] for t in counts]
+        row("DSL / MDLM training step time, small shape, batch 1",
+            [f"{step:.2f}x (FLOP ratio {flop:.2f})" for step, flop, _ in small], "<= 1.15x")
+        row("  the same per FLOP (time ratio / FLOP ratio; the guard)", [f"{step / flop:.2f}" for step, flop, _ in small],
+            f"<= {PER_FLOP_GUARD:.2f}")
+        row("  floor: DSL extra FLOPs at 100 % of the matmul rate", [f"{floor:.2f}x" for _, _, floor in small])
+    tiny = [ratios[t, "tiny-cpu"] for t in counts]
+    row("DSL / MDLM at the tiny-cpu shape (V=4096)", [f"{step:.2f}x (FLOP ratio {flop:.2f})" for step, flop, _ in tiny],
+        "<= 1.6x")
+    row("  floor: DSL extra FLOPs at 100 % of the matmul rate", [f"{floor:.2f}x" for _, _, floor in tiny])
+    row("converter fwd+bwd vs the fp32 matmul rate of the same run",
+        [f"{100 * max(converter[t].values()) / peak_matmul[t]:.0f} %" for t in counts], ">= 60 %")
+    print(describe("after", counts))
+    over = [(t, *ratios[t, "small"][:2]) for t in counts if "small" in shapes
+            and ratios[t, "small"][0] / ratios[t, "small"][1] > PER_FLOP_GUARD]
+    for threads, step, flop in over:
+        print(f"GUARD: DSL / MDLM at the small shape, {threads} thread(s), is {step:.2f}x for {flop:.2f}x the FLOPs: "
               f"{step / flop:.2f} > {PER_FLOP_GUARD} per FLOP (a loaded machine can cause it: compare the load "
               "averages above)")
-        return 1
-    return 0
+    return 1 if over else 0
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ import platform
 import torch
 
 
-def describe(label: str = "machine") -> str:
+def describe(label: str = "machine", counts: list[int] | None = None) -> str:
+    """The line; ``counts``: the thread counts the bench times (default: torch's present count)."""
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     cpu = platform.processor() or platform.machine()
     try:
@@ -22,8 +23,21 @@ def describe(label: str = "machine") -> str:
     except OSError:
         pass
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (f"{label}: torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
+    threads = ",".join(str(t) for t in counts) if counts else str(torch.get_num_threads())
+    return (f"{label}: torch {torch.__version__}, {threads} threads, {os.cpu_count()} cores, "
             f"load average {load} (1/5/15 min), {cpu}{gpu}")
+
+
+def thread_counts(text: str) -> list[int]:
+    """``--threads`` of the CPU benches: one count or several, comma-separated ("1,2"), each timed in the
+    same run so their figures print side by side. Raises ValueError with one line naming what is accepted."""
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--threads={text}: one or more thread counts, comma-separated, e.g. 2 or 1,2") from None
+    if not counts or min(counts) < 1 or len(set(counts)) != len(counts):
+        raise ValueError(f"--threads={text}: thread counts must be distinct and at least 1, e.g. 2 or 1,2")
+    return counts
 
 
 def _addmm_flops(self_shape, a_shape, b_shape, out_shape=None, **kwargs) -> int:
