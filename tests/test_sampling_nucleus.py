@@ -241,6 +241,20 @@ def test_blocks_and_overwrite_give_the_same_result_as_one_pass(monkeypatch):
     assert torch.equal(implicit.p, torch.softmax(logits, -1)[implicit.rows])
 
 
+def test_row_blocks_bound_a_gpu_steps_temporaries_and_keep_the_cpu_cache_sized():
+    from dsl.sampling.nucleus import _ACCELERATOR_BLOCK, _BLOCK, _row_blocks
+
+    vocab, rows = 50_258, 64 * 1024  # a B = 64, L = 1,024 step at the paper's vocabulary
+    for device, limit in (("cuda", _ACCELERATOR_BLOCK), ("cpu", _BLOCK)):
+        blocks = _row_blocks(rows, vocab, torch.device(device))
+        assert blocks[0][0] == 0 and blocks[-1][1] == rows  # every row once, in order
+        assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+        assert max((j - i) * vocab for i, j in blocks) <= limit
+        assert len(blocks) == -(-rows // (limit // vocab))  # as few blocks as the limit allows
+    assert _row_blocks(0, vocab, torch.device("cuda")) == []
+    assert _row_blocks(3, 10 * _ACCELERATOR_BLOCK, torch.device("cuda")) == [(0, 1), (1, 2), (2, 3)]
+
+
 def test_a_high_entropy_row_with_a_small_nucleus_is_still_exact():
     # 100 tokens hold 0.92 of the mass, the rest is spread thin over 30,000: entropy above log 2^7, so the
     # row skips the window, yet its nucleus is small; the band decides it exactly

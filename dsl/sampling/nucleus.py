@@ -23,10 +23,11 @@ and boundary cases included, without sorting the vocabulary:
    probabilities (or float64 rows whose sums round: a cumulative sum within the summation's error bound of
    p) is handed to the reference sort.
 
-All of it runs block by block of rows (~2^21 elements): each block's softmax, statistics, window and band
-while it is in cache (the masks compare the float bits as integers, into reused buffers; the band's
-places are in-place integer arithmetic, whose row sums count the tokens above it). When the caller allows it,
-the probabilities of the rows read again later (a band's, the reference's) are written over their logits.
+All of it runs block by block of rows (~2^21 elements on a CPU, 2^28 on a GPU): each block's softmax,
+statistics, window and band while it is in cache (the masks compare the float bits as integers, into reused
+buffers; the band's places are in-place integer arithmetic, whose row sums count the tokens above it). When
+the caller allows it, the probabilities of the rows read again later (a band's, the reference's) are written
+over their logits.
 
 The statistics come from the same passes: max p, the entropy H = log Z − Σ_v p_v l_v with
 log Z = l_max − log p_max, and k_t = the smallest set with mass ≥ ``diag_p`` (Sec 7.4).
@@ -55,6 +56,7 @@ _EXACT_FLOOR = 2.0 ** -30  # float32 probabilities from here up add exactly in f
 _U64 = 2.0 ** -53          # unit roundoff of float64
 _BLOCK = 1 << 21           # elements per block of rows in the full-vocabulary passes (8 MB of float32)
 _WIDE_BLOCK = 1 << 18      # ... and in the passes that work in float64 (2 MB: they stay in cache)
+_ACCELERATOR_BLOCK = 1 << 28  # elements per block of rows on a GPU (1 GiB of float32)
 
 
 @dataclass
@@ -364,10 +366,12 @@ def _reference_rows(p: torch.Tensor, top_p: float | None, diag_p: float
 def _row_blocks(n: int, vocab: int, device: torch.device, elements: int | None = None) -> list[tuple[int, int]]:
     """Row ranges of about ``elements`` (default ``_BLOCK``) elements on a CPU: every full-vocabulary pass
     runs block by block, so a block's temporaries stay cache-sized and are reused instead of paging in
-    fresh (N, V) buffers. An accelerator takes all rows at once (each pass is one kernel launch)."""
-    if device.type != "cpu":
-        return [(0, n)] if n else []
-    step = max(1, (_BLOCK if elements is None else elements) // max(vocab, 1))
+    fresh (N, V) buffers. An accelerator takes ``_ACCELERATOR_BLOCK`` elements at a time: each pass is one
+    kernel per block, large enough to fill the device, and a block's temporaries (its float64 masses and
+    int64 histogram indices are twice its float32 size each) stay bounded at any batch: all 65,536 rows of a
+    B = 64, L = 1,024 step at V = 50,258 at once would need about 53 GB for those two alone."""
+    size = (_BLOCK if elements is None else elements) if device.type == "cpu" else _ACCELERATOR_BLOCK
+    step = max(1, size // max(vocab, 1))
     return [(i, min(i + step, n)) for i in range(0, n, step)]
 
 
