@@ -26,6 +26,7 @@ attention kernel the device lacks) are recorded in the JSON instead of stopping 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import sys
@@ -150,8 +151,13 @@ def measure_training(shape: dict, batch: int, steps: int, device: torch.device, 
         except torch.OutOfMemoryError:
             if batch == 1:
                 raise
-            batch //= 2
-            _log(f"out of memory: batch {batch}")
+        # out of the handler: its traceback (whose frames hold the failed step's activations) is gone, so the
+        # failed attempt's model, optimizer state and activations are freed before the smaller batch is tried
+        step = model = results = None
+        gc.collect()
+        torch.cuda.empty_cache()
+        batch //= 2
+        _log(f"out of memory: batch {batch}")
     out.update(batch=batch, **results)
     out["dsl_over_mdlm_step"] = results["dsl"]["step_s"] / results["mdlm"]["step_s"]
     out["dsl_over_mdlm_flops"] = results["dsl"]["flops_per_step"] / results["mdlm"]["flops_per_step"]
