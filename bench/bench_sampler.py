@@ -19,7 +19,7 @@ import argparse
 import time
 
 import torch
-from machine import describe, thread_counts
+from machine import describe, target_row, thread_counts, threads_label
 
 from dsl.config import ModelConfig, SamplingConfig
 from dsl.models.dit import DiT
@@ -176,7 +176,7 @@ def main() -> None:
                         setup=den.prepare))
     forward = {t: min(forwards[t]) for t in counts}
     print(f"DiT small forward, V={VOCAB}, L={length}, batch 1: "
-          + ", ".join(f"{forward[t]:.3f} CPU s at {t} thread{'s' * (t > 1)}" for t in counts))
+          + ", ".join(f"{forward[t]:.3f} CPU s at {threads_label(t)}" for t in counts))
 
     print(f"\n{'threads':>7} {'regime':<7} {'k_t':>8} {'max p':>6} {'masked':>7} {'math cpu s':>10} {'math/fwd':>9} "
           f"{'top-p s':>8} {'top-p/fwd':>9} {'sort s':>8} {'sort/ours':>9} {'same set':>8}")
@@ -196,10 +196,10 @@ def main() -> None:
             worst[regime, "sort", threads] = full / fwd
 
     def row(label: str, cells: list[str], target: str = "") -> None:
-        print(f"{label:<58} " + " ".join(f"{c:>15}" for c in cells) + f" {target:>8}")
+        print(target_row(label, cells, target))
 
     print()
-    row("measured (CPU seconds of this process)", [f"{t} thread{'s' * (t > 1)}" for t in counts], "target")
+    row("measured (CPU seconds of this process)", [threads_label(t) for t in counts], "target")
     row("nucleus filter on broad rows / one DiT-small forward", [f"{worst['broad', 'top-p', t]:.1%}" for t in counts],
         "<= 10 %")
     row("full-sort baseline on the same rows / one forward", [f"{worst['broad', 'sort', t]:.1%}" for t in counts])

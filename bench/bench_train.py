@@ -31,7 +31,7 @@ import sys
 import time
 
 import torch
-from machine import describe, flop_counter, thread_counts
+from machine import describe, flop_counter, target_row, thread_counts, threads_label
 
 SHAPES = {
     "tiny-cpu": dict(preset="tiny-cpu", vocab=4096, length=128, batch=8),
@@ -198,7 +198,7 @@ def main(argv: list[str]) -> int:
         converter[threads] = _child(ctx, _converter, threads)
         peak_matmul[threads] = max(peak_matmul[threads], matmul_flops(threads))  # again: the less disturbed
     print("\nfp32 matmul 2048^2 (per CPU second x threads): "
-          + ", ".join(f"{peak_matmul[t] / 1e9:.1f} GFLOP/s at {t} thread{'s' * (t > 1)}" for t in counts)
+          + ", ".join(f"{peak_matmul[t] / 1e9:.1f} GFLOP/s at {threads_label(t)}" for t in counts)
           + f"; training precision {args.precision}")
     head = (f"{'threads':>7} {'shape':<9} {'objective':<9} {'params M':>8} {'tokens/s':>10} {'cpu s':>8} {'wall s':>8} "
             f"{'peak MiB':>9} {'train MiB':>9} {'GFLOP/step':>10} {'GFLOP/s':>8} {'% matmul':>8}")
@@ -224,16 +224,16 @@ def main(argv: list[str]) -> int:
                   f"{d['train_mib'] / m['train_mib'] if m['train_mib'] >= 1 else float('nan'):>9.2f} "
                   f"{d['flops'] / m['flops']:>10.2f}")
     print("\nconverter fwd+bwd alone (V=50258, 1024 positions, d=64, hidden=768): " + "; ".join(
-        f"{t} thread{'s' * (t > 1)}: " + ", ".join(
+        f"{threads_label(t)}: " + ", ".join(
             f"{impl} {rate / 1e9:.1f} GFLOP/s = {100 * rate / peak_matmul[t]:.0f} % of the matmul rate"
             for impl, rate in converter[t].items()) for t in counts))
 
     print()
 
     def row(label: str, cells: list[str], target: str = "") -> None:
-        print(f"{label:<58} " + " ".join(f"{c:>22}" for c in cells) + f" {target:>8}")
+        print(target_row(label, cells, target, width=22))
 
-    row(f"measured (CPU, {args.precision})", [f"now, {t} thread{'s' * (t > 1)}" for t in counts], "target")
+    row(f"measured (CPU, {args.precision})", [f"now, {threads_label(t)}" for t in counts], "target")
     if "small" in shapes:
         small = [ratios[t, "small"] for t in counts]
         row("DSL / MDLM training step time, small shape, batch 1",

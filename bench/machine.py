@@ -40,6 +40,16 @@ def thread_counts(text: str) -> list[int]:
     return counts
 
 
+def threads_label(count: int) -> str:
+    """"1 thread", "2 threads": a column or figure of one thread count."""
+    return f"{count} thread{'s' * (count > 1)}"
+
+
+def target_row(label: str, cells: list[str], target: str = "", width: int = 15) -> str:
+    """One line of a bench's target table: the label, one cell per thread count, the target."""
+    return f"{label:<58} " + " ".join(f"{c:>{width}}" for c in cells) + f" {target:>8}"
+
+
 def _addmm_flops(self_shape, a_shape, b_shape, out_shape=None, **kwargs) -> int:
     return 2 * a_shape[0] * a_shape[1] * b_shape[1]
 
