@@ -36,3 +36,11 @@ def test_bench_refuses_a_bad_thread_list_in_one_line(bench):
     assert proc.stdout == ""  # refused before the bench printed (or timed) anything
     assert proc.stderr.strip().splitlines()[-1].endswith(
         "--threads=2,0: thread counts must be distinct and at least 1, e.g. 2 or 1,2")
+
+
+@pytest.mark.slow  # one bench process (refused before any device work)
+def test_gpu_check_refuses_a_count_below_one_in_one_line():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--steps", "0"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines()[-1].endswith("--steps=0: must be at least 1")
