@@ -42,16 +42,17 @@ class TokenwiseDSL(nn.Module):
 class TableLM(nn.Module):
     """Stand-in denoiser / LM: logits[b, i] = table[i, ids[b, i]] (position-wise); keeps its input."""
 
-    mask_id = MASK
+    mask_id, vocab_size = MASK, V
 
     def __init__(self):
         super().__init__()
         self.table = nn.Parameter(torch.randn(L, V, V, generator=torch.Generator().manual_seed(4)))
         self.seen = []
 
-    def forward(self, ids):
+    def forward(self, ids, logit_bias=None):
         self.seen.append(ids.clone())
-        return self.table[torch.arange(ids.shape[1]), ids]  # (B, L, V)
+        logits = self.table[torch.arange(ids.shape[1]), ids]  # (B, L, V)
+        return logits if logit_bias is None else logits + logit_bias
 
 
 def batch(b=4, seed=0):
@@ -175,6 +176,75 @@ def test_mdlm_loss_is_independent_of_the_batch_split_and_finds_mask_id_in_model_
     b, nb, _ = mdlm_loss(model, ids[2:], mask[2:], cfg, gens(2, "msplit", start=2), [2, 3], 4)
     torch.testing.assert_close(whole, a + b, rtol=1e-6, atol=1e-5)
     assert int(n_whole) == int(na) + int(nb)
+
+
+def test_mdlm_loss_on_a_dit_matches_subs_on_the_logits_in_value_and_every_gradient():
+    """The SUBS -1e6 rides on the output layer's bias and the cross-entropy's backward reuses its
+    log-probabilities; both must give what MDLM's own formulation (logits[..., mask] += -1e6, log_softmax,
+    gather) gives, for the loss and for every parameter's gradient."""
+    from dsl.models.dit import DiT
+
+    torch.manual_seed(0)
+    model = DiT(ModelConfig(hidden=16, blocks=1, heads=2, cond_dim=8, dropout=0.0, length=L, vocab_size=V))
+    with torch.no_grad():  # MDLM zero-initialises the output layer: make every logit differ
+        for p in model.output_layer.parameters():
+            p.normal_(0.0, 0.5)
+    cfg = MDLMLossConfig()
+    ids, mask = batch()
+    mask[1, 6:] = 0
+    loss_sum, _, _ = mdlm_loss(model, ids, mask, cfg, gens(4, "dit-subs"), range(4), 4)
+    loss_sum.backward()
+    fused = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    row_gens = gens(4, "dit-subs")  # t first, then the masking uniforms, from the same generators
+    t = mdlm_times(row_gens, range(4), 4, cfg)
+    move = torch.stack([torch.rand(L, generator=g, dtype=torch.float64) for g in row_gens])
+    is_masked = move < ((1 - cfg.eps) * t)[:, None]
+    logits = model(torch.where(is_masked, torch.full_like(ids, MASK), ids)).clone()
+    logits[..., MASK] += -1e6
+    nll = -torch.log_softmax(logits, -1).gather(-1, ids[..., None])[..., 0]
+    expected = (nll / t[:, None].float())[is_masked & mask.bool()].sum()
+    expected.backward()
+    torch.testing.assert_close(loss_sum, expected, rtol=1e-6, atol=1e-6)  # fp32: the DiT's logits are fp32
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(fused[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert fused["output_layer.linear.weight"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "sliced"])
+def test_token_cross_entropy_gradient_equals_log_softmax_and_gather(layout):
+    """Exact against autograd's log_softmax + gather in float64: per-token upstream weights (zeros for
+    scored-out positions), a -inf column, and the sliced (non-contiguous) logits of the AR loss."""
+    from dsl.objectives import _token_nll
+
+    g = torch.Generator().manual_seed(5)
+    raw = torch.randn(3, 9, V, generator=g, dtype=torch.float64) * 4
+    raw[..., MASK] = float("-inf")
+    targets = torch.randint(MASK, (3, 9), generator=g)
+    weights = torch.rand(3, 9, generator=g, dtype=torch.float64)
+    weights[0, :3] = 0.0
+    cut = (slice(None), slice(0, -1)) if layout == "sliced" else (slice(None), slice(None))
+    grads = []
+    for fused in (True, False):
+        logits = raw.clone().requires_grad_()
+        a, s = logits[cut], targets[cut]
+        nll = _token_nll(a, s) if fused else -torch.log_softmax(a, -1).gather(-1, s[..., None])[..., 0]
+        (nll * weights[cut]).sum().backward()
+        grads.append((nll.detach(), logits.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-13, atol=1e-15)
+    assert torch.isfinite(grads[0][1]).all() and (grads[0][1][..., MASK] == 0).all()
+
+
+def test_token_cross_entropy_refuses_a_second_backward_instead_of_a_wrong_gradient():
+    from dsl.objectives import _token_nll
+
+    logits = torch.randn(2, 4, V, requires_grad=True)
+    loss = _token_nll(logits, torch.zeros(2, 4, dtype=torch.long)).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
 
 
 # -- AR loss -----------------------------------------------------------------------------------
