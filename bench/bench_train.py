@@ -1,7 +1,7 @@
 """Training throughput and memory, MDLM vs DSL objective on the same DiT backbone (CPU), and the converter alone.
 
     python bench/bench_train.py [--threads 1,2] [--steps 18] [--small-steps 6] [--precision fp32]
-                                [--skip-small]
+                                [--skip-small] [--memory-batch 4]
 
 For each shape (the ``tiny-cpu`` preset and MDLM ``small`` at V=50258, L=1024, batch 1) one child process
 builds both models and takes ``--steps`` (``--small-steps``) training steps of each, alternating step by step
@@ -9,9 +9,11 @@ builds both models and takes ``--steps`` (``--small-steps``) training steps of e
 alike; a step's time is the minimum over all its timed steps (the least disturbed figure on a shared CPU).
 Each step's FLOPs are counted with torch's FlopCounterMode (plus the in-place addmm_ the converter
 accumulates with). Peak resident memory comes from one fresh child process per objective (ru_maxrss is a
-per-process peak). A large matmul timed in the same run gives the CPU's practical FLOP/s. Step times are
-CPU seconds of the process (all its threads): on a loaded machine they move far less than wall time; both
-are printed. The converter alone (fwd+bwd at paper shape, both implementations) is timed against that rate.
+per-process peak); ``--memory-batch`` rows (default 4) take one more such step per objective at the small
+shape, where the loss head's (B, L, V) tensors set the peak. A large matmul timed in the same run gives the
+CPU's practical FLOP/s. Step times are CPU seconds of the process (all its threads): on a loaded machine
+they move far less than wall time; both are printed. The converter alone (fwd+bwd at paper shape, both
+implementations) is timed against that rate.
 Under each DSL / MDLM ratio, its floor on this machine: MDLM's step plus DSL's extra FLOPs (the converter's
 seven GEMMs of n·V·(d or hidden)) at 100 % of that rate, i.e. no target under the floor can be met while
 the converter computes those FLOPs.
@@ -54,15 +56,16 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def _trainer_step(shape: str, objective: str, threads: int, precision: str):
-    """(one training step as the trainer takes it, its model) for ``objective`` at ``shape``."""
+def _trainer_step(shape: str, objective: str, threads: int, precision: str, batch: int | None = None):
+    """(one training step as the trainer takes it, its model) for ``objective`` at ``shape`` (its batch, or
+    ``batch`` rows)."""
     torch.set_num_threads(threads)
     from dsl.config import RunConfig, load
     from dsl.models import build_model
     from dsl.objectives import select_objective
     from dsl.seeding import sample_generator
 
-    spec = SHAPES[shape]
+    spec = {**SHAPES[shape], **({} if batch is None else {"batch": batch})}
     cfg = load(RunConfig, [f"model={spec['preset']}", f"model.length={spec['length']}", f"objective={objective}",
                            "model.dropout=0.0", f"train.batch_size={spec['batch']}"])
     model = build_model(cfg, spec["vocab"])
@@ -85,10 +88,10 @@ def _trainer_step(shape: str, objective: str, threads: int, precision: str):
     return step, model
 
 
-def _memory(shape: str, objective: str, threads: int, precision: str, out: mp.Queue) -> None:
+def _memory(shape: str, objective: str, threads: int, precision: str, batch: int | None, out: mp.Queue) -> None:
     """Peak resident memory of a process that builds one objective's model and takes two steps, and how much
     of it the steps added (activations, gradients, optimizer state)."""
-    step, _ = _trainer_step(shape, objective, threads, precision)
+    step, _ = _trainer_step(shape, objective, threads, precision, batch)
     base = _rss_mib()
     step(0)  # allocates the optimizer state
     step(1)
@@ -172,8 +175,10 @@ def main(argv: list[str]) -> int:
                     "printed side by side (default 1,2)")
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast for both")
     ap.add_argument("--skip-small", action="store_true", help="only the tiny-cpu shape")
+    ap.add_argument("--memory-batch", type=int, default=4, help="rows of one more peak-memory step per objective at "
+                    "the small shape, where the loss head's (B, L, V) tensors show (1 = none; default 4)")
     args = ap.parse_args(argv)
-    for name in ("steps", "small_steps"):
+    for name in ("steps", "small_steps", "memory_batch"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')}={getattr(args, name)}: must be at least 1")
     try:
@@ -183,8 +188,11 @@ def main(argv: list[str]) -> int:
     print(describe("before", counts), flush=True)
     ctx = mp.get_context("spawn")  # a fresh process per row: ru_maxrss is per-process peak memory
     shapes = ["tiny-cpu"] + ([] if args.skip_small else ["small"])
-    memory = {(shape, objective): _child(ctx, _memory, shape, objective, counts[0], args.precision)
+    memory = {(shape, objective): _child(ctx, _memory, shape, objective, counts[0], args.precision, None)
               for shape in shapes for objective in OBJECTIVES}  # peak memory does not depend on the threads
+    # at batch 1 the optimizer state sets the peak; as rows grow, the loss head's (B, L, V) tensors do
+    wide = {objective: _child(ctx, _memory, "small", objective, counts[0], args.precision, args.memory_batch)
+            for objective in OBJECTIVES} if "small" in shapes and args.memory_batch > 1 else {}
     results: dict[tuple[int, str, str], dict] = {}
     converter: dict[int, dict[str, float]] = {}
     peak_matmul: dict[int, float] = {}
@@ -223,6 +231,10 @@ def main(argv: list[str]) -> int:
                   f"{d['peak_mib'] / m['peak_mib']:>9.2f} "
                   f"{d['train_mib'] / m['train_mib'] if m['train_mib'] >= 1 else float('nan'):>9.2f} "
                   f"{d['flops'] / m['flops']:>10.2f}")
+    if wide:
+        print(f"\npeak memory of a training step at the small shape, batch {args.memory_batch}: " + ", ".join(
+            f"{objective} {wide[objective]['peak_mib']:.0f} MiB ({wide[objective]['train_mib']:.0f} added by the steps)"
+            for objective in OBJECTIVES))
     print("\nconverter fwd+bwd alone (V=50258, 1024 positions, d=64, hidden=768): " + "; ".join(
         f"{threads_label(t)}: " + ", ".join(
             f"{impl} {rate / 1e9:.1f} GFLOP/s = {100 * rate / peak_matmul[t]:.0f} % of the matmul rate"

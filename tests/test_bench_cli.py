@@ -44,3 +44,11 @@ def test_gpu_check_refuses_a_count_below_one_in_one_line():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines()[-1].endswith("--steps=0: must be at least 1")
+
+
+@pytest.mark.slow  # one bench process (refused before any model is built)
+def test_bench_train_refuses_a_memory_batch_below_one_in_one_line():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_train.py"), "--memory-batch", "0"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines()[-1].endswith("--memory-batch=0: must be at least 1")
