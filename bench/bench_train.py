@@ -33,7 +33,7 @@ import sys
 import time
 
 import torch
-from machine import describe, flop_counter, target_row, thread_counts, threads_label
+from machine import describe, flop_counter, refuse_counts_below_one, target_row, thread_counts, threads_label
 
 SHAPES = {
     "tiny-cpu": dict(preset="tiny-cpu", vocab=4096, length=128, batch=8),
@@ -178,9 +178,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--memory-batch", type=int, default=4, help="rows of one more peak-memory step per objective at "
                     "the small shape, where the loss head's (B, L, V) tensors show (1 = none; default 4)")
     args = ap.parse_args(argv)
-    for name in ("steps", "small_steps", "memory_batch"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')}={getattr(args, name)}: must be at least 1")
+    refuse_counts_below_one(ap, args, "steps", "small_steps", "memory_batch")
     try:
         counts = thread_counts(args.threads)
     except ValueError as e:

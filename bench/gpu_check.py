@@ -35,7 +35,7 @@ import traceback
 from contextlib import nullcontext
 
 import torch
-from machine import flop_counter
+from machine import flop_counter, refuse_counts_below_one
 
 SMALL = dict(preset="small", vocab=50258, length=1024)
 SMOKE = dict(preset="toy", vocab=512, length=32)
@@ -264,9 +264,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--sample-steps", type=int, default=32)
     ap.add_argument("--compile", action="store_true", help="torch.compile the model for the training steps")
     args = ap.parse_args(argv)
-    for name in ("batch", "steps", "sample_batch", "sample_steps"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')}={getattr(args, name)}: must be at least 1")
+    refuse_counts_below_one(ap, args, "batch", "steps", "sample_batch", "sample_steps")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.smoke else "cpu"))
     if args.smoke:
         shape, batch, steps, sample_batch, sample_steps, matmul_n = SMOKE, 2, 2, 2, 3, 256

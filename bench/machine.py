@@ -1,5 +1,5 @@
 """One line about the machine a bench ran on: threads, cores, load average, processor (and GPU if any);
-and the FLOP counter the benches share.
+and what the benches share: the FLOP counter, their count flags' checks, their target-table rows.
 
 Timings on a shared machine move with its load; every bench prints this line before and after its figures
 so a reader can tell an idle run from a loaded one.
@@ -7,6 +7,7 @@ so a reader can tell an idle run from a loaded one.
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 
@@ -38,6 +39,13 @@ def thread_counts(text: str) -> list[int]:
     if not counts or min(counts) < 1 or len(set(counts)) != len(counts):
         raise ValueError(f"--threads={text}: thread counts must be distinct and at least 1, e.g. 2 or 1,2")
     return counts
+
+
+def refuse_counts_below_one(ap: argparse.ArgumentParser, args: argparse.Namespace, *names: str) -> None:
+    """One ``error:`` line (exit 2) naming the first of ``names`` (argparse dests) whose count is below 1."""
+    for name in names:
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')}={getattr(args, name)}: must be at least 1")
 
 
 def threads_label(count: int) -> str:

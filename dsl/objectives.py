@@ -25,6 +25,7 @@ from torch.autograd.function import once_differentiable
 from dsl.channel import corrupt_rows, sample_snr_rows
 from dsl.config import ChannelConfig, ConfigError, MDLMLossConfig, RunConfig
 from dsl.devices import to_device
+from dsl.models.dit import mask_logit_bias
 
 # MDLM's SUBS "-inf" (diffusion.py: neg_infinity = -1000000.0), added to the mask logit
 _SUBS_NEG_INF = -1.0e6
@@ -138,9 +139,8 @@ def mdlm_loss(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, cfg
     noisy = torch.where(is_masked, torch.full_like(ids, mask_id), ids)
     # SUBS (_subs_parameterization): -1e6 on the mask logit, then log-normalise; carry-over makes every unmasked
     # position one-hot on its own token, i.e. log p = 0 and no loss there. The -1e6 rides on the output
-    # layer's bias (no (B, L, V) pass, forward or backward); made on the device (no blocking host copy).
-    mask_col = torch.full((1,), mask_id, dtype=torch.long, device=ids.device)
-    subs = torch.zeros(_unwrapped(model).vocab_size, device=ids.device).index_fill_(0, mask_col, _SUBS_NEG_INF)
+    # layer's bias (no (B, L, V) pass, forward or backward).
+    subs = mask_logit_bias(_unwrapped(model).vocab_size, mask_id, _SUBS_NEG_INF, ids.device)
     nll = _token_nll(model(noisy, logit_bias=subs), ids)  # (B, L)
     # MDLM's loss weight σ'(t)/(e^σ(t) - 1) = 1/t exactly for the log-linear schedule
     weight = to_device(1.0 / t, ids.device).to(nll.dtype)[:, None]

@@ -156,6 +156,13 @@ class FinalLayer(nn.Module):
         return F.linear(modulate(self.norm_final(h), shift, scale), self.linear.weight, bias)
 
 
+def mask_logit_bias(vocab_size: int, mask_id: int, value: float, device: torch.device | str) -> torch.Tensor:
+    """A ``logit_bias`` (V,) for :meth:`DiT.forward`: ``value`` on the mask logit, 0 elsewhere. Made on the
+    device (a copy of a host-built vector would wait for the queued kernels)."""
+    mask_col = torch.full((1,), mask_id, dtype=torch.long, device=device)
+    return torch.zeros(vocab_size, device=device).index_fill_(0, mask_col, value)
+
+
 class DiT(nn.Module):
     """Time-invariant DiT (Sec 4.3). ``causal=True`` gives the AR transformer of the same shape.
 
@@ -233,5 +240,5 @@ class DiT(nn.Module):
         return self.output_layer(h, c, logit_bias).float()
 
 
-__all__ = ["DiT", "DiTBlock", "FinalLayer", "LayerNorm", "Rotary", "TimestepEmbedder", "EmbeddingLayer",
+__all__ = ["DiT", "mask_logit_bias", "DiTBlock", "FinalLayer", "LayerNorm", "Rotary", "TimestepEmbedder", "EmbeddingLayer",
            "apply_rotary", "timestep_features"]

@@ -18,7 +18,7 @@ from torch import nn
 
 from dsl.config import ChannelConfig, ModelConfig
 from dsl.converter import SoftmaxConverter
-from dsl.models.dit import DiT
+from dsl.models.dit import DiT, mask_logit_bias
 
 
 class DSLModel(nn.Module):
@@ -53,10 +53,8 @@ class DSLModel(nn.Module):
             # Alg 1 line 18 reading (see module docstring): f_θ(h, ‖z‖) = f_θ(h + A log(1 + ‖z_i‖))
             extra = self.znorm_proj(torch.log1p(z.float().norm(dim=-1, keepdim=True)))  # (B, L, hidden)
         # p(mask) = 0 through the output layer's bias (−inf at the mask id): filling the logits instead
-        # costs (B, L, V) copies in backward. Made on the device, not copied from a host list (a blocking
-        # copy would wait for the GPU).
-        mask_col = torch.full((1,), self.mask_id, dtype=torch.long, device=h.device)
-        logit_bias = torch.zeros(self.vocab_size, device=h.device).index_fill_(0, mask_col, float("-inf"))
+        # costs (B, L, V) copies in backward
+        logit_bias = mask_logit_bias(self.vocab_size, self.mask_id, float("-inf"), h.device)
         return self.backbone(inputs_embeds=h, extra=extra, logit_bias=logit_bias)  # (B, L, V)
 
     def posterior_mean(self, z: torch.Tensor) -> torch.Tensor:
