@@ -33,38 +33,87 @@ _SUBS_NEG_INF = -1.0e6
 LossOutput = tuple[torch.Tensor, torch.Tensor, dict[str, float]]
 
 
+# Elements of the half-precision head's fp32 working block (64 MiB): the (B, L, V) logits are upcast one
+# block of positions at a time, never as a whole.
+_HEAD_BLOCK_ELEMS = 1 << 24
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _row_blocks(rows: int, *tensors: torch.Tensor):
+    """The tensors' (…, k) last-dim rows in aligned blocks of at most ``rows``: tuples of (n, k) views. The
+    tensors share their leading dims; where one is a strided slice that cannot be flattened (the AR loss's
+    logits[:, :-1]), the walk splits its first dim instead."""
+    try:
+        flat = [t.view(-1, t.shape[-1]) for t in tensors]
+    except RuntimeError:
+        for parts in zip(*(t.unbind(0) for t in tensors)):
+            yield from _row_blocks(rows, *parts)
+        return
+    for r0 in range(0, flat[0].shape[0], rows):
+        yield tuple(f[r0:r0 + rows] for f in flat)
+
+
 class _TokenNLL(torch.autograd.Function):
-    """-log softmax(a)[s] over the last dim, with one (..., V) tensor for forward and backward together.
+    """-log softmax(a)[s] over the last dim in fp32 (fp64 stays), holding as little of (…, V) as it can.
 
     Through autograd's log_softmax and gather, backward allocates two more tensors of the logits' size
     (gather's zero-filled gradient, then log_softmax's) and passes over them three times; at MDLM's
-    training shape (V = 50,258) each is 206 MB per 1,024 tokens in fp32. Here backward turns the saved
-    log-probabilities into the gradient in place: dℓ/da = g ⊙ (softmax(a) − onehot(s)) = g ⊙ exp(log p),
-    minus g at the target. Backward can therefore run once per forward (no ``retain_graph`` reuse).
+    training shape (V = 50,258) each is 206 MB per 1,024 tokens in fp32. Instead, with
+    dℓ/da = g ⊙ (softmax(a) − onehot(s)), one tensor of the logits' size serves forward and backward:
+
+    * fp32/fp64 logits: forward keeps the log-probabilities and backward turns them into the gradient in
+      place (g ⊙ exp(log p), minus g at the target);
+    * bf16/fp16 logits (the output layer under autocast): forward keeps the logits themselves and the row
+      log-sum-exp (fp32), upcasting one block of positions at a time; backward forms each block's gradient
+      in fp32 as g ⊙ exp(a − lse) − g·onehot(s) and rounds it once into the logits' own storage when they
+      are an intermediate result (a fresh tensor when they are, or view, a leaf). No fp32 tensor of the
+      logits' size ever exists: 2 bytes per logit forward and backward, where upcasting the whole tensor
+      and autograd's ops held 10.
+
+    Backward can therefore run once per forward (no ``retain_graph`` reuse).
     """
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        log_probs = torch.log_softmax(logits, dim=-1)
-        ctx.log_probs, ctx.targets = log_probs, targets.unsqueeze(-1)
-        return -log_probs.gather(-1, ctx.targets).squeeze(-1)
+        ctx.targets, ctx.used = targets.unsqueeze(-1), False
+        if logits.dtype in _HALF:
+            lse = logits.new_empty((*logits.shape[:-1], 1), dtype=torch.float32)
+            for a, out in _row_blocks(_head_rows(logits), logits, lse):
+                torch.logsumexp(a.float(), -1, keepdim=True, out=out)
+            ctx.save_for_backward(logits, lse)  # autograd refuses the backward if they change in place meanwhile
+            base = logits._base if logits._is_view() else logits
+            ctx.overwrite = base.grad_fn is not None
+            return (lse - logits.gather(-1, ctx.targets).float()).squeeze(-1)
+        ctx.log_probs = torch.log_softmax(logits, dim=-1)
+        return -ctx.log_probs.gather(-1, ctx.targets).squeeze(-1)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_nll: torch.Tensor):
-        grad = ctx.log_probs
-        if grad is None:
-            raise RuntimeError("the token cross-entropy's backward ran twice on one forward; it reuses its "
-                               "log-probabilities as the gradient, so recompute the loss instead of retain_graph")
-        ctx.log_probs = None
+        if ctx.used:
+            raise RuntimeError("the token cross-entropy's backward ran twice on one forward; it turns what its "
+                               "forward kept into the gradient, so recompute the loss instead of retain_graph")
+        ctx.used = True
         g = grad_nll.unsqueeze(-1)
-        grad.exp_().mul_(g)
-        return grad.scatter_add_(-1, ctx.targets, -g), None
+        if not ctx.saved_tensors:
+            grad, ctx.log_probs = ctx.log_probs.exp_().mul_(g), None
+            return grad.scatter_add_(-1, ctx.targets, -g), None
+        logits, lse = ctx.saved_tensors
+        grad = logits if ctx.overwrite else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        blocks = _row_blocks(_head_rows(logits), logits, grad, lse, ctx.targets, g.float().expand_as(lse))
+        for a, out, lse_b, s_b, g_b in blocks:
+            out.copy_(a.float().sub_(lse_b).exp_().mul_(g_b).scatter_add_(-1, s_b, -g_b))
+        return grad, None
+
+
+def _head_rows(logits: torch.Tensor) -> int:
+    return max(1, _HEAD_BLOCK_ELEMS // logits.shape[-1])
 
 
 def _token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """-log softmax(logits)[target] per position (B, L), in fp32 for half-precision logits (fp64 stays)."""
-    return _TokenNLL.apply(logits if logits.dtype == torch.float64 else logits.float(), targets)
+    """-log softmax(logits)[target] per position, in fp32 (fp64 for fp64 logits): bf16/fp16 logits are
+    upcast block by block inside the head, never as a whole tensor."""
+    return _TokenNLL.apply(logits if logits.dtype in (torch.float64, *_HALF) else logits.float(), targets)
 
 
 def _masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -237,10 +237,131 @@ def test_token_cross_entropy_gradient_equals_log_softmax_and_gather(layout):
     assert torch.isfinite(grads[0][1]).all() and (grads[0][1][..., MASK] == 0).all()
 
 
-def test_token_cross_entropy_refuses_a_second_backward_instead_of_a_wrong_gradient():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "sliced"])
+def test_token_cross_entropy_on_half_logits_equals_the_fp32_reference_block_by_block(dtype, layout, monkeypatch):
+    """Half-precision logits (the output layer under autocast) are upcast a block of positions at a time:
+    the loss must equal fp32 log_softmax + gather of the same logits, and the gradient that reference's
+    gradient rounded once to the logits' dtype, with blocks that do not divide the positions evenly."""
+    import dsl.objectives as objectives
+
+    monkeypatch.setattr(objectives, "_HEAD_BLOCK_ELEMS", 4 * V + 3)  # 4 positions per block
+    g = torch.Generator().manual_seed(6)
+    raw = (torch.randn(3, 9, V, generator=g) * 4).to(dtype)
+    raw[..., MASK] = float("-inf")
+    targets = torch.randint(MASK, (3, 9), generator=g)
+    weights = torch.rand(3, 9, generator=g)
+    weights[0, :3] = 0.0
+    cut = (slice(None), slice(0, -1)) if layout == "sliced" else (slice(None), slice(None))
+
+    half = raw.clone().requires_grad_()
+    nll = objectives._token_nll(half[cut], targets[cut])
+    (nll * weights[cut]).sum().backward()
+    ref = raw.float().requires_grad_()
+    ref_nll = -torch.log_softmax(ref[cut], -1).gather(-1, targets[cut][..., None])[..., 0]
+    (ref_nll * weights[cut]).sum().backward()
+
+    assert nll.dtype == torch.float32 and half.grad.dtype == dtype
+    torch.testing.assert_close(nll, ref_nll, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(half.grad, ref.grad.to(dtype), rtol=0, atol=0)
+    assert (half.grad[..., MASK] == 0).all() and (half.grad[:, -1].abs().sum() == 0) == (layout == "sliced")
+    assert torch.equal(half.detach(), raw)  # a leaf's (or a leaf view's) logits are not overwritten
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "sliced"])
+def test_half_logits_of_a_computation_take_their_gradient_in_place_and_exactly(layout):
+    """Logits an op computed (the output layer's) hold their own gradient after backward, and what flows on
+    to the op's inputs equals the fp32 reference's rounded once; the leaf is untouched."""
     from dsl.objectives import _token_nll
 
-    logits = torch.randn(2, 4, V, requires_grad=True)
+    g = torch.Generator().manual_seed(7)
+    raw = (torch.randn(3, 9, V, generator=g) * 4).to(torch.bfloat16)
+    targets = torch.randint(MASK, (3, 9), generator=g)
+    cut = (slice(None), slice(0, -1)) if layout == "sliced" else (slice(None), slice(None))
+    leaf = raw.clone().requires_grad_()
+    logits = leaf * 1  # a non-leaf, as the output layer's logits are
+    _token_nll(logits[cut], targets[cut]).sum().backward()
+    ref = raw.float().requires_grad_()
+    (-torch.log_softmax(ref[cut], -1).gather(-1, targets[cut][..., None])).sum().backward()
+    torch.testing.assert_close(leaf.grad, ref.grad.to(torch.bfloat16), rtol=0, atol=0)
+    assert torch.equal(leaf.detach(), raw)
+    assert torch.equal(logits[cut].detach(), leaf.grad[cut])  # the storage now holds the gradient
+
+
+def test_half_logits_changed_between_forward_and_backward_are_refused():
+    from dsl.objectives import _token_nll
+
+    logits = torch.randn(2, 4, V, requires_grad=True).to(torch.bfloat16)
+    loss = _token_nll(logits, torch.zeros(2, 4, dtype=torch.long)).sum()
+    with torch.no_grad():
+        logits.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_mdlm_loss_under_bf16_autocast_never_holds_fp32_logits(monkeypatch):
+    """Under bf16 autocast the DiT's logits stay bf16 (as MDLM's DIT returns its output layer's bf16) and
+    the head upcasts them a block at a time: no fp32 tensor of the logits' size exists in forward or
+    backward, while the loss and the output layer's gradient stay those of fp32 log_softmax on the same
+    bf16 logits."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    import dsl.objectives as objectives
+    from dsl.models.dit import DiT
+
+    class LargestFloat32(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                    self.largest = max(self.largest, t.numel())
+            return out
+
+    vocab, hidden = 512, 16
+    torch.manual_seed(0)
+    model = DiT(ModelConfig(hidden=hidden, blocks=1, heads=2, cond_dim=8, dropout=0.0, length=L, vocab_size=vocab))
+    with torch.no_grad():
+        for p in model.output_layer.parameters():
+            p.normal_(0.0, 0.5)
+    ids = torch.randint(vocab - 1, (4, L), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    cfg = MDLMLossConfig()
+    logits_size = ids.numel() * vocab
+    assert logits_size > 2 * vocab * hidden  # larger than any weight or its gradient
+
+    monkeypatch.setattr(objectives, "_HEAD_BLOCK_ELEMS", 8 * vocab)
+    with LargestFloat32() as seen:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss_sum, _, _ = mdlm_loss(model, ids, mask, cfg, gens(4, "bf16"), range(4), 4, mask_id=vocab - 1)
+        loss_sum.backward()
+    assert seen.largest < logits_size / 2, (seen.largest, logits_size)
+    fused_grad = model.output_layer.linear.weight.grad.clone()
+    model.zero_grad()
+
+    row_gens = gens(4, "bf16")
+    t = mdlm_times(row_gens, range(4), 4, cfg)
+    move = torch.stack([torch.rand(L, generator=g, dtype=torch.float64) for g in row_gens])
+    is_masked = move < ((1 - cfg.eps) * t)[:, None]
+    subs = torch.zeros(vocab).index_fill_(0, torch.tensor([vocab - 1]), -1e6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(torch.where(is_masked, torch.full_like(ids, vocab - 1), ids), logit_bias=subs)
+    assert logits.dtype == torch.bfloat16
+    nll = -torch.log_softmax(logits.float(), -1).gather(-1, ids[..., None])[..., 0]
+    expected = (nll / t[:, None].float())[is_masked].sum()
+    expected.backward()
+    torch.testing.assert_close(loss_sum, expected, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(fused_grad, model.output_layer.linear.weight.grad, rtol=2e-2, atol=1e-4)
+    assert model(ids).dtype == torch.float32  # outside autocast the logits are fp32 as before
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_cross_entropy_refuses_a_second_backward_instead_of_a_wrong_gradient(dtype):
+    from dsl.objectives import _token_nll
+
+    logits = torch.randn(2, 4, V, requires_grad=True).to(dtype)
     loss = _token_nll(logits, torch.zeros(2, 4, dtype=torch.long)).sum()
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward ran twice"):

@@ -11,7 +11,10 @@ Differences from the official code, none of which change the function computed i
   * σ is fixed at 0 (MDLM's ``time_conditioning=False``, Sec 4.3: "a DiT with a constant t = 0"). The
     adaLN conditioning c = SiLU(sigma_map(φ(0))) is still computed from ``sigma_map``'s weights (it is
     trained); outside training it is cached and recomputed whenever those weights change;
-  * autocast is left to the caller (MDLM forces bf16 inside the forward); logits are returned in fp32.
+  * autocast is left to the caller (MDLM forces bf16 inside the forward). Logits come back in fp32, except
+    under half-precision autocast, where they stay in the output layer's dtype as in MDLM's ``DIT.forward``:
+    an fp32 copy would be 4 more bytes per logit (13 GB at batch 64 × 1,024 × 50,258), and the loss head
+    (``dsl.objectives``) upcasts them a block at a time.
 """
 
 from __future__ import annotations
@@ -213,7 +216,8 @@ class DiT(nn.Module):
 
     def forward(self, ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
                 extra: torch.Tensor | None = None, logit_bias: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, L, V) float32 from ids (B, L) or inputs_embeds (B, L, hidden).
+        """Logits (B, L, V) from ids (B, L) or inputs_embeds (B, L, hidden): float32, or the autocast dtype
+        (bf16/fp16) under half-precision autocast.
 
         ``extra`` (B, L, hidden), if given, is added to the input embeddings (the DSL model's ‖z‖ input);
         ``logit_bias`` (V,), if given, to the output layer's bias (a constant folded into its GEMM: no pass
@@ -237,7 +241,8 @@ class DiT(nn.Module):
         cos, sin = self.rotary_emb.cos_sin(length, h.device)
         for block in self.blocks:
             h = block(h, c, cos, sin)
-        return self.output_layer(h, c, logit_bias).float()
+        logits = self.output_layer(h, c, logit_bias)
+        return logits if logits.dtype in (torch.bfloat16, torch.float16) else logits.float()
 
 
 __all__ = ["DiT", "mask_logit_bias", "DiTBlock", "FinalLayer", "LayerNorm", "Rotary", "TimestepEmbedder", "EmbeddingLayer",

@@ -46,7 +46,8 @@ class DSLModel(nn.Module):
         return self.token_embeddings()[ids]
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """Logits (B, L, V) float32 of p_θ(x_i | z); the mask logit is −inf (never predicted)."""
+        """Logits (B, L, V) of p_θ(x_i | z), in the backbone's output dtype (:meth:`DiT.forward`); the mask
+        logit is −inf (never predicted)."""
         h = self.converter(z)  # (B, L, hidden)
         extra = None
         if self.cfg.znorm_input:
@@ -59,7 +60,7 @@ class DSLModel(nn.Module):
 
     def posterior_mean(self, z: torch.Tensor) -> torch.Tensor:
         """x̂(z) = Σ_v p_θ(v | z) x_v (B, L, d): the MMSE denoiser of the path-integral NLL (eq. 3)."""
-        probs = torch.softmax(self.forward(z), dim=-1)  # (B, L, V)
+        probs = torch.softmax(self.forward(z).float(), dim=-1)  # (B, L, V)
         return probs @ self.token_embeddings().to(probs.dtype)
 
 
