@@ -1,7 +1,7 @@
 """Training throughput and memory, MDLM vs DSL objective on the same DiT backbone (CPU), and the converter alone.
 
     python bench/bench_train.py [--threads 1,2] [--steps 18] [--small-steps 6] [--precision fp32]
-                                [--skip-small] [--memory-batch 4]
+                                [--skip-small] [--memory-batch 4] [--head-memory]
 
 For each shape (the ``tiny-cpu`` preset and MDLM ``small`` at V=50258, L=1024, batch 1) one child process
 builds both models and takes ``--steps`` (``--small-steps``) training steps of each, alternating step by step
@@ -10,7 +10,10 @@ alike; a step's time is the minimum over all its timed steps (the least disturbe
 Each step's FLOPs are counted with torch's FlopCounterMode (plus the in-place addmm_ the converter
 accumulates with). Peak resident memory comes from one fresh child process per objective (ru_maxrss is a
 per-process peak); ``--memory-batch`` rows (default 4) take one more such step per objective at the small
-shape, where the loss head's (B, L, V) tensors set the peak. A large matmul timed in the same run gives the
+shape, where the loss head's (B, L, V) tensors set the peak; ``--head-memory`` adds the same at a shape where
+the head dominates everything else (the tiny-cpu backbone at V=50258, L=128, batch 32), in fp32 and under
+bf16 autocast side by side (about 6 minutes on a 2-core CPU without bf16 instructions). A large matmul
+timed in the same run gives the
 CPU's practical FLOP/s. Step times are CPU seconds of the process (all its threads): on a loaded machine
 they move far less than wall time; both are printed. The converter alone (fwd+bwd at paper shape, both
 implementations) is timed against that rate.
@@ -38,6 +41,8 @@ from machine import describe, flop_counter, refuse_counts_below_one, target_row,
 SHAPES = {
     "tiny-cpu": dict(preset="tiny-cpu", vocab=4096, length=128, batch=8),
     "small": dict(preset="small", vocab=50258, length=1024, batch=1),
+    # the loss head's (B, L, V) logits (206 M, 785 MiB in fp32) outweigh the backbone and its optimizer state
+    "head": dict(preset="tiny-cpu", vocab=50258, length=128, batch=32),
 }
 # DSL / MDLM step time at the small shape, over the FLOP ratio, must stay under this: the converter's GEMMs
 # are FLOPs MDLM does not have (a time ratio under the FLOP ratio is out of reach when both run at the
@@ -177,6 +182,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--skip-small", action="store_true", help="only the tiny-cpu shape")
     ap.add_argument("--memory-batch", type=int, default=4, help="rows of one more peak-memory step per objective at "
                     "the small shape, where the loss head's (B, L, V) tensors show (1 = none; default 4)")
+    ap.add_argument("--head-memory", action="store_true", help="peak memory of a step where the loss head "
+                    "dominates (tiny-cpu backbone, V=50258, L=128, batch 32), fp32 and bf16 autocast")
     args = ap.parse_args(argv)
     refuse_counts_below_one(ap, args, "steps", "small_steps", "memory_batch")
     try:
@@ -191,6 +198,8 @@ def main(argv: list[str]) -> int:
     # at batch 1 the optimizer state sets the peak; as rows grow, the loss head's (B, L, V) tensors do
     wide = {objective: _child(ctx, _memory, "small", objective, counts[0], args.precision, args.memory_batch)
             for objective in OBJECTIVES} if "small" in shapes and args.memory_batch > 1 else {}
+    head_memory = {(precision, objective): _child(ctx, _memory, "head", objective, counts[0], precision, None)
+                   for precision in ("fp32", "bf16") for objective in OBJECTIVES} if args.head_memory else {}
     results: dict[tuple[int, str, str], dict] = {}
     converter: dict[int, dict[str, float]] = {}
     peak_matmul: dict[int, float] = {}
@@ -233,6 +242,15 @@ def main(argv: list[str]) -> int:
         print(f"\npeak memory of a training step at the small shape, batch {args.memory_batch}: " + ", ".join(
             f"{objective} {wide[objective]['peak_mib']:.0f} MiB ({wide[objective]['train_mib']:.0f} added by the steps)"
             for objective in OBJECTIVES))
+    if head_memory:
+        spec = SHAPES["head"]
+        print(f"\npeak memory of a training step where the loss head dominates (tiny-cpu backbone, V={spec['vocab']}, "
+              f"L={spec['length']}, batch {spec['batch']}): " + "; ".join(
+                  f"{precision}: " + ", ".join(f"{objective} {head_memory[precision, objective]['peak_mib']:.0f} MiB"
+                                               for objective in OBJECTIVES) for precision in ("fp32", "bf16"))
+              + "; bf16 / fp32: " + ", ".join(
+                  f"{objective} {head_memory['bf16', objective]['peak_mib'] / head_memory['fp32', objective]['peak_mib']:.2f}"
+                  for objective in OBJECTIVES))
     print("\nconverter fwd+bwd alone (V=50258, 1024 positions, d=64, hidden=768): " + "; ".join(
         f"{threads_label(t)}: " + ", ".join(
             f"{impl} {rate / 1e9:.1f} GFLOP/s = {100 * rate / peak_matmul[t]:.0f} % of the matmul rate"
