@@ -24,6 +24,7 @@ from torch.autograd.function import once_differentiable
 
 from dsl.channel import corrupt_rows, sample_snr_rows
 from dsl.config import ChannelConfig, ConfigError, MDLMLossConfig, RunConfig
+from dsl.converter import block_buffers
 from dsl.devices import to_device
 from dsl.models.dit import mask_logit_bias
 
@@ -33,10 +34,9 @@ _SUBS_NEG_INF = -1.0e6
 LossOutput = tuple[torch.Tensor, torch.Tensor, dict[str, float]]
 
 
-# Elements of the half-precision head's fp32 working block (64 MiB): the (B, L, V) logits are upcast one
-# block of positions at a time, never as a whole.
+# Elements of the loss head's working block (64 MiB in fp32): the (B, L, V) logits are read one block of
+# positions at a time, and no other tensor of their size is made.
 _HEAD_BLOCK_ELEMS = 1 << 24
-_HALF = (torch.float16, torch.bfloat16)
 
 
 def _row_blocks(rows: int, *tensors: torch.Tensor):
@@ -54,55 +54,54 @@ def _row_blocks(rows: int, *tensors: torch.Tensor):
 
 
 class _TokenNLL(torch.autograd.Function):
-    """-log softmax(a)[s] over the last dim in fp32 (fp64 stays), holding as little of (…, V) as it can.
+    """-log softmax(a)[s] over the last dim, with the logits as the only tensor of their size.
 
-    Through autograd's log_softmax and gather, backward allocates two more tensors of the logits' size
-    (gather's zero-filled gradient, then log_softmax's) and passes over them three times; at MDLM's
-    training shape (V = 50,258) each is 206 MB per 1,024 tokens in fp32. Instead, with
-    dℓ/da = g ⊙ (softmax(a) − onehot(s)), one tensor of the logits' size serves forward and backward:
-
-    * fp32/fp64 logits: forward keeps the log-probabilities and backward turns them into the gradient in
-      place (g ⊙ exp(log p), minus g at the target);
-    * bf16/fp16 logits (the output layer under autocast): forward keeps the logits themselves and the row
-      log-sum-exp (fp32), upcasting one block of positions at a time; backward forms each block's gradient
-      in fp32 as g ⊙ exp(a − lse) − g·onehot(s) and rounds it once into the logits' own storage when they
-      are an intermediate result (a fresh tensor when they are, or view, a leaf). No fp32 tensor of the
-      logits' size ever exists: 2 bytes per logit forward and backward, where upcasting the whole tensor
-      and autograd's ops held 10.
-
-    Backward can therefore run once per forward (no ``retain_graph`` reuse).
+    Autograd's log_softmax and gather hold the log-probabilities besides the logits and allocate two more
+    tensors of that size in backward (gather's zero-filled gradient, then log_softmax's); under autocast an
+    fp32 copy of the bf16 logits comes first. At MDLM's training shape (V = 50,258) each is 206 MB per 1,024
+    tokens in fp32. Here forward keeps the logits and the row log-sum-exp (one block of positions at a
+    time, in fp32, or fp64 for fp64 logits), and backward forms each block's gradient
+    dℓ/da = g ⊙ (exp(a − lse) − onehot(s)) in that precision, rounding it once to the logits' dtype. When the
+    logits are an intermediate result (the output layer's) the gradient goes into their own storage; a leaf
+    (or a view of one) gets a fresh tensor. Either way backward runs once per forward (no ``retain_graph``
+    reuse), and autograd refuses it if the logits were changed in place after the loss was taken.
     """
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        lse = logits.new_empty((*logits.shape[:-1], 1), dtype=compute)
+        rows = _head_rows(logits)
+        (buf,) = block_buffers(1, rows * logits.shape[-1], lse)
+        for a, out in _row_blocks(rows, logits, lse):  # lse = m + log Σ exp(a − m), m the row max
+            m = a.amax(-1, keepdim=True).to(compute)
+            shifted = torch.sub(a, m, out=buf[:a.numel()].view(a.shape))
+            torch.sum(shifted.exp_(), -1, keepdim=True, out=out).log_().add_(m)
+        ctx.save_for_backward(logits, lse)
         ctx.targets, ctx.used = targets.unsqueeze(-1), False
-        if logits.dtype in _HALF:
-            lse = logits.new_empty((*logits.shape[:-1], 1), dtype=torch.float32)
-            for a, out in _row_blocks(_head_rows(logits), logits, lse):
-                torch.logsumexp(a.float(), -1, keepdim=True, out=out)
-            ctx.save_for_backward(logits, lse)  # autograd refuses the backward if they change in place meanwhile
-            base = logits._base if logits._is_view() else logits
-            ctx.overwrite = base.grad_fn is not None
-            return (lse - logits.gather(-1, ctx.targets).float()).squeeze(-1)
-        ctx.log_probs = torch.log_softmax(logits, dim=-1)
-        return -ctx.log_probs.gather(-1, ctx.targets).squeeze(-1)
+        base = logits._base if logits._is_view() else logits
+        ctx.overwrite = base.grad_fn is not None
+        return (lse - logits.gather(-1, ctx.targets).to(compute)).squeeze(-1)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_nll: torch.Tensor):
         if ctx.used:
-            raise RuntimeError("the token cross-entropy's backward ran twice on one forward; it turns what its "
-                               "forward kept into the gradient, so recompute the loss instead of retain_graph")
+            raise RuntimeError("the token cross-entropy's backward ran twice on one forward; it writes the "
+                               "gradient over the logits, so recompute the loss instead of retain_graph")
         ctx.used = True
-        g = grad_nll.unsqueeze(-1)
-        if not ctx.saved_tensors:
-            grad, ctx.log_probs = ctx.log_probs.exp_().mul_(g), None
-            return grad.scatter_add_(-1, ctx.targets, -g), None
         logits, lse = ctx.saved_tensors
         grad = logits if ctx.overwrite else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        blocks = _row_blocks(_head_rows(logits), logits, grad, lse, ctx.targets, g.float().expand_as(lse))
-        for a, out, lse_b, s_b, g_b in blocks:
-            out.copy_(a.float().sub_(lse_b).exp_().mul_(g_b).scatter_add_(-1, s_b, -g_b))
+        in_place = ctx.overwrite and logits.dtype == lse.dtype  # no upcast: the block is its own workspace
+        g = grad_nll.unsqueeze(-1).to(lse.dtype).expand_as(lse)
+        rows = _head_rows(logits)
+        (buf,) = block_buffers(1, rows * logits.shape[-1], lse)
+        for a, out, lse_b, s_b, g_b in _row_blocks(rows, logits, grad, lse, ctx.targets, g):
+            # a − lse in lse's precision
+            p = a.sub_(lse_b) if in_place else torch.sub(a, lse_b, out=buf[:a.numel()].view(a.shape))
+            p.exp_().mul_(g_b).scatter_add_(-1, s_b, -g_b)
+            if not in_place:
+                out.copy_(p)
         return grad, None
 
 
@@ -111,9 +110,9 @@ def _head_rows(logits: torch.Tensor) -> int:
 
 
 def _token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """-log softmax(logits)[target] per position, in fp32 (fp64 for fp64 logits): bf16/fp16 logits are
-    upcast block by block inside the head, never as a whole tensor."""
-    return _TokenNLL.apply(logits if logits.dtype in (torch.float64, *_HALF) else logits.float(), targets)
+    """-log softmax(logits)[target] per position (B, L), in fp32 (fp64 for fp64 logits); half-precision
+    logits are upcast one block at a time inside the head, never as a whole."""
+    return _TokenNLL.apply(logits, targets)
 
 
 def _masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -268,14 +268,15 @@ def test_token_cross_entropy_on_half_logits_equals_the_fp32_reference_block_by_b
     assert torch.equal(half.detach(), raw)  # a leaf's (or a leaf view's) logits are not overwritten
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["contiguous", "sliced"])
-def test_half_logits_of_a_computation_take_their_gradient_in_place_and_exactly(layout):
+def test_logits_of_a_computation_take_their_gradient_in_place(dtype, layout):
     """Logits an op computed (the output layer's) hold their own gradient after backward, and what flows on
-    to the op's inputs equals the fp32 reference's rounded once; the leaf is untouched."""
+    to the op's inputs equals the fp32 reference's (bf16: rounded once, bit for bit); the leaf is untouched."""
     from dsl.objectives import _token_nll
 
     g = torch.Generator().manual_seed(7)
-    raw = (torch.randn(3, 9, V, generator=g) * 4).to(torch.bfloat16)
+    raw = (torch.randn(3, 9, V, generator=g) * 4).to(dtype)
     targets = torch.randint(MASK, (3, 9), generator=g)
     cut = (slice(None), slice(0, -1)) if layout == "sliced" else (slice(None), slice(None))
     leaf = raw.clone().requires_grad_()
@@ -283,15 +284,17 @@ def test_half_logits_of_a_computation_take_their_gradient_in_place_and_exactly(l
     _token_nll(logits[cut], targets[cut]).sum().backward()
     ref = raw.float().requires_grad_()
     (-torch.log_softmax(ref[cut], -1).gather(-1, targets[cut][..., None])).sum().backward()
-    torch.testing.assert_close(leaf.grad, ref.grad.to(torch.bfloat16), rtol=0, atol=0)
+    exact = dict(rtol=0, atol=0) if dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(leaf.grad, ref.grad.to(dtype), **exact)
     assert torch.equal(leaf.detach(), raw)
     assert torch.equal(logits[cut].detach(), leaf.grad[cut])  # the storage now holds the gradient
 
 
-def test_half_logits_changed_between_forward_and_backward_are_refused():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logits_changed_between_forward_and_backward_are_refused(dtype):
     from dsl.objectives import _token_nll
 
-    logits = torch.randn(2, 4, V, requires_grad=True).to(torch.bfloat16)
+    logits = (torch.randn(2, 4, V, requires_grad=True) * 1).to(dtype)  # a non-leaf
     loss = _token_nll(logits, torch.zeros(2, 4, dtype=torch.long)).sum()
     with torch.no_grad():
         logits.mul_(2)
@@ -299,62 +302,68 @@ def test_half_logits_changed_between_forward_and_backward_are_refused():
         loss.backward()
 
 
-def test_mdlm_loss_under_bf16_autocast_never_holds_fp32_logits(monkeypatch):
-    """Under bf16 autocast the DiT's logits stay bf16 (as MDLM's DIT returns its output layer's bf16) and
-    the head upcasts them a block at a time: no fp32 tensor of the logits' size exists in forward or
-    backward, while the loss and the output layer's gradient stay those of fp32 log_softmax on the same
-    bf16 logits."""
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_mdlm_loss_makes_no_second_tensor_of_the_logits_size(precision, monkeypatch):
+    """The logits are the only (B, L, V) tensor of the loss, forward and backward: no log-probabilities, no
+    fp32 copy under bf16 autocast (the DiT's logits stay bf16, as MDLM's DIT returns its output layer's),
+    no separate gradient. The loss and the output layer's gradient stay those of log_softmax + gather on the
+    same logits (upcast to fp32 under autocast)."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
 
     import dsl.objectives as objectives
     from dsl.models.dit import DiT
 
-    class LargestFloat32(TorchDispatchMode):
-        largest = 0
+    vocab, hidden, rows = 512, 16, 8
+    logits_size = rows * L * vocab
+
+    class LogitsSizedStorages(TorchDispatchMode):
+        """(dtype, storage address) of every op output with at least half the logits' elements."""
+        seen: set = set()
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             for t in tree_leaves(out):
-                if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
-                    self.largest = max(self.largest, t.numel())
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and 2 * t.numel() >= logits_size:
+                    self.seen.add((t.dtype, t.untyped_storage().data_ptr()))
             return out
 
-    vocab, hidden = 512, 16
     torch.manual_seed(0)
     model = DiT(ModelConfig(hidden=hidden, blocks=1, heads=2, cond_dim=8, dropout=0.0, length=L, vocab_size=vocab))
     with torch.no_grad():
         for p in model.output_layer.parameters():
             p.normal_(0.0, 0.5)
-    ids = torch.randint(vocab - 1, (4, L), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(ids)
+    ids = torch.randint(vocab - 1, (rows, L), generator=torch.Generator().manual_seed(1))
     cfg = MDLMLossConfig()
-    logits_size = ids.numel() * vocab
-    assert logits_size > 2 * vocab * hidden  # larger than any weight or its gradient
+    assert logits_size > 4 * vocab * hidden  # twice any weight or its gradient
+    half = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
     monkeypatch.setattr(objectives, "_HEAD_BLOCK_ELEMS", 8 * vocab)
-    with LargestFloat32() as seen:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss_sum, _, _ = mdlm_loss(model, ids, mask, cfg, gens(4, "bf16"), range(4), 4, mask_id=vocab - 1)
+    with LogitsSizedStorages() as mode:
+        with half:
+            loss_sum, _, _ = mdlm_loss(model, ids, torch.ones_like(ids), cfg, gens(rows, "head"), range(rows), rows,
+                                       mask_id=vocab - 1)
         loss_sum.backward()
-    assert seen.largest < logits_size / 2, (seen.largest, logits_size)
+    logits_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert [dtype for dtype, _ in mode.seen] == [logits_dtype], mode.seen
     fused_grad = model.output_layer.linear.weight.grad.clone()
     model.zero_grad()
 
-    row_gens = gens(4, "bf16")
-    t = mdlm_times(row_gens, range(4), 4, cfg)
+    row_gens = gens(rows, "head")
+    t = mdlm_times(row_gens, range(rows), rows, cfg)
     move = torch.stack([torch.rand(L, generator=g, dtype=torch.float64) for g in row_gens])
     is_masked = move < ((1 - cfg.eps) * t)[:, None]
     subs = torch.zeros(vocab).index_fill_(0, torch.tensor([vocab - 1]), -1e6)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with half:
         logits = model(torch.where(is_masked, torch.full_like(ids, vocab - 1), ids), logit_bias=subs)
-    assert logits.dtype == torch.bfloat16
+    assert logits.dtype == logits_dtype
     nll = -torch.log_softmax(logits.float(), -1).gather(-1, ids[..., None])[..., 0]
     expected = (nll / t[:, None].float())[is_masked].sum()
     expected.backward()
     torch.testing.assert_close(loss_sum, expected, rtol=1e-6, atol=1e-5)
-    torch.testing.assert_close(fused_grad, model.output_layer.linear.weight.grad, rtol=2e-2, atol=1e-4)
-    assert model(ids).dtype == torch.float32  # outside autocast the logits are fp32 as before
+    tolerance = dict(rtol=2e-2, atol=1e-4) if precision == "bf16" else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused_grad, model.output_layer.linear.weight.grad, **tolerance)
+    assert model(ids).dtype == torch.float32  # outside autocast the logits are fp32
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
